@@ -1,0 +1,17 @@
+"""tomesd-ext: fast, faithful token merging for image and video diffusion.
+
+The diffusers entry points are imported lazily so that ``import tomesd_ext.core`` works
+without diffusers installed (ComfyUI ships its own model code).
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["apply_tome", "remove_tome", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("apply_tome", "remove_tome"):
+        from .diffusers import patch
+
+        return getattr(patch, name)
+    raise AttributeError(f"module 'tomesd_ext' has no attribute {name!r}")

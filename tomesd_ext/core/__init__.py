@@ -1,0 +1,29 @@
+"""Core algorithms: pure tensor functions, no diffusers or ComfyUI imports.
+
+x: (B, N, C) tokens of an h x w grid (row-major). A MergePlan maps N tokens to N - r groups;
+merge() averages each group, unmerge() copies the group's value back to its members.
+"""
+
+from .grid import level_grid, tokens_to_remove
+from .matching import bipartite_plan, normalize_metric
+from .merge import merge, unmerge
+from .options import OptionError, ToMeOptions
+from .partition import derive_seed, window_partition
+from .plan import MergePlan
+from .tome import partition_seed, tome_plan
+
+__all__ = [
+    "MergePlan",
+    "OptionError",
+    "ToMeOptions",
+    "bipartite_plan",
+    "derive_seed",
+    "level_grid",
+    "merge",
+    "normalize_metric",
+    "partition_seed",
+    "tokens_to_remove",
+    "tome_plan",
+    "unmerge",
+    "window_partition",
+]

@@ -1,0 +1,69 @@
+"""Bipartite soft matching (ToMe, Bolya et al. 2023; ToMe-SD sec. 3) -> MergePlan.
+
+Each source token finds its most similar destination (cosine similarity of the metric);
+the r sources with the highest similarity merge into their destination, the rest stay.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import kernels
+from .plan import MergePlan
+
+EPS = 1e-6
+
+
+def normalize_metric(metric: torch.Tensor) -> torch.Tensor:
+    """L2-normalise rows (in float32, with epsilon: zero rows stay zero instead of NaN).
+
+    The result is float32 on CPU; on CUDA it is cast back to the input dtype so the score GEMM
+    uses tensor cores (ranking is then done in float32).
+    """
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    if metric.is_cuda:
+        m = m.to(metric.dtype)
+    return m
+
+
+def bipartite_plan(
+    metric: torch.Tensor,
+    dst_idx: torch.Tensor,
+    src_idx: torch.Tensor,
+    r: int,
+    priority: Optional[torch.Tensor] = None,
+    grid: Optional[Tuple[int, int]] = None,
+) -> MergePlan:
+    """Match sources to destinations and merge the r best sources.
+
+    metric: (B, N, C); dst_idx: (D,), src_idx: (S,) raster indices (shared by the batch, so the
+    cond/uncond halves of a CFG batch share one partition); r <= S.
+    priority: optional (B, S) key added to the similarity before ranking (a larger key merges
+    first), e.g. a large constant for unimportant tokens (importance-based merging).
+    Returns a plan with groups [destinations (D) | kept sources (S - r), by descending score].
+    """
+    B, N, _ = metric.shape
+    D, S = dst_idx.numel(), src_idx.numel()
+    if not 0 <= r <= S:
+        raise ValueError(f"r={r} must be in [0, {S}] (number of sources)")
+    device = metric.device
+    m = normalize_metric(metric)
+    score, target = kernels.best_match(m[:, src_idx], m[:, dst_idx])
+    if priority is not None:
+        score = score + priority
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    merged, kept = order[:, :r], order[:, r:]
+
+    group = torch.empty(B, N, dtype=torch.long, device=device)
+    group[:, dst_idx] = torch.arange(D, device=device)
+    src_full = src_idx.expand(B, S)
+    group.scatter_(1, src_full.gather(1, kept), torch.arange(D, D + S - r, device=device).expand(B, S - r))
+    merged_target = target.gather(1, merged)
+    group.scatter_(1, src_full.gather(1, merged), merged_target)
+
+    size = torch.ones(B, D + S - r, device=device)
+    size[:, :D].scatter_add_(1, merged_target, torch.ones(B, r, device=device))
+    return MergePlan(group, size, N, grid)

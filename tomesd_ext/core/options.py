@@ -1,0 +1,103 @@
+"""Validated options of the ToMe policy, shared by every front end.
+
+Every limit is written once here and reported the same way by diffusers, ComfyUI and the CLI.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+
+class OptionError(ValueError):
+    """An option is outside its allowed range; the message names argument, value and range."""
+
+
+def check_int(name: str, value, lo: int, hi: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise OptionError(f"{name}={value} is out of range: allowed {rng}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_ratio(name: str, value, maximum: float, why: str) -> float:
+    """Ratio in [0, 1); above `maximum` it is clamped with one warning naming the maximum."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{name} must be a number in [0, 1), got {value!r}")
+    value = float(value)
+    if not (0.0 <= value < 1.0):
+        raise OptionError(f"{name}={value} is out of range: allowed [0, 1)")
+    if value > maximum:
+        warnings.warn(
+            f"{name}={value} exceeds the maximum {maximum:.4g} ({why}); using {maximum:.4g}",
+            stacklevel=3,
+        )
+        value = maximum
+    return value
+
+
+MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class ToMeOptions:
+    """Options of ToMe-SD (Bolya & Hoffman 2023), validated on construction via `create`.
+
+    ratio: fraction of a level's tokens merged away, in [0, 1 - 1/(sx*sy)].
+    max_downsample: "auto" (the highest-resolution level that has attention) or 1/2/4/8...
+    sx, sy: destination window (one destination per sx*sy tokens).
+    use_rand: random destination inside each window (else the top-left one).
+    seed: base seed of the partition generator; None draws one from torch's global RNG
+        once, when the options are created.
+    merge_attn / merge_crossattn / merge_mlp: which operators of a block are wrapped.
+    """
+
+    ratio: float = 0.5
+    max_downsample: Union[int, str] = "auto"
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    seed: Optional[int] = None
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+
+    @classmethod
+    def create(cls, **kwargs) -> "ToMeOptions":
+        unknown = set(kwargs) - set(cls.__dataclass_fields__)
+        if unknown:
+            allowed = ", ".join(cls.__dataclass_fields__)
+            raise OptionError(f"unknown option(s) {sorted(unknown)}; allowed: {allowed}")
+        o = cls(**kwargs)
+        sx = check_int("sx", o.sx, 1, 64)
+        sy = check_int("sy", o.sy, 1, 64)
+        if sx * sy < 2:
+            raise OptionError(f"sx*sy must be >= 2 (one destination per window), got sx={sx}, sy={sy}")
+        md = o.max_downsample
+        if md != "auto" and (isinstance(md, bool) or md not in MAX_DOWNSAMPLE_CHOICES):
+            raise OptionError(
+                f"max_downsample={md!r} is not allowed: use 'auto' or one of {MAX_DOWNSAMPLE_CHOICES}"
+            )
+        maximum = 1.0 - 1.0 / (sx * sy)
+        ratio = check_ratio("ratio", o.ratio, maximum, f"one destination per {sx}x{sy} window")
+        for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
+            check_bool(name, getattr(o, name))
+        if not (o.merge_attn or o.merge_crossattn or o.merge_mlp):
+            raise OptionError("merge_attn, merge_crossattn and merge_mlp are all False: nothing to merge")
+        seed = o.seed
+        if seed is None:
+            import torch
+
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
+        return replace(o, ratio=ratio, seed=seed)

@@ -1,0 +1,47 @@
+"""Destination/source partition of a token grid (ToMe-SD, Bolya & Hoffman 2023, sec. 3.3).
+
+One destination per sx x sy window, drawn at random inside the window (or the top-left token);
+tokens of the bottom rows / right columns that do not fill a window are always sources.
+Randomness comes only from a CPU `torch.Generator` seeded by a hash of explicit keys, so the
+same keys give the same partition on every call and on every device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Tuple
+
+import torch
+
+
+def derive_seed(*keys) -> int:
+    """A 63-bit seed from arbitrary hashable keys (stable across processes)."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def window_partition(
+    h: int, w: int, sx: int, sy: int, seed: int | None, device=None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Split the h*w raster indices into (dst_idx, src_idx), both sorted ascending.
+
+    dst_idx: (floor(h/sy) * floor(w/sx),) one per window; src_idx: (N - N_dst,).
+    seed None -> top-left token of every window (tomesd's use_rand=False).
+    """
+    hsy, wsx = h // sy, w // sx
+    n = h * w
+    if hsy == 0 or wsx == 0:
+        return torch.empty(0, dtype=torch.long, device=device), torch.arange(n, device=device)
+    if seed is None:
+        off = torch.zeros(hsy, wsx, dtype=torch.long)
+    else:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        off = torch.randint(sx * sy, (hsy, wsx), generator=gen)
+    rows = torch.arange(hsy).view(-1, 1) * sy + off // sx
+    cols = torch.arange(wsx).view(1, -1) * sx + off % sx
+    dst = (rows * w + cols).flatten()
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[dst] = False
+    src = mask.nonzero().flatten()
+    dst = dst.sort().values
+    return dst.to(device), src.to(device)

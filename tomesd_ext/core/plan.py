@@ -1,0 +1,43 @@
+"""MergePlan: a token merge as data (indices and group sizes), composable and reusable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass
+class MergePlan:
+    """Maps N tokens to M = N - r groups, per sample.
+
+    group: (B, N) long, the group in [0, M) each token belongs to;
+    size:  (B, M) float32, tokens per group (counting earlier merges when composed);
+    n_tokens: N; grid: (h, w) of the token grid the plan was computed on, if any.
+    """
+
+    group: torch.Tensor
+    size: torch.Tensor
+    n_tokens: int
+    grid: Optional[Tuple[int, int]] = None
+
+    @property
+    def n_groups(self) -> int:
+        return self.size.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.group.shape[0]
+
+    def compose(self, after: "MergePlan") -> "MergePlan":
+        """Plan of applying self then `after` (which acts on self's M groups)."""
+        group = after.group.gather(1, self.group)
+        size = torch.zeros_like(after.size).scatter_add_(1, after.group, self.size)
+        return MergePlan(group, size, self.n_tokens, self.grid)
+
+    @staticmethod
+    def identity(batch: int, n_tokens: int, device=None, grid=None) -> "MergePlan":
+        group = torch.arange(n_tokens, device=device).expand(batch, n_tokens).contiguous()
+        size = torch.ones(batch, n_tokens, device=device)
+        return MergePlan(group, size, n_tokens, grid)

@@ -1,0 +1,44 @@
+"""The ToMe-SD policy: window partition + bipartite soft matching for one block call.
+
+Follows Bolya & Hoffman, "Token Merging for Fast Stable Diffusion" (2023), with explicit,
+keyed randomness instead of a forked global RNG.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from .grid import tokens_to_remove
+from .matching import bipartite_plan
+from .options import ToMeOptions
+from .partition import derive_seed, window_partition
+from .plan import MergePlan
+
+
+@lru_cache(maxsize=256)
+def _cached_partition(h, w, sx, sy, seed, device):
+    return window_partition(h, w, sx, sy, seed, device)
+
+
+def partition_seed(opts: ToMeOptions, *keys) -> Optional[int]:
+    """Seed of one partition: None (top-left windows) when use_rand is off, else hash(seed, keys)."""
+    return derive_seed(opts.seed, *keys) if opts.use_rand else None
+
+
+def tome_plan(metric: torch.Tensor, h: int, w: int, opts: ToMeOptions, seed: Optional[int]) -> Optional[MergePlan]:
+    """Plan for a (B, h*w, C) metric on an h x w grid, or None when nothing would be merged.
+
+    The partition has no batch dimension: every sample of the call (cond and uncond halves,
+    several images) uses the same destinations; matching is per sample.
+    """
+    n = h * w
+    if metric.shape[1] != n:
+        raise ValueError(f"metric has {metric.shape[1]} tokens, grid {h}x{w} has {n}")
+    dst, src = _cached_partition(h, w, opts.sx, opts.sy, seed, metric.device)
+    r = tokens_to_remove(opts.ratio, n, src.numel())
+    if r == 0 or dst.numel() == 0:
+        return None
+    return bipartite_plan(metric, dst, src, r, grid=(h, w))

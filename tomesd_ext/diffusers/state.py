@@ -1,0 +1,66 @@
+"""Per-model and per-block runtime state of a patched denoiser (no tensors kept between calls)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..core import MergePlan, ToMeOptions, level_grid, partition_seed, tome_plan
+
+
+def timestep_key(t) -> float:
+    """A hashable key of the denoiser's timestep argument (one host read per denoiser call)."""
+    if isinstance(t, torch.Tensor):
+        return round(float(t.flatten()[0].item()), 6) if t.numel() else 0.0
+    return round(float(t), 6) if t is not None else 0.0
+
+
+class ModelState:
+    """What the denoiser's forward pre-hook records for the blocks of one call."""
+
+    def __init__(self, opts: ToMeOptions, max_downsample: int):
+        self.opts = opts
+        self.max_downsample = max_downsample
+        self.latent_hw: Optional[Tuple[int, int]] = None
+        self.step_key: float = 0.0
+
+    def plan_for(self, x: torch.Tensor) -> Optional[MergePlan]:
+        """The merge plan for metric x: (B, N, C), or None if this level is not merged.
+
+        One partition per (step, level): every block of a level draws the same destinations in a
+        step (matching stays per block), so a ComfyUI adapter keyed the same way agrees exactly.
+        """
+        if self.latent_hw is None or x.ndim != 3:
+            return None
+        found = level_grid(x.shape[1], self.latent_hw)
+        if found is None or found[0] > self.max_downsample:
+            return None
+        _, h, w = found
+        seed = partition_seed(self.opts, self.step_key, h, w)
+        return tome_plan(x, h, w, self.opts, seed)
+
+
+class BlockSlot:
+    """The plan of the block call in progress, shared by the operators wrapped in that block.
+
+    The first wrapped operator computes it from its own (normed) input, e.g. norm1(x) for attn1:
+    the tensor ComfyUI's attn1_patch sees too, so both adapters match on the same metric.
+    """
+
+    __slots__ = ("state", "plan", "ready", "ff_merged")
+
+    def __init__(self, state: ModelState):
+        self.state = state
+        self.reset()
+
+    def reset(self):
+        self.plan: Optional[MergePlan] = None
+        self.ready = False
+        self.ff_merged = False
+
+    def get(self, metric: torch.Tensor) -> Optional[MergePlan]:
+        if not self.ready:
+            self.plan = self.state.plan_for(metric)
+            self.ready = True
+        return self.plan

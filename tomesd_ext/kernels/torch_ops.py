@@ -1,0 +1,59 @@
+"""Exact pure-torch implementations of the merge kernels (the reference the CUDA path must match)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+# Score-matrix chunk budget: rows of the (B, S, D) similarity matrix are processed in chunks so
+# that no more than this many bytes of scores exist at once (memory O(N) in the number of rows).
+SCORE_CHUNK_BYTES = 64 * 2**20
+
+
+def best_match(src: torch.Tensor, dst: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per source row, the best destination by dot product.
+
+    src: (B, S, C), dst: (B, D, C), both L2-normalised -> (score (B, S) float32, index (B, S) long).
+    Ties resolve to the lowest destination index.
+    """
+    B, S, _ = src.shape
+    D = dst.shape[1]
+    dst_t = dst.transpose(1, 2)
+    rows = max(1, SCORE_CHUNK_BYTES // max(1, B * D * src.element_size()))
+    if rows >= S:
+        score, index = torch.bmm(src, dst_t).max(dim=-1)
+        return score.float(), index
+    scores, indices = [], []
+    for start in range(0, S, rows):
+        s, i = torch.bmm(src[:, start : start + rows], dst_t).max(dim=-1)
+        scores.append(s.float())
+        indices.append(i)
+    return torch.cat(scores, 1), torch.cat(indices, 1)
+
+
+def merge_mean(
+    x: torch.Tensor, group: torch.Tensor, size: torch.Tensor, weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Size-weighted mean of the tokens of each group.
+
+    x: (B, N, C); group: (B, N) in [0, M); size: (B, M) total weight per group;
+    weight: (B, N) weight per token (None = 1) -> (B, M, C) in x.dtype.
+    Accumulates in float32 for fp16/bf16 inputs.
+    """
+    B, N, C = x.shape
+    M = size.shape[1]
+    acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xs = x.to(acc_dtype)
+    if weight is not None:
+        xs = xs * weight.to(acc_dtype).unsqueeze(-1)
+    out = torch.zeros(B, M, C, dtype=acc_dtype, device=x.device)
+    out.scatter_add_(1, group.unsqueeze(-1).expand(B, N, C), xs)
+    out /= size.to(acc_dtype).unsqueeze(-1)
+    return out.to(x.dtype)
+
+
+def unmerge_gather(y: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Copy each group's value back to every member. y: (B, M, C), group: (B, N) -> (B, N, C)."""
+    B, N = group.shape
+    return y.gather(1, group.unsqueeze(-1).expand(B, N, y.shape[-1]))
