@@ -5,6 +5,7 @@ merge() averages each group, unmerge() copies the group's value back to its memb
 """
 
 from .grid import level_grid, tokens_to_remove
+from .importance import importance_map, importance_partitions, importance_plan, max_importance_ratio, pool_to_grid
 from .matching import bipartite_plan, normalize_metric
 from .merge import merge, unmerge
 from .options import OptionError, ToMeOptions
@@ -18,10 +19,15 @@ __all__ = [
     "ToMeOptions",
     "bipartite_plan",
     "derive_seed",
+    "importance_map",
+    "importance_partitions",
+    "importance_plan",
     "level_grid",
+    "max_importance_ratio",
     "merge",
     "normalize_metric",
     "partition_seed",
+    "pool_to_grid",
     "tokens_to_remove",
     "tome_plan",
     "unmerge",

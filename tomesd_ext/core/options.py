@@ -46,6 +46,9 @@ def check_ratio(name: str, value, maximum: float, why: str) -> float:
 
 
 MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+MODES = ("tome", "importance")
+CFG_LAYOUTS = ("auto", "halves", "interleaved", "off")
+POOL_FACTOR_RANGE = (0.5, 4.0)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,12 @@ class ToMeOptions:
     seed: base seed of the partition generator; None draws one from torch's global RNG
         once, when the options are created.
     merge_attn / merge_crossattn / merge_mlp: which operators of a block are wrapped.
+    mode: "tome" (random window destinations) or "importance" (destinations drawn from the
+        tokens with the largest classifier-free-guidance difference, core/importance.py).
+    pool_factor: importance mode: pool size M = (N - r) * pool_factor, in [0.5, 4]; the ratio
+        maximum is min(1 - 1/(sx*sy), 1 - 1/(sx*sy*pool_factor)).
+    cfg_layout: importance mode: how the CFG batch pairs rows, "auto" (detected from the
+        input), "halves", "interleaved" or "off" (no map: ToMe windows).
     """
 
     ratio: float = 0.5
@@ -70,6 +79,9 @@ class ToMeOptions:
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
+    mode: str = "tome"
+    pool_factor: float = 1.4
+    cfg_layout: str = "auto"
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -87,8 +99,25 @@ class ToMeOptions:
             raise OptionError(
                 f"max_downsample={md!r} is not allowed: use 'auto' or one of {MAX_DOWNSAMPLE_CHOICES}"
             )
+        if o.mode not in MODES:
+            raise OptionError(f"mode={o.mode!r} is not allowed: use one of {MODES}")
         maximum = 1.0 - 1.0 / (sx * sy)
-        ratio = check_ratio("ratio", o.ratio, maximum, f"one destination per {sx}x{sy} window")
+        why = f"one destination per {sx}x{sy} window"
+        pool_factor = o.pool_factor
+        if o.mode == "importance":
+            lo, hi = POOL_FACTOR_RANGE
+            if isinstance(pool_factor, bool) or not isinstance(pool_factor, (int, float)):
+                raise OptionError(f"pool_factor must be a number in [{lo}, {hi}], got {pool_factor!r}")
+            pool_factor = float(pool_factor)
+            if not lo <= pool_factor <= hi:
+                raise OptionError(f"pool_factor={pool_factor} is out of range: allowed [{lo}, {hi}]")
+            pool_max = 1.0 - 1.0 / (sx * sy * pool_factor)
+            if pool_max < maximum:
+                maximum = pool_max
+                why = f"the importance pool of (1 - ratio) * pool_factor={pool_factor} must hold the 1/{sx * sy} destinations"
+            if o.cfg_layout not in CFG_LAYOUTS:
+                raise OptionError(f"cfg_layout={o.cfg_layout!r} is not allowed: use one of {CFG_LAYOUTS}")
+        ratio = check_ratio("ratio", o.ratio, maximum, why)
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             check_bool(name, getattr(o, name))
         if not (o.merge_attn or o.merge_crossattn or o.merge_mlp):
@@ -100,4 +129,4 @@ class ToMeOptions:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
-        return replace(o, ratio=ratio, seed=seed)
+        return replace(o, ratio=ratio, seed=seed, pool_factor=pool_factor)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List, Union
 
 from ..core import ToMeOptions, merge, unmerge
+from .importance import ImportanceTracker
 from .processors import MergedAttnProcessor
 from .state import BlockSlot, ModelState, timestep_key
 
@@ -73,10 +74,15 @@ class _Patch:
         self.state = ModelState(opts, max_ds)
         self.handles = []
         self.wrapped = []  # (attention module, wrapper, inner processor)
+        self.tracker = None  # ImportanceTracker in importance mode
 
     def install(self):
         state = self.state
         self.handles.append(self.model.register_forward_pre_hook(self._denoiser_pre_hook, with_kwargs=True))
+        if self.opts.mode == "importance":
+            self.tracker = ImportanceTracker(state)
+            self.handles.extend(self.tracker.install(self.model))
+            state.planner = self.tracker.plan
         for block in _transformer_blocks(self.model):
             slot = BlockSlot(state)
             self.handles.append(block.register_forward_pre_hook(_block_reset_hook(slot)))
@@ -160,9 +166,14 @@ def apply_tome(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
+    mode: str = "tome",
+    pool_factor: float = 1.4,
+    cfg_layout: str = "auto",
 ):
     """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
 
+    mode="importance" draws destinations from the tokens with the largest CFG difference of the
+    previous step (docs/importance.md; pool_factor, cfg_layout apply to it only).
     Applying again replaces the earlier settings. See README "Options" for ranges.
     """
     opts = ToMeOptions.create(
@@ -175,6 +186,9 @@ def apply_tome(
         merge_attn=merge_attn,
         merge_crossattn=merge_crossattn,
         merge_mlp=merge_mlp,
+        mode=mode,
+        pool_factor=pool_factor,
+        cfg_layout=cfg_layout,
     )
     model = _denoiser(pipe_or_model)
     remove_tome(model)

@@ -24,6 +24,9 @@ class ModelState:
         self.max_downsample = max_downsample
         self.latent_hw: Optional[Tuple[int, int]] = None
         self.step_key: float = 0.0
+        # (metric, h, w, opts, seed) -> plan: the destination-selection policy of this patch
+        # (ToMe windows; importance mode installs ImportanceTracker.plan)
+        self.planner = tome_plan
 
     def plan_for(self, x: torch.Tensor) -> Optional[MergePlan]:
         """The merge plan for metric x: (B, N, C), or None if this level is not merged.
@@ -38,7 +41,7 @@ class ModelState:
             return None
         _, h, w = found
         seed = partition_seed(self.opts, self.step_key, h, w)
-        return tome_plan(x, h, w, self.opts, seed)
+        return self.planner(x, h, w, self.opts, seed)
 
 
 class BlockSlot:
