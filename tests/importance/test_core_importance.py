@@ -8,6 +8,7 @@ import torch
 from tomesd_ext.core import OptionError, ToMeOptions, merge, unmerge, window_partition
 from tomesd_ext.core.importance import (
     UNIMPORTANT_PRIORITY,
+    image_rows,
     importance_map,
     importance_partitions,
     importance_plan,
@@ -139,7 +140,7 @@ def test_planted_top_tokens_are_never_merged_away(ratio):
     parts = importance_partitions(imp, h, w, ratio, 2, 2, 1.0, seed=5)
     torch.manual_seed(0)
     metric = torch.randn(2, h * w, 8)  # the cond and uncond rows of one image
-    plan = importance_plan(metric, parts, torch.zeros(2, dtype=torch.long), (h, w))
+    plan = importance_plan(metric, parts, image_rows(2, "halves"), (h, w))
     r = parts[0].r
     top = set(imp[0].argsort(descending=True)[: h * w - r].tolist())
     dst = set(parts[0].dst.tolist())
@@ -161,7 +162,7 @@ def test_unimportant_tokens_merge_first_then_by_similarity():
     imp = _planted(h, w, 2)
     (p,) = importance_partitions(imp, h, w, 0.7, 2, 2, 1.4, seed=1)
     metric = torch.randn(1, h * w, 8)
-    plan = importance_plan(metric, [p], torch.zeros(1, dtype=torch.long), (h, w))
+    plan = importance_plan(metric, [p], [torch.arange(1)], (h, w))
     kept_src = set(p.src[(plan.group[0, p.src] >= p.dst.numel())].tolist())
     unimportant = set(p.src[p.priority > 0].tolist())
     assert not (kept_src & unimportant)
@@ -210,13 +211,14 @@ def test_several_images_get_their_own_partition_shared_by_their_rows():
     assert not parts[0].dst.equal(parts[1].dst)
     torch.manual_seed(0)
     metric = torch.randn(4, h * w, 8)  # halves layout: rows u0 u1 c0 c1
-    image_of_row = torch.arange(4) % 2
-    plan = importance_plan(metric, parts, image_of_row, (h, w))
+    assert [r.tolist() for r in image_rows(4, "halves")] == [[0, 2], [1, 3]]
+    assert [r.tolist() for r in image_rows(4, "interleaved")] == [[0, 1], [2, 3]]
+    plan = importance_plan(metric, parts, image_rows(4, "halves"), (h, w))
     for row in range(4):
         p = parts[row % 2]
         # this row's destinations own groups 0..D-1 in order
         assert plan.group[row, p.dst].equal(torch.arange(p.dst.numel()))
-        single = importance_plan(metric[row : row + 1], [p], torch.zeros(1, dtype=torch.long), (h, w))
+        single = importance_plan(metric[row : row + 1], [p], [torch.arange(1)], (h, w))
         assert plan.group[row].equal(single.group[0])
     x = torch.randn(4, h * w, 16)
     y = merge(x, plan)
@@ -226,4 +228,4 @@ def test_several_images_get_their_own_partition_shared_by_their_rows():
 
 def test_nothing_to_merge_gives_no_plan():
     parts = importance_partitions(_planted(4, 4), 4, 4, 0.0, 2, 2, 1.4, seed=0)
-    assert importance_plan(torch.randn(2, 16, 4), parts, torch.zeros(2, dtype=torch.long), (4, 4)) is None
+    assert importance_plan(torch.randn(2, 16, 4), parts, image_rows(2, "halves"), (4, 4)) is None

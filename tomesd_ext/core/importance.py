@@ -138,31 +138,36 @@ def importance_partitions(
         window = (rows * n_wx + cols).flatten().expand(B0, n)
         full = ((rows + 1) * sy <= h) & ((cols + 1) * sx <= w)
         pool_u = torch.where(in_pool, u, torch.full_like(u, 2.0))
-        first = torch.full((B0, int(window.max()) + 1), 2.0, device=device)
+        first = torch.full((B0, -(-h // sy) * n_wx), 2.0, device=device)
         first = first.scatter_reduce(1, window, pool_u, reduce="amin")
         is_first = in_pool & (pool_u == first.gather(1, window))
         tier = torch.where(is_first, torch.where(full.flatten(), 0.0, 1.0), 2.0)
         key = key + 2.0 * tier
     key = torch.where(in_pool, key, torch.full_like(key, 8.0))
     chosen = key.argsort(dim=1, stable=True)[:, :n_dst]
-    parts = []
-    for b in range(B0):
-        is_dst = torch.zeros(n, dtype=torch.bool, device=device)
-        is_dst[chosen[b]] = True
-        dst = is_dst.nonzero().flatten()
-        src = (~is_dst).nonzero().flatten()
-        priority = torch.where(in_pool[b, src], 0.0, UNIMPORTANT_PRIORITY).float()
-        parts.append(ImportancePartition(dst, src, priority, r, m))
-    return parts
+    is_dst = torch.zeros(B0, n, dtype=torch.bool, device=device).scatter_(1, chosen, True)
+    # ascending raster order without a host sync: stable sort of the mask puts src (0) first
+    split = is_dst.to(torch.uint8).argsort(dim=1, stable=True)
+    src, dst = split[:, : n - n_dst], split[:, n - n_dst :]
+    priority = torch.where(in_pool.gather(1, src), 0.0, UNIMPORTANT_PRIORITY).float()
+    return [ImportancePartition(dst[b], src[b], priority[b], r, m) for b in range(B0)]
 
 
-def importance_plan(
-    metric: torch.Tensor, parts: list, image_of_row: torch.Tensor, grid
-) -> Optional[MergePlan]:
-    """Merge plan for metric (B, N, C) whose row j belongs to image image_of_row[j] (B,).
+def image_rows(batch: int, layout: str) -> list:
+    """Row indices of each image in a CFG batch of `batch` rows: halves -> [i, B0 + i],
+    interleaved -> [2i, 2i + 1] (CPU tensors; move them to the metric's device once)."""
+    b0 = batch // 2
+    rows = torch.arange(batch)
+    image = rows % b0 if layout == "halves" else rows // 2
+    return [rows[image == i] for i in range(b0)]
 
-    Every row of an image (its cond and uncond halves) uses that image's partition and
-    priority; matching is per row, as in ToMe. Returns None when nothing is merged.
+
+def importance_plan(metric: torch.Tensor, parts: list, rows: list, grid) -> Optional[MergePlan]:
+    """Merge plan for metric (B, N, C); rows[i] (k,) are the rows of image i (e.g. its uncond
+    and cond rows), parts[i] its partition.
+
+    Every row of an image uses that image's partition and priority; matching is per row, as in
+    ToMe. Returns None when nothing is merged.
     """
     B, n, _ = metric.shape
     if not parts or parts[0].r == 0 or parts[0].dst.numel() == 0:
@@ -172,13 +177,10 @@ def importance_plan(
         return bipartite_plan(metric, p.dst, p.src, p.r, p.priority.expand(B, -1), grid)
     group = torch.empty(B, n, dtype=torch.long, device=metric.device)
     size = None
-    for i, p in enumerate(parts):
-        rows = (image_of_row == i).nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        sub = bipartite_plan(metric[rows], p.dst, p.src, p.r, p.priority.expand(rows.numel(), -1), grid)
+    for p, idx in zip(parts, rows):
+        sub = bipartite_plan(metric[idx], p.dst, p.src, p.r, p.priority.expand(idx.numel(), -1), grid)
         if size is None:
             size = torch.empty(B, sub.n_groups, device=metric.device)
-        group[rows] = sub.group
-        size[rows] = sub.size
+        group[idx] = sub.group
+        size[idx] = sub.size
     return MergePlan(group, size, n, grid)

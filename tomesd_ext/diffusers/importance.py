@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..core import derive_seed, tome_plan
-from ..core.importance import importance_map, importance_partitions, importance_plan, pool_to_grid
+from ..core.importance import image_rows, importance_map, importance_partitions, importance_plan, pool_to_grid
 
 NO_CFG_WARNING = (
     "tomesd-ext importance mode: the denoiser batch is not a classifier-free-guidance pair "
@@ -61,7 +61,8 @@ class ImportanceTracker:
         self.layout: Optional[str] = None
         self.active: Optional[torch.Tensor] = None  # map used by the call in progress
         self.batch = 0
-        self.image_of_row: Optional[torch.Tensor] = None
+        self.rows: list = []  # row indices of each image in the batch
+        self._rows_cache = {}
         self.sample_channels = 0
         self.parts = {}
         self.warned = False
@@ -87,8 +88,10 @@ class ImportanceTracker:
         B, C, H, W = sample.shape
         B0 = B // 2
         self.batch, self.sample_channels = B, C
-        rows = torch.arange(B, device=sample.device)
-        self.image_of_row = rows % B0 if self.layout == "halves" else rows // 2
+        key = (B, self.layout, sample.device)
+        if key not in self._rows_cache:
+            self._rows_cache = {key: [r.to(sample.device) for r in image_rows(B, self.layout)]}
+        self.rows = self._rows_cache[key]
         step = self.state.step_key
         prev = self.hmap
         # the map of the previous call of the same run: same images and size, timestep not
@@ -120,4 +123,4 @@ class ImportanceTracker:
             parts = importance_partitions(pooled, h, w, opts.ratio, opts.sx, opts.sy, opts.pool_factor, key)
             self.parts[(h, w)] = parts
         self.counts["importance"] += 1
-        return importance_plan(metric, parts, self.image_of_row.to(metric.device), (h, w))
+        return importance_plan(metric, parts, self.rows, (h, w))
