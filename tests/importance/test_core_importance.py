@@ -15,6 +15,7 @@ from tomesd_ext.core.importance import (
     max_importance_ratio,
     partition_counts,
     pool_to_grid,
+    with_prune_weights,
 )
 
 
@@ -229,3 +230,39 @@ def test_several_images_get_their_own_partition_shared_by_their_rows():
 def test_nothing_to_merge_gives_no_plan():
     parts = importance_partitions(_planted(4, 4), 4, 4, 0.0, 2, 2, 1.4, seed=0)
     assert importance_plan(torch.randn(2, 16, 4), parts, image_rows(2, "halves"), (4, 4)) is None
+
+
+# --- prune phase ---------------------------------------------------------------------------
+
+
+def test_prune_plan_drops_sources_and_copies_back():
+    h, w = 8, 8
+    parts = importance_partitions(_planted(h, w), h, w, 0.5, 2, 2, 1.4, seed=0)
+    torch.manual_seed(1)
+    metric = torch.randn(2, h * w, 8)
+    plan = importance_plan(metric, parts, image_rows(2, "halves"), (h, w))
+    pruned = with_prune_weights(plan, parts[0].dst)
+    x = torch.randn(4, h * w, 6)  # a batch twice the plan's (reuse)
+    y = merge(x, pruned)
+    dst = parts[0].dst
+    D = dst.numel()
+    torch.testing.assert_close(y[:, :D], x[:, dst])  # destinations keep their own value
+    back = unmerge(y, pruned)
+    for b in range(4):
+        group = plan.group[b % 2]
+        merged_src = [i for i in parts[0].src.tolist() if group[i] < D]
+        assert len(merged_src) == parts[0].r
+        for i in merged_src:  # a dropped source receives its destination's output
+            torch.testing.assert_close(back[b, i], x[b, dst[group[i]]])
+        kept = [i for i in parts[0].src.tolist() if group[i] >= D]
+        torch.testing.assert_close(back[b, kept], x[b, kept])
+    with pytest.raises(ValueError, match="do not compose"):
+        pruned.compose(pruned)
+
+
+def test_prune_steps_option():
+    assert ToMeOptions.create(mode="importance", prune_steps=2, seed=0).prune_steps == 2
+    with pytest.raises(OptionError, match="applies to mode='importance' only"):
+        ToMeOptions.create(prune_steps=2, seed=0)
+    with pytest.raises(OptionError, match=r"prune_steps=-1 is out of range"):
+        ToMeOptions.create(mode="importance", prune_steps=-1, seed=0)

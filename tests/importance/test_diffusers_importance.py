@@ -188,3 +188,29 @@ def test_v_prediction_and_sdxl(name):
     tr = tracker_of(p)
     assert tr.counts["importance"] > 0 and tr.layout == "halves"
     assert torch.isfinite(out).all()
+
+
+def test_prune_phase_covers_the_first_calls_of_each_run(pipe):
+    apply_tome(pipe, 0.5, mode="importance", seed=0)
+    merged = run(pipe)
+    apply_tome(pipe, 0.5, mode="importance", seed=0, prune_steps=2)
+    state = pipe.unet.__dict__[PATCH_ATTR].state
+    tr = tracker_of(pipe)
+    original = state.planner
+    seen = []
+
+    def recording(metric, h, w, opts, seed):
+        plan = original(metric, h, w, opts, seed)
+        seen.append((tr.step_index, plan.weight is not None))
+        return plan
+
+    state.planner = recording
+    try:
+        for _ in range(2):  # the phase restarts with every run
+            pruned = run(pipe)
+        steps = sorted(set(seen))
+        assert steps == [(0, True), (1, True), (2, False)]
+        assert not torch.equal(pruned, merged)
+        assert torch.isfinite(pruned).all()
+    finally:
+        remove_tome(pipe)

@@ -184,3 +184,15 @@ def importance_plan(metric: torch.Tensor, parts: list, rows: list, grid) -> Opti
         group[idx] = sub.group
         size[idx] = sub.size
     return MergePlan(group, size, n, grid)
+
+
+def with_prune_weights(plan: MergePlan, dst: torch.Tensor) -> MergePlan:
+    """The same plan as a "prune" plan (paper sec. 5.4): merged sources get weight 0, so a group
+    takes its destination's value (sources are dropped, not averaged) and unmerge copies it back.
+
+    dst: (B, D) or (D,) destination raster indices of each row (groups 0..D-1 are theirs).
+    """
+    D = dst.shape[-1]
+    dst = dst.expand(plan.batch, D)
+    weight = (plan.group >= D).float().scatter_(1, dst, 1.0)
+    return MergePlan(plan.group, plan.size, plan.n_tokens, plan.grid, weight)

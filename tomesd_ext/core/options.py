@@ -68,6 +68,8 @@ class ToMeOptions:
         maximum is min(1 - 1/(sx*sy), 1 - 1/(sx*sy*pool_factor)).
     cfg_layout: importance mode: how the CFG batch pairs rows, "auto" (detected from the
         input), "halves", "interleaved" or "off" (no map: ToMe windows).
+    prune_steps: importance mode: the first prune_steps denoiser calls of a run drop merged
+        sources instead of averaging them (the paper's prune phase; its SD demo uses 2).
     """
 
     ratio: float = 0.5
@@ -82,6 +84,7 @@ class ToMeOptions:
     mode: str = "tome"
     pool_factor: float = 1.4
     cfg_layout: str = "auto"
+    prune_steps: int = 0
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -115,8 +118,11 @@ class ToMeOptions:
             if pool_max < maximum:
                 maximum = pool_max
                 why = f"the importance pool of (1 - ratio) * pool_factor={pool_factor} must hold the 1/{sx * sy} destinations"
+            check_int("prune_steps", o.prune_steps, 0, 10000)
             if o.cfg_layout not in CFG_LAYOUTS:
                 raise OptionError(f"cfg_layout={o.cfg_layout!r} is not allowed: use one of {CFG_LAYOUTS}")
+        elif o.prune_steps != 0:
+            raise OptionError(f"prune_steps={o.prune_steps!r} applies to mode='importance' only (mode={o.mode!r})")
         ratio = check_ratio("ratio", o.ratio, maximum, why)
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             check_bool(name, getattr(o, name))

@@ -19,8 +19,15 @@ from typing import Optional
 
 import torch
 
-from ..core import derive_seed, tome_plan
-from ..core.importance import image_rows, importance_map, importance_partitions, importance_plan, pool_to_grid
+from ..core import derive_seed, tome_plan, window_partition
+from ..core.importance import (
+    image_rows,
+    importance_map,
+    importance_partitions,
+    importance_plan,
+    pool_to_grid,
+    with_prune_weights,
+)
 
 NO_CFG_WARNING = (
     "tomesd-ext importance mode: the denoiser batch is not a classifier-free-guidance pair "
@@ -67,6 +74,8 @@ class ImportanceTracker:
         self.parts = {}
         self.warned = False
         self.counts = {"importance": 0, "tome": 0}
+        self.step_index = 0  # denoiser calls since the run started (prune phase)
+        self.last_step: Optional[float] = None
 
     def install(self, model) -> list:
         return [
@@ -77,6 +86,10 @@ class ImportanceTracker:
     def pre_hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         self.parts = {}
+        step = self.state.step_key
+        new_run = self.last_step is None or step > self.last_step
+        self.step_index = 0 if new_run else self.step_index + 1
+        self.last_step = step
         self.layout = detect_layout(sample, self.opts.cfg_layout)
         self.active = None
         if self.layout is None:
@@ -92,7 +105,6 @@ class ImportanceTracker:
         if key not in self._rows_cache:
             self._rows_cache = {key: [r.to(sample.device) for r in image_rows(B, self.layout)]}
         self.rows = self._rows_cache[key]
-        step = self.state.step_key
         prev = self.hmap
         # the map of the previous call of the same run: same images and size, timestep not
         # increasing (a larger timestep starts a new generation, which begins with ToMe windows)
@@ -112,10 +124,16 @@ class ImportanceTracker:
         self.hmap_step = self.state.step_key
 
     def plan(self, metric, h, w, opts, seed):
-        """Planner of ModelState: importance partition when a map exists, else ToMe windows."""
+        """Planner of ModelState: importance partition when a map exists, else ToMe windows;
+        during the first opts.prune_steps calls of a run the plan prunes instead of merging."""
+        prune = self.step_index < opts.prune_steps
         if self.active is None or metric.shape[0] != self.batch:
             self.counts["tome"] += 1
-            return tome_plan(metric, h, w, opts, seed)
+            plan = tome_plan(metric, h, w, opts, seed)
+            if plan is not None and prune:
+                dst, _ = window_partition(h, w, opts.sx, opts.sy, seed, metric.device)
+                plan = with_prune_weights(plan, dst)
+            return plan
         parts = self.parts.get((h, w))
         if parts is None:
             pooled = pool_to_grid(self.active, h, w)
@@ -123,4 +141,10 @@ class ImportanceTracker:
             parts = importance_partitions(pooled, h, w, opts.ratio, opts.sx, opts.sy, opts.pool_factor, key)
             self.parts[(h, w)] = parts
         self.counts["importance"] += 1
-        return importance_plan(metric, parts, self.rows, (h, w))
+        plan = importance_plan(metric, parts, self.rows, (h, w))
+        if plan is not None and prune:
+            dst = torch.empty(metric.shape[0], parts[0].dst.numel(), dtype=torch.long, device=metric.device)
+            for p, idx in zip(parts, self.rows):
+                dst[idx] = p.dst
+            plan = with_prune_weights(plan, dst)
+        return plan

@@ -169,11 +169,12 @@ def apply_tome(
     mode: str = "tome",
     pool_factor: float = 1.4,
     cfg_layout: str = "auto",
+    prune_steps: int = 0,
 ):
     """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
 
     mode="importance" draws destinations from the tokens with the largest CFG difference of the
-    previous step (docs/importance.md; pool_factor, cfg_layout apply to it only).
+    previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
     Applying again replaces the earlier settings. See README "Options" for ranges.
     """
     opts = ToMeOptions.create(
@@ -189,6 +190,7 @@ def apply_tome(
         mode=mode,
         pool_factor=pool_factor,
         cfg_layout=cfg_layout,
+        prune_steps=prune_steps,
     )
     model = _denoiser(pipe_or_model)
     remove_tome(model)
