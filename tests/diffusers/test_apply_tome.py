@@ -220,3 +220,25 @@ def test_remove_keeps_a_processor_the_user_set_meanwhile(tiny_unet):
     remove_tome(tiny_unet)
     assert attn.processor is mine
     tiny_unet.set_attn_processor(before)
+
+
+def test_xformers_processor_is_kept_when_enabled(tiny_unet):
+    pytest.importorskip("xformers", reason="xformers is not installed (optional; CUDA only)")
+    if not torch.cuda.is_available():
+        pytest.skip("xformers attention needs a CUDA device")
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    unet = tiny_unet.to("cuda")
+    before = unet.attn_processors
+    unet.enable_xformers_memory_efficient_attention()
+    try:
+        apply_tome(unet, 0.5, seed=0)
+        for attn in _attn1(unet):
+            assert isinstance(attn.processor.inner, XFormersAttnProcessor)
+        sample, t, text, kw = unet_inputs(unet)
+        run(unet, (sample.cuda(), t, text.cuda(), kw))
+        remove_tome(unet)
+        assert all(isinstance(a.processor, XFormersAttnProcessor) for a in _attn1(unet))
+    finally:
+        unet.set_attn_processor(before)
+        unet.to("cpu")
