@@ -47,6 +47,9 @@ def check_ratio(name: str, value, maximum: float, why: str) -> float:
 
 MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 
+# Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
+MIN_TOKENS_DEFAULT = 0
+
 
 @dataclass(frozen=True)
 class ToMeOptions:
@@ -59,6 +62,9 @@ class ToMeOptions:
     seed: base seed of the partition generator; None draws one from torch's global RNG
         once, when the options are created.
     merge_attn / merge_crossattn / merge_mlp: which operators of a block are wrapped.
+    min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
+        the matching and bookkeeping cost more than the smaller attention saves; the default
+        comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always.
     """
 
     ratio: float = 0.5
@@ -70,6 +76,7 @@ class ToMeOptions:
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
+    min_tokens: int = MIN_TOKENS_DEFAULT
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -89,6 +96,7 @@ class ToMeOptions:
             )
         maximum = 1.0 - 1.0 / (sx * sy)
         ratio = check_ratio("ratio", o.ratio, maximum, f"one destination per {sx}x{sy} window")
+        check_int("min_tokens", o.min_tokens, 0)
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             check_bool(name, getattr(o, name))
         if not (o.merge_attn or o.merge_crossattn or o.merge_mlp):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List, Union
 
 from ..core import ToMeOptions, merge, unmerge
+from ..core.options import MIN_TOKENS_DEFAULT
 from .processors import MergedAttnProcessor
 from .state import BlockSlot, ModelState, timestep_key
 
@@ -60,6 +61,31 @@ def _transformer_blocks(model):
                     yield block
 
 
+def wrap_processor(attn, wrapper, wrapped: list) -> None:
+    """Set `wrapper` (which wraps attn.processor) on `attn`; record (attn, wrapper, inner) in `wrapped`.
+
+    object.__setattr__ leaves an nn.Module processor (IP-Adapter) registered in _modules, so
+    state_dict keys and .to() are unchanged while patched.
+    """
+    inner = attn.processor
+    object.__setattr__(attn, "processor", wrapper)
+    wrapped.append((attn, wrapper, inner))
+
+
+def restore_processors(wrapped: list) -> None:
+    """Undo wrap_processor for every recorded entry (and empty the list)."""
+    import torch
+
+    for attn, wrapper, inner in wrapped:
+        if attn.__dict__.get("processor") is not wrapper:
+            continue  # the user set another processor since; leave it
+        if isinstance(inner, torch.nn.Module):
+            del attn.__dict__["processor"]
+        else:
+            object.__setattr__(attn, "processor", inner)
+    wrapped.clear()
+
+
 class _Patch:
     """Everything one apply_tome changed on a model, so remove() can undo exactly that."""
 
@@ -89,28 +115,16 @@ class _Patch:
                 self.handles.append(block.ff.register_forward_pre_hook(_ff_pre_hook(slot), with_kwargs=True))
                 self.handles.append(block.ff.register_forward_hook(_ff_post_hook(slot)))
 
+    processor_class = MergedAttnProcessor
+
     def _wrap(self, attn, slot, self_attention):
-        inner = attn.processor
-        wrapper = MergedAttnProcessor(inner, slot, self_attention)
-        # object.__setattr__ leaves an nn.Module processor (IP-Adapter) registered in _modules,
-        # so state_dict keys and .to() are unchanged while patched.
-        object.__setattr__(attn, "processor", wrapper)
-        self.wrapped.append((attn, wrapper, inner))
+        wrap_processor(attn, self.processor_class(attn.processor, slot, self_attention), self.wrapped)
 
     def remove(self):
-        import torch
-
         for handle in self.handles:
             handle.remove()
-        for attn, wrapper, inner in self.wrapped:
-            if attn.__dict__.get("processor") is not wrapper:
-                continue  # the user set another processor since; leave it
-            if isinstance(inner, torch.nn.Module):
-                del attn.__dict__["processor"]
-            else:
-                object.__setattr__(attn, "processor", inner)
+        restore_processors(self.wrapped)
         self.handles.clear()
-        self.wrapped.clear()
 
     def _denoiser_pre_hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
@@ -160,6 +174,7 @@ def apply_tome(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
+    min_tokens: int = MIN_TOKENS_DEFAULT,
 ):
     """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
 
@@ -175,6 +190,7 @@ def apply_tome(
         merge_attn=merge_attn,
         merge_crossattn=merge_crossattn,
         merge_mlp=merge_mlp,
+        min_tokens=min_tokens,
     )
     model = _denoiser(pipe_or_model)
     remove_tome(model)
