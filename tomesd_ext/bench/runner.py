@@ -101,7 +101,7 @@ def run_bench(
     """Measure every configuration at every resolution; returns the JSON document and images."""
     from tqdm.auto import tqdm
 
-    from ..diffusers.patch import attention_levels
+    from ..diffusers.patch import resolve_max_downsample
 
     unet = subject.unet
     doc = {"header": header(subject, settings.as_header(), attention_backend(unet)), "rows": []}
@@ -109,7 +109,7 @@ def run_bench(
     configs = settings.configs()
     cfg = settings.batch % 2 == 0
     n_images = settings.batch // 2 if cfg else settings.batch
-    ctx = MethodContext(seed=settings.seed, max_downsample=attention_levels(unet)[0])
+    ctx = MethodContext(seed=settings.seed, max_downsample=resolve_max_downsample(unet, "auto"))
     calls = len(configs) * (settings.warmup + len(settings.inputs) + settings.repeats)
     bar = tqdm(total=calls * len(settings.resolutions), disable=not progress, desc="bench", unit="call")
 

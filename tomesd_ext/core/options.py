@@ -48,7 +48,7 @@ def check_ratio(name: str, value, maximum: float, why: str) -> float:
 MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 
 # Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
-MIN_TOKENS_DEFAULT = 0
+MIN_TOKENS_DEFAULT = 2048
 
 
 @dataclass(frozen=True)

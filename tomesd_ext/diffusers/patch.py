@@ -49,6 +49,14 @@ def attention_levels(model) -> List[int]:
     return sorted(levels)
 
 
+def resolve_max_downsample(model, max_downsample) -> int:
+    """max_downsample as an int: "auto" is the highest-resolution level with transformer blocks."""
+    levels = attention_levels(model)
+    if not levels:
+        raise TypeError(f"{type(model).__name__} has no transformer blocks to merge")
+    return levels[0] if max_downsample == "auto" else max_downsample
+
+
 def _transformer_blocks(model):
     """The spatial BasicTransformerBlocks inside the model's Transformer2DModels."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -90,13 +98,9 @@ class _Patch:
     """Everything one apply_tome changed on a model, so remove() can undo exactly that."""
 
     def __init__(self, model, opts: ToMeOptions):
-        levels = attention_levels(model)
-        if not levels:
-            raise TypeError(f"{type(model).__name__} has no transformer blocks to merge")
-        max_ds = levels[0] if opts.max_downsample == "auto" else opts.max_downsample
         self.model = model
         self.opts = opts
-        self.state = ModelState(opts, max_ds)
+        self.state = ModelState(opts, resolve_max_downsample(model, opts.max_downsample))
         self.handles = []
         self.wrapped = []  # (attention module, wrapper, inner processor)
 
@@ -192,18 +196,27 @@ def apply_tome(
         merge_mlp=merge_mlp,
         min_tokens=min_tokens,
     )
-    model = _denoiser(pipe_or_model)
-    remove_tome(model)
-    patch = _Patch(model, opts)
-    patch.install()
-    object.__setattr__(model, PATCH_ATTR, patch)
-    return pipe_or_model
+    return install_patch(pipe_or_model, PATCH_ATTR, lambda model: _Patch(model, opts))
 
 
 def remove_tome(pipe_or_model):
     """Undo apply_tome (a no-op on an unpatched model); returns the argument."""
+    return uninstall_patch(pipe_or_model, PATCH_ATTR)
+
+
+def install_patch(pipe_or_model, attr: str, make_patch):
+    """Replace the patch stored under `attr` on the denoiser by make_patch(model), installed."""
     model = _denoiser(pipe_or_model)
-    patch = model.__dict__.pop(PATCH_ATTR, None)
+    uninstall_patch(model, attr)
+    patch = make_patch(model)
+    patch.install()
+    object.__setattr__(model, attr, patch)
+    return pipe_or_model
+
+
+def uninstall_patch(pipe_or_model, attr: str):
+    """Remove the patch stored under `attr` (a no-op when there is none); returns the argument."""
+    patch = _denoiser(pipe_or_model).__dict__.pop(attr, None)
     if patch is not None:
         patch.remove()
     return pipe_or_model

@@ -9,7 +9,7 @@ Remove it with `remove_tome` (it is stored as an apply_tome patch, so either rep
 from __future__ import annotations
 
 from ..core import ToMeOptions, merge, unmerge
-from .patch import PATCH_ATTR, _denoiser, _Patch, remove_tome
+from .patch import PATCH_ATTR, _Patch, install_patch
 from .processors import MergedAttnProcessor
 
 
@@ -48,9 +48,4 @@ def apply_query_merge(pipe_or_model, ratio: float = 0.3, *, seed=None, max_downs
     original). `remove_tome` undoes it.
     """
     opts = ToMeOptions.create(ratio=ratio, seed=seed, max_downsample=max_downsample, min_tokens=min_tokens)
-    model = _denoiser(pipe_or_model)
-    remove_tome(model)
-    patch = _QueryPatch(model, opts)
-    patch.install()
-    object.__setattr__(model, PATCH_ATTR, patch)
-    return pipe_or_model
+    return install_patch(pipe_or_model, PATCH_ATTR, lambda model: _QueryPatch(model, opts))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 from ..core import ToDoOptions, downsample_tokens, level_grid
-from .patch import _denoiser, _transformer_blocks, attention_levels, restore_processors, wrap_processor
+from .patch import _transformer_blocks, install_patch, resolve_max_downsample, restore_processors, uninstall_patch, wrap_processor
 from .processors import expose_signature
 
 TODO_ATTR = "_tomesd_ext_todo"
@@ -58,16 +58,15 @@ class ToDoAttnProcessor:
 
 class _ToDoPatch:
     def __init__(self, model, opts: ToDoOptions):
-        levels = attention_levels(model)
-        if not levels:
-            raise TypeError(f"{type(model).__name__} has no transformer blocks to patch")
-        max_ds = levels[0] if opts.max_downsample == "auto" else opts.max_downsample
         self.model = model
         self.opts = opts
-        self.state = _ToDoState(opts, max_ds)
-        self.handles = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+        self.state = _ToDoState(opts, resolve_max_downsample(model, opts.max_downsample))
+        self.handles = []
         self.wrapped = []
-        for block in _transformer_blocks(model):
+
+    def install(self):
+        self.handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        for block in _transformer_blocks(self.model):
             attn = getattr(block, "attn1", None)
             if attn is None or block.only_cross_attention:
                 continue
@@ -91,17 +90,9 @@ def apply_todo(pipe_or_model, factor: int = 2, *, max_downsample: Union[int, str
     "nearest-exact".
     """
     opts = ToDoOptions.create(factor=factor, max_downsample=max_downsample, mode=mode)
-    model = _denoiser(pipe_or_model)
-    remove_todo(model)
-    patch = _ToDoPatch(model, opts)
-    object.__setattr__(model, TODO_ATTR, patch)
-    return pipe_or_model
+    return install_patch(pipe_or_model, TODO_ATTR, lambda model: _ToDoPatch(model, opts))
 
 
 def remove_todo(pipe_or_model):
     """Undo apply_todo (a no-op on an unpatched model); returns the argument."""
-    model = _denoiser(pipe_or_model)
-    patch = model.__dict__.pop(TODO_ATTR, None)
-    if patch is not None:
-        patch.remove()
-    return pipe_or_model
+    return uninstall_patch(pipe_or_model, TODO_ATTR)
