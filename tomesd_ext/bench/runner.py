@@ -7,7 +7,8 @@ For every resolution:
 3. `repeats` timed rounds, each running every configuration once, interleaved (A/B/C, then
    B/C/A, ...) so noise on a shared machine hits all alike; round i uses input i mod #inputs.
    Speed does not depend on the input's content, so a configuration's timings pool all inputs.
-   repeats = 0 times the calls of step 2 instead (for long runs; documented in the header).
+   repeats = 0 times the calls of step 2 instead (for long runs; documented in the header),
+   after one untimed baseline call when there is no warm-up, so nothing is timed cold.
 Rows: one per (method, ratio, resolution, input); the JSON is rewritten after every row.
 """
 
@@ -58,7 +59,7 @@ class BenchSettings:
             "peak_memory": "extra memory of one call above what was held before it (CUDA: max_memory_allocated; CPU: peak RSS sampled every 1 ms)",
             "input_latents": "VAE encoder (real weights) or the fixed linear map of tomesd_ext/bench/latent_map.py",
             "timing": "interleaved rounds after warm-up; a configuration's timings pool all inputs"
-            if self.repeats else "repeats 0: timings of the fidelity/memory pass (one call per input, memory probe running)",
+            if self.repeats else "repeats 0: timings of the fidelity/memory pass (one call per input, memory probe running; one untimed baseline call before it)",
         }
 
 
@@ -111,6 +112,7 @@ def run_bench(
     n_images = settings.batch // 2 if cfg else settings.batch
     ctx = MethodContext(seed=settings.seed, max_downsample=resolve_max_downsample(unet, "auto"))
     calls = len(configs) * (settings.warmup + len(settings.inputs) + settings.repeats)
+    calls += settings.repeats == 0 and settings.warmup == 0
     bar = tqdm(total=calls * len(settings.resolutions), disable=not progress, desc="bench", unit="call")
 
     def call(method, ratio, inp, cond):
@@ -126,6 +128,9 @@ def run_bench(
                     with applied(unet, method, ratio, ctx):
                         call(method, ratio, inputs[0], cond)
                     bar.update()
+            if settings.repeats == 0 and settings.warmup == 0:
+                call(BASELINE, None, inputs[0], cond)  # the timed pass must not start cold
+                bar.update()
             fidelity = {}
             first_pass: Dict[tuple, List[float]] = {c: [] for c in configs}
             for inp in inputs:
