@@ -8,7 +8,7 @@ from tomesd_ext import cli
 from tomesd_ext.bench.report import ROW_FIELDS
 
 HEADER_FIELDS = ("torch", "diffusers", "device", "dtype", "attention_backend", "commit", "command", "date")
-TINY = ["--model", "tiny", "--resolution", "64", "--ratios", "0.5", "--repeats", "1", "--warmup", "0", "--no-progress"]
+TINY = ["--model", "tiny", "--resolution", "384", "--ratios", "0.5", "--repeats", "1", "--warmup", "0", "--no-progress"]
 
 
 def test_tiny_run_json_schema_plot_and_images(tmp_path, capsys):
@@ -21,7 +21,7 @@ def test_tiny_run_json_schema_plot_and_images(tmp_path, capsys):
     assert {(r["method"], r["input"]) for r in rows} == {(m, i) for m in ("baseline", "tome", "todo") for i in ("photo", "noise")}
     for r in rows:
         assert all(k in r for k in ROW_FIELDS)
-        assert r["resolution"] == 64 and r["batch"] == 2
+        assert r["resolution"] == 384 and r["batch"] == 2
         assert r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
     base = [r for r in rows if r["method"] == "baseline"]
     assert all(r["speedup"] == 1.0 and r["rel_error"] == 0.0 and r["psnr"] is None and r["ssim"] == 1.0 for r in base)
@@ -29,7 +29,7 @@ def test_tiny_run_json_schema_plot_and_images(tmp_path, capsys):
     assert all(r["ratio"] == 0.5 and r["rel_error"] > 0 and r["psnr"] > 0 for r in tome)
     assert [r["ratio"] for r in rows if r["method"] == "todo"] == [None, None]
     assert (tmp_path / "p.png").stat().st_size > 0
-    assert (tmp_path / "img" / "grid_64px.png").stat().st_size > 0
+    assert (tmp_path / "img" / "grid_384px.png").stat().st_size > 0
     table = capsys.readouterr().out
     assert "baseline" in table and "speedup" in table
 
