@@ -37,7 +37,7 @@ def header(subject, settings: dict, attention_backend: str) -> dict:
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "command": " ".join(["tomesd-ext"] + sys.argv[1:]),
         "commit": commit(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -74,5 +74,20 @@ def table(rows: List[dict], title: Optional[str] = None) -> str:
             f"{r['method']:<12} {_fmt(r['ratio'], '.2f'):>5} {r['resolution']:>5} {r['input']:<9} "
             f"{r['seconds_median']:>9.3f} {r['seconds_min']:>7.3f}-{r['seconds_max']:<7.3f} {r['speedup']:>6.2f}x "
             f"{_fmt(r['peak_mem_mb'], '.0f'):>8} {r['rel_error']:>8.4f} {_fmt(r['psnr'], '.2f', 'inf'):>6} {r['ssim']:>6.4f}"
+        )
+    return "\n".join(lines)
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """Rows as a GitHub markdown table (for docs/benchmarks.md)."""
+    lines = [
+        "| method | ratio | px | input | median s | min-max s | speed-up | peak MB | rel_error | PSNR | SSIM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {_fmt(r['ratio'], '.1f')} | {r['resolution']} | {r['input']} | {r['seconds_median']:.2f} "
+            f"| {r['seconds_min']:.2f}-{r['seconds_max']:.2f} | {r['speedup']:.2f}x | {_fmt(r['peak_mem_mb'], '.0f')} "
+            f"| {r['rel_error']:.4f} | {_fmt(r['psnr'], '.2f', 'inf')} | {r['ssim']:.4f} |"
         )
     return "\n".join(lines)
