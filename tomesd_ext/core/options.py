@@ -64,7 +64,8 @@ class ToMeOptions:
     merge_attn / merge_crossattn / merge_mlp: which operators of a block are wrapped.
     min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
         the matching and bookkeeping cost more than the smaller attention saves; the default
-        comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always.
+        comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always;
+        None = MIN_TOKENS_DEFAULT, read when the options are created.
     """
 
     ratio: float = 0.5
@@ -76,7 +77,7 @@ class ToMeOptions:
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
-    min_tokens: int = MIN_TOKENS_DEFAULT
+    min_tokens: Optional[int] = None
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -96,7 +97,7 @@ class ToMeOptions:
             )
         maximum = 1.0 - 1.0 / (sx * sy)
         ratio = check_ratio("ratio", o.ratio, maximum, f"one destination per {sx}x{sy} window")
-        check_int("min_tokens", o.min_tokens, 0)
+        min_tokens = MIN_TOKENS_DEFAULT if o.min_tokens is None else check_int("min_tokens", o.min_tokens, 0)
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             check_bool(name, getattr(o, name))
         if not (o.merge_attn or o.merge_crossattn or o.merge_mlp):
@@ -108,4 +109,4 @@ class ToMeOptions:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
-        return replace(o, ratio=ratio, seed=seed)
+        return replace(o, ratio=ratio, seed=seed, min_tokens=min_tokens)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import List, Union
 
 from ..core import ToMeOptions, merge, unmerge
-from ..core.options import MIN_TOKENS_DEFAULT
 from .processors import MergedAttnProcessor
 from .state import BlockSlot, ModelState, timestep_key
 
@@ -178,11 +177,13 @@ def apply_tome(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
-    min_tokens: int = MIN_TOKENS_DEFAULT,
+    min_tokens=None,
 ):
     """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
 
     Applying again replaces the earlier settings. See README "Options" for ranges.
+    min_tokens: levels with fewer tokens are not merged (None = the measured default, 2048 on
+    CPU; 0 = always merge; docs/benchmarks.md "Auto-skip rule").
     """
     opts = ToMeOptions.create(
         ratio=ratio,
