@@ -4,6 +4,7 @@ x: (B, N, C) tokens of an h x w grid (row-major). A MergePlan maps N tokens to N
 merge() averages each group, unmerge() copies the group's value back to its members.
 """
 
+from .downsample import ToDoOptions, downsample_tokens, downsampled_size
 from .grid import level_grid, tokens_to_remove
 from .importance import importance_map, importance_partitions, importance_plan, max_importance_ratio, pool_to_grid
 from .matching import bipartite_plan, normalize_metric
@@ -16,12 +17,15 @@ from .tome import partition_seed, tome_plan
 __all__ = [
     "MergePlan",
     "OptionError",
+    "ToDoOptions",
     "ToMeOptions",
     "bipartite_plan",
     "derive_seed",
     "importance_map",
     "importance_partitions",
     "importance_plan",
+    "downsample_tokens",
+    "downsampled_size",
     "level_grid",
     "max_importance_ratio",
     "merge",

@@ -50,6 +50,9 @@ MODES = ("tome", "importance")
 CFG_LAYOUTS = ("auto", "halves", "interleaved", "off")
 POOL_FACTOR_RANGE = (0.5, 4.0)
 
+# Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
+MIN_TOKENS_DEFAULT = 2048
+
 
 @dataclass(frozen=True)
 class ToMeOptions:
@@ -70,6 +73,10 @@ class ToMeOptions:
         input), "halves", "interleaved" or "off" (no map: ToMe windows).
     prune_steps: importance mode: the first prune_steps denoiser calls of a run drop merged
         sources instead of averaging them (the paper's prune phase; its SD demo uses 2).
+    min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
+        the matching and bookkeeping cost more than the smaller attention saves; the default
+        comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always;
+        None = MIN_TOKENS_DEFAULT, read when the options are created.
     """
 
     ratio: float = 0.5
@@ -85,6 +92,7 @@ class ToMeOptions:
     pool_factor: float = 1.4
     cfg_layout: str = "auto"
     prune_steps: int = 0
+    min_tokens: Optional[int] = None
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -124,6 +132,7 @@ class ToMeOptions:
         elif o.prune_steps != 0:
             raise OptionError(f"prune_steps={o.prune_steps!r} applies to mode='importance' only (mode={o.mode!r})")
         ratio = check_ratio("ratio", o.ratio, maximum, why)
+        min_tokens = MIN_TOKENS_DEFAULT if o.min_tokens is None else check_int("min_tokens", o.min_tokens, 0)
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             check_bool(name, getattr(o, name))
         if not (o.merge_attn or o.merge_crossattn or o.merge_mlp):
@@ -135,4 +144,4 @@ class ToMeOptions:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
-        return replace(o, ratio=ratio, seed=seed, pool_factor=pool_factor)
+        return replace(o, ratio=ratio, seed=seed, pool_factor=pool_factor, min_tokens=min_tokens)
