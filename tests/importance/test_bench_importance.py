@@ -18,3 +18,11 @@ def test_importance_is_a_bench_method(tmp_path):
     assert imp["rel_error"] == tome["rel_error"]
     # later steps draw destinations from the map: a different result
     assert imp["rel_error_latent"] != tome["rel_error_latent"] and imp["rel_error_latent"] > 0
+
+
+def test_overhead_microbenchmark_runs():
+    from tomesd_ext.bench.importance_overhead import measure
+
+    result = measure(side=8, width=16, ratio=0.5, repeats=2)
+    assert set(result) == {"tome_plan_ms", "importance_plan_ms", "per_step_ms"}
+    assert all(v > 0 for v in result.values())
