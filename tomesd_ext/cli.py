@@ -9,6 +9,7 @@ import sys
 # name -> module in tomesd_ext.commands defining `add_parser(subparsers)` and `run(args) -> int`
 COMMANDS = {
     "demo": "demo",
+    "kernels": "kernels",
 }
 
 

@@ -10,11 +10,13 @@ from .merge import merge, unmerge
 from .options import OptionError, ToMeOptions
 from .partition import derive_seed, window_partition
 from .plan import MergePlan
+from .plan_cache import PlanCache
 from .tome import partition_seed, tome_plan
 
 __all__ = [
     "MergePlan",
     "OptionError",
+    "PlanCache",
     "ToMeOptions",
     "bipartite_plan",
     "derive_seed",

@@ -115,8 +115,7 @@ class _Patch:
     def _denoiser_pre_hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        self.state.latent_hw = tuple(sample.shape[-2:]) if sample is not None else None
-        self.state.step_key = timestep_key(timestep)
+        self.state.begin_call(tuple(sample.shape[-2:]) if sample is not None else None, timestep_key(timestep))
 
 
 def _block_reset_hook(slot: BlockSlot):
@@ -160,10 +159,14 @@ def apply_tome(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
+    reuse: str = "block",
+    reuse_steps: int = 1,
 ):
     """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
 
     Applying again replaces the earlier settings. See README "Options" for ranges.
+    reuse="level" computes one merge plan per level per step (in the level's first block) and
+    reuses it in the level's other blocks; reuse_steps=k keeps plans for k consecutive steps.
     """
     opts = ToMeOptions.create(
         ratio=ratio,
@@ -175,6 +178,8 @@ def apply_tome(
         merge_attn=merge_attn,
         merge_crossattn=merge_crossattn,
         merge_mlp=merge_mlp,
+        reuse=reuse,
+        reuse_steps=reuse_steps,
     )
     model = _denoiser(pipe_or_model)
     remove_tome(model)
