@@ -52,3 +52,17 @@ def run(args) -> int:
     state = kernels.status()
     print(f"backend for CUDA tensors: {state['backend']}" + (f" ({state['reason']})" if state["reason"] else ""))
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m tomesd_ext.commands.kernels [--build]` (same as `tomesd-ext kernels`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tomesd-ext")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["kernels", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -75,8 +75,17 @@ def missing_requirement() -> Optional[str]:
     return None
 
 
+_MODULE = None
+
+
 def load(verbose: bool = False):
-    """Compile (if needed) and import the extension; raises RuntimeError with the reason on failure."""
+    """Compile (if needed) and import the extension; raises RuntimeError with the reason on failure.
+
+    The module is kept once loaded (a process imports it once; later calls return it).
+    """
+    global _MODULE
+    if _MODULE is not None:
+        return _MODULE
     reason = missing_requirement()
     if reason is not None:
         raise RuntimeError(reason)
@@ -91,7 +100,7 @@ def load(verbose: bool = False):
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(
+        _MODULE = cpp_extension.load(
             name=EXT_NAME,
             sources=sources(),
             build_directory=str(directory),
@@ -99,5 +108,6 @@ def load(verbose: bool = False):
             extra_cuda_cflags=["-O3", "-lineinfo"],
             verbose=verbose,
         )
+        return _MODULE
     except Exception as exc:  # compiler errors arrive as RuntimeError/subprocess errors
         raise RuntimeError(f"building the CUDA extension in {directory} failed: {exc}") from exc
