@@ -43,26 +43,7 @@ ALL_METHODS = ("baseline", "tomesd", "ours", "ours-torch", "ours-cuda", "ours-le
 
 def build_unet(name: str, dtype, device):
     """Random-weight UNet of the real architecture, self-attention sharpened (fidelity variant)."""
-    try:
-        from tomesd_ext.models import build_unet as build, sharpen_self_attention
-    except ImportError:  # tomesd_ext.models not landed yet: same configs, torch's default init
-        from diffusers import UNet2DConditionModel
-
-        from tomesd_ext.models.configs import get_config
-
-        def build(name, seed, dtype, device):
-            torch.manual_seed(seed)
-            return UNet2DConditionModel(**get_config(name)["unet"]).to(device, dtype)
-
-        def sharpen_self_attention(unet, scale=2.0):
-            from diffusers.models.attention import BasicTransformerBlock
-
-            with torch.no_grad():
-                for m in unet.modules():
-                    if isinstance(m, BasicTransformerBlock) and not m.attn1.is_cross_attention:
-                        m.attn1.to_q.weight.mul_(scale)
-                        m.attn1.to_k.weight.copy_(m.attn1.to_q.weight)
-            return unet
+    from tomesd_ext.models import build_unet as build, sharpen_self_attention
 
     unet = build(name, seed=0, dtype=torch.float32, device="cpu")
     sharpen_self_attention(unet)

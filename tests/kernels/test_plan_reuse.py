@@ -8,29 +8,14 @@ from tomesd_ext.core import tome as tome_module
 from tomesd_ext.diffusers import apply_tome, remove_tome
 from tomesd_ext.diffusers import patch as patch_module
 
-diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("diffusers")
 
 
 def tiny_unet():
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=2,
-        cross_attention_dim=16,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
-    # sharpen self-attention (research/fidelity.md) so merging changes the output measurably
-    for m in unet.modules():
-        if isinstance(m, diffusers.models.attention_processor.Attention) and not m.is_cross_attention:
-            m.to_k.weight.data = m.to_q.weight.data * 2
-            m.to_q.weight.data = m.to_q.weight.data * 2
-    return unet
+    """The SD1.5-topology tiny UNet, self-attention sharpened so merging changes the output."""
+    from tomesd_ext.models import build_unet, sharpen_self_attention
+
+    return sharpen_self_attention(build_unet("tiny", seed=0)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +28,10 @@ def base(unet):
     return run(unet)
 
 
-def inputs(seed=1, hw=(15, 13)):
+def run(unet, t=500, seed=1, hw=(15, 13)):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, *hw, generator=g)
-    ctx = torch.randn(2, 5, 16, generator=g)
-    return x, ctx
-
-
-def run(unet, t=500, seed=1, hw=(15, 13)):
-    x, ctx = inputs(seed, hw)
+    ctx = torch.randn(2, 5, unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
         return unet(x, t, encoder_hidden_states=ctx).sample
 
@@ -72,8 +52,9 @@ def counted(monkeypatch):
 
 
 def level_blocks(unet):
+    """Transformer blocks at full resolution (the level merged with max_downsample="auto")."""
     return len(list(patch_module._transformer_blocks(unet.down_blocks[0]))) + len(
-        list(patch_module._transformer_blocks(unet.up_blocks[1]))
+        list(patch_module._transformer_blocks(unet.up_blocks[-1]))
     )
 
 
@@ -111,7 +92,7 @@ def test_block_reuse_is_per_block_matching(unet, counted, monkeypatch):
     finally:
         remove_tome(unet)
     n = level_blocks(unet)
-    assert n == 5 and len(counted) == n and len(seen) == n
+    assert n >= 3 and len(counted) == n and len(seen) == n
     assert len({id(p) for p in seen}) == n
 
 
