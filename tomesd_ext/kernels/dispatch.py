@@ -24,8 +24,9 @@ ENV = "TOMESD_EXT_KERNELS"
 ALLOWED = ("auto", "cuda", "torch")
 log = logging.getLogger("tomesd_ext.kernels")
 
-# Use the tensor-core matcher for float16/bfloat16 (tests switch it off to check the SIMT kernel).
-TENSOR_CORES = True
+# Use the tensor-core matcher for float16/bfloat16; TOMESD_EXT_TENSOR_CORES=0 (or tests) selects
+# the SIMT kernel instead.
+TENSOR_CORES = os.environ.get("TOMESD_EXT_TENSOR_CORES", "1").strip() != "0"
 
 
 class _State:
