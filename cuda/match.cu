@@ -150,13 +150,14 @@ struct TcEnabled<__nv_bfloat16> {
 
 template <typename T, bool Enabled = TcEnabled<T>::value>
 struct TcBody {
-  __device__ static void run(const T*, const T*, float*, int64_t*, int, int, int, int, int, bool) {}
+  __device__ static void run(const T*, const T*, float*, int64_t*, int, int, int, int, int, bool, bool) {}
 };
 
 template <typename T>
 struct TcBody<T, true> {
   __device__ static void run(const T* __restrict__ src, const T* __restrict__ dst, float* __restrict__ score,
-                             int64_t* __restrict__ index, int b, int G, int S, int D, int C, bool mean) {
+                             int64_t* __restrict__ index, int b, int G, int S, int D, int C, bool mean,
+                             bool vec) {
     using namespace nvcuda;
     __shared__ __align__(32) T As[TC_BM * TC_LD];
     __shared__ __align__(32) T Bs[TC_BN * TC_LD];
@@ -180,13 +181,29 @@ struct TcBody<T, true> {
 #pragma unroll
         for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc[f], 0.0f);
         for (int k0 = 0; k0 < C; k0 += TC_BK) {
-          for (int e = tid; e < TC_BM * TC_BK; e += TC_THREADS) {
-            const int r = e / TC_BK, k = e % TC_BK;
-            const int gk = k0 + k;
-            const int gr = row0 + r;
-            As[r * TC_LD + k] = (gr < S && gk < C) ? A[(size_t)gr * C + gk] : zero;
-            const int gn = n0 + r;
-            Bs[r * TC_LD + k] = (gn < D && gk < C) ? B[(size_t)gn * C + gk] : zero;
+          if (vec) {
+            // 16-byte loads of 8 elements: C % 8 == 0 and 16-byte aligned bases (checked by the
+            // launcher), so a vector never straddles the end of a row; zero bits are +0.0.
+            constexpr int V = TC_BK / 8;
+            for (int e = tid; e < TC_BM * V; e += TC_THREADS) {
+              const int r = e / V, kv = e % V;
+              const int gk = k0 + kv * 8;
+              const int gr = row0 + r, gn = n0 + r;
+              uint4 va = make_uint4(0u, 0u, 0u, 0u), vb = make_uint4(0u, 0u, 0u, 0u);
+              if (gr < S && gk < C) va = *reinterpret_cast<const uint4*>(A + (size_t)gr * C + gk);
+              if (gn < D && gk < C) vb = *reinterpret_cast<const uint4*>(B + (size_t)gn * C + gk);
+              *reinterpret_cast<uint4*>(As + r * TC_LD + kv * 8) = va;
+              *reinterpret_cast<uint4*>(Bs + r * TC_LD + kv * 8) = vb;
+            }
+          } else {
+            for (int e = tid; e < TC_BM * TC_BK; e += TC_THREADS) {
+              const int r = e / TC_BK, k = e % TC_BK;
+              const int gk = k0 + k;
+              const int gr = row0 + r;
+              As[r * TC_LD + k] = (gr < S && gk < C) ? A[(size_t)gr * C + gk] : zero;
+              const int gn = n0 + r;
+              Bs[r * TC_LD + k] = (gn < D && gk < C) ? B[(size_t)gn * C + gk] : zero;
+            }
           }
           __syncthreads();
 #pragma unroll
@@ -251,8 +268,8 @@ struct TcBody<T, true> {
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS)
 match_tc_kernel(const T* __restrict__ src, const T* __restrict__ dst, float* __restrict__ score,
-                int64_t* __restrict__ index, int b, int G, int S, int D, int C, bool mean) {
-  TcBody<T>::run(src, dst, score, index, b, G, S, D, C, mean);
+                int64_t* __restrict__ index, int b, int G, int S, int D, int C, bool mean, bool vec) {
+  TcBody<T>::run(src, dst, score, index, b, G, S, D, C, mean, vec);
 }
 
 template <typename T>
@@ -262,7 +279,8 @@ void launch_typed(const void* src, const void* dst, float* score, int64_t* index
   const T* d = static_cast<const T*>(dst);
   if (tensor_cores) {
     dim3 grid((S + TC_BM - 1) / TC_BM, b);
-    match_tc_kernel<T><<<grid, TC_THREADS, 0, stream>>>(s, d, score, index, b, G, S, D, C, mean);
+    const bool vec = C % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+    match_tc_kernel<T><<<grid, TC_THREADS, 0, stream>>>(s, d, score, index, b, G, S, D, C, mean, vec);
   } else {
     dim3 grid((S + SIMT_BM - 1) / SIMT_BM, b);
     match_simt_kernel<T><<<grid, SIMT_THREADS, 0, stream>>>(s, d, score, index, b, G, S, D, C, mean);
