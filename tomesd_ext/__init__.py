@@ -6,7 +6,7 @@ without diffusers installed (ComfyUI ships its own model code).
 
 __version__ = "0.1.0"
 
-__all__ = ["apply_tome", "remove_tome", "__version__"]
+__all__ = ["apply_tome", "remove_tome", "apply_vidtome", "remove_vidtome", "__version__"]
 
 
 def __getattr__(name):
@@ -14,4 +14,8 @@ def __getattr__(name):
         from .diffusers import patch
 
         return getattr(patch, name)
+    if name in ("apply_vidtome", "remove_vidtome"):
+        from .diffusers import vidtome
+
+        return getattr(vidtome, name)
     raise AttributeError(f"module 'tomesd_ext' has no attribute {name!r}")
