@@ -9,6 +9,8 @@ import sys
 # name -> module in tomesd_ext.commands defining `add_parser(subparsers)` and `run(args) -> int`
 COMMANDS = {
     "demo": "demo",
+    "edit-video": "edit_video",
+    "bench-video": "bench_video",
 }
 
 
