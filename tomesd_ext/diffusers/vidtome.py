@@ -11,13 +11,13 @@ The global token set of every block is kept on the model's device and reset when
 
 from __future__ import annotations
 
-import inspect
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ..core import ChunkDraw, VidToMeOptions, chunk_draw, level_grid, temporal_attention
-from .patch import _denoiser, _transformer_blocks
+from .patch import _denoiser, _Patch, _transformer_blocks
+from .processors import MergedAttnProcessor
 from .state import timestep_key
 
 PATCH_ATTR = "_tomesd_ext_vidtome"
@@ -66,24 +66,17 @@ class VidToMeState:
         self.draw = chunk_draw(self.opts.seed, step, frames, self.opts.global_rand)
 
 
-class VidToMeAttnProcessor:
-    """Wraps the attn1 processor `inner` of one block; merges across the frames of a call."""
+class VidToMeAttnProcessor(MergedAttnProcessor):
+    """Wraps the attn1 processor `inner` of one block; merges across the frames of a call.
+
+    Reuses MergedAttnProcessor's wrapping (the inner processor's call signature is exposed so
+    diffusers passes the same keyword arguments) with VidToMe's merge instead of ToMe's.
+    """
 
     def __init__(self, inner, state: VidToMeState, block_id: int):
-        self.inner = inner
+        super().__init__(inner, slot=None, self_attention=True)
         self.state = state
         self.block_id = block_id
-        try:
-            signature = inspect.signature(inner.__call__)
-        except (TypeError, ValueError):
-            signature = None
-        if signature is not None:  # diffusers filters cross_attention_kwargs by this signature
-
-            def introspected(*args, **kwargs):
-                return self(*args, **kwargs)
-
-            introspected.__signature__ = signature
-            self.__call__ = introspected
 
     def _level_ok(self, n_tokens: int) -> bool:
         hw = self.state.latent_hw
@@ -118,13 +111,15 @@ class VidToMeAttnProcessor:
         return f"VidToMeAttnProcessor({self.inner!r})"
 
 
-class _VidToMePatch:
+class _VidToMePatch(_Patch):
+    """What apply_vidtome changed (hooks, wrapped attn1 processors); remove() undoes exactly that."""
+
     def __init__(self, model, opts: VidToMeOptions):
         self.model = model
         self.opts = opts
         self.state = VidToMeState(opts)
         self.handles = []
-        self.wrapped = []
+        self.wrapped = []  # (attention module, wrapper, inner processor), restored by _Patch.remove
 
     def install(self):
         self.handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
@@ -140,17 +135,7 @@ class _VidToMePatch:
             raise TypeError(f"{type(self.model).__name__} has no self-attention blocks to merge")
 
     def remove(self):
-        for handle in self.handles:
-            handle.remove()
-        for attn, wrapper, inner in self.wrapped:
-            if attn.__dict__.get("processor") is not wrapper:
-                continue  # the user set another processor since; leave it
-            if isinstance(inner, torch.nn.Module):
-                del attn.__dict__["processor"]
-            else:
-                object.__setattr__(attn, "processor", inner)
-        self.handles.clear()
-        self.wrapped.clear()
+        super().remove()
         self.state.reset()
 
     def _pre_hook(self, module, args, kwargs):
