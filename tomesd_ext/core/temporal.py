@@ -130,14 +130,18 @@ def replace_plan(
     align_batch: one map for all S samples (VidToMe's align_batch: each source takes its best
     destination over all samples, ranked by that best score), else one map per sample.
     """
-    S, N, _ = metric.shape
-    D, Ns = dst_idx.numel(), src_idx.numel()
-    if not 0 <= r <= Ns:
-        raise ValueError(f"r={r} must be in [0, {Ns}] (number of sources)")
-    device = metric.device
+    if not 0 <= r <= src_idx.numel():
+        raise ValueError(f"r={r} must be in [0, {src_idx.numel()}] (number of sources)")
     m = normalize_metric(metric)
     score, target = kernels.best_match(m[:, src_idx], m[:, dst_idx])  # (S, Ns)
-    if align_batch and S > 1:
+    return _plan_from_matches(score, target, dst_idx, src_idx, r, metric.shape[1], align_batch)
+
+
+def _plan_from_matches(score, target, dst_idx, src_idx, r, n_tokens, align_batch) -> ReplacePlan:
+    """score, target: (S, Ns) best similarity and destination position (in dst_idx) per source."""
+    D, Ns = dst_idx.numel(), src_idx.numel()
+    device = score.device
+    if align_batch and score.shape[0] > 1:
         score, which = score.max(dim=0, keepdim=True)
         target = target.gather(0, which)
     P = score.shape[0]
@@ -146,7 +150,7 @@ def replace_plan(
     src_full = src_idx.expand(P, Ns)
     kept_idx = src_full.gather(1, kept)
     rep = torch.cat([dst_idx.expand(P, D), kept_idx], dim=1)
-    group = torch.empty(P, N, dtype=torch.long, device=device)
+    group = torch.empty(P, n_tokens, dtype=torch.long, device=device)
     group[:, dst_idx] = torch.arange(D, device=device)
     group.scatter_(1, kept_idx, torch.arange(D, D + Ns - r, device=device).expand(P, Ns - r))
     group.scatter_(1, src_full.gather(1, merged), target.gather(1, merged))
@@ -161,10 +165,16 @@ def local_plan(joined: torch.Tensor, n_frames: int, target: int, ratio: float, a
     S, FN, _ = joined.shape
     n = FN // n_frames
     device = joined.device
-    dst = torch.arange(target * n, (target + 1) * n, device=device)
-    src = torch.cat([torch.arange(0, target * n, device=device), torch.arange((target + 1) * n, FN, device=device)])
+    lo, hi = target * n, (target + 1) * n
+    dst = torch.arange(lo, hi, device=device)
+    src = torch.cat([torch.arange(0, lo, device=device), torch.arange(hi, FN, device=device)])
     r = int(ratio * src.numel())
-    return replace_plan(joined, dst, src, r, align_batch)
+    # normalise once and match the frames before / after the target as views (no gathers)
+    m = normalize_metric(joined)
+    parts = [kernels.best_match(m[:, a:b], m[:, lo:hi]) for a, b in ((0, lo), (hi, FN)) if b > a]
+    score = torch.cat([p[0] for p in parts], 1)
+    tgt = torch.cat([p[1] for p in parts], 1)
+    return _plan_from_matches(score, tgt, dst, src, r, FN, align_batch)
 
 
 def global_plan(local: torch.Tensor, glob: torch.Tensor, ratio: float, global_is_src: bool, align_batch: bool = True) -> ReplacePlan:
