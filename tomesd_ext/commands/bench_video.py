@@ -167,6 +167,7 @@ def _memory_child(params: dict) -> dict:
 def _memory_in_fresh_process(args, n, method):
     """Peak memory is measured in a new Python process: freed memory that the allocator keeps
     would otherwise hide the peak of a later run in the same process."""
+    import os
     import subprocess
 
     import torch
@@ -176,7 +177,10 @@ def _memory_in_fresh_process(args, n, method):
               "frames": n, "method": method}
     code = ("import json, sys; from tomesd_ext.commands.bench_video import _memory_child; "
             "print('RESULT ' + json.dumps(_memory_child(json.loads(sys.argv[1]))))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(params)], capture_output=True, text=True)
+    # glibc: serve every allocation >= 128 KiB by mmap (returned to the OS on free), so RSS tracks
+    # live tensors instead of heap high-water marks and fragmentation
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(params)], capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"memory measurement ({n} frames, {method}) failed:\n{proc.stderr[-2000:]}")
