@@ -219,8 +219,9 @@ def temporal_attention(
         gplan = global_plan(tokens, global_tokens, opts.global_ratio, draw.global_is_src, opts.align_batch)
         merged = gplan.merge(torch.cat([tokens, global_tokens.to(tokens.dtype)], 1))
         ml = tokens.shape[1]
-        new_global = gplan.unmerge(merged)[:, :ml]
-        out = gplan.unmerge(attn(merged))[:, :ml]
+        local_part = ReplacePlan(gplan.rep, gplan.group[:, :ml])  # unmerge only the local tokens
+        new_global = local_part.unmerge(merged)
+        out = local_part.unmerge(attn(merged))
     else:
         new_global = tokens if opts.global_ratio > 0 else None
         out = attn(tokens)
