@@ -4,6 +4,7 @@ x: (B, N, C) tokens of an h x w grid (row-major). A MergePlan maps N tokens to N
 merge() averages each group, unmerge() copies the group's value back to its members.
 """
 
+from .downsample import ToDoOptions, downsample_tokens, downsampled_size
 from .grid import level_grid, tokens_to_remove
 from .matching import bipartite_plan, normalize_metric
 from .merge import merge, unmerge
@@ -23,9 +24,12 @@ __all__ = [
     "temporal_attention",
     "MergePlan",
     "OptionError",
+    "ToDoOptions",
     "ToMeOptions",
     "bipartite_plan",
     "derive_seed",
+    "downsample_tokens",
+    "downsampled_size",
     "level_grid",
     "merge",
     "normalize_metric",
