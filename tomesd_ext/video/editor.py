@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -254,7 +254,3 @@ class VideoEditor:
         t4 = time.perf_counter()
         timings.update(encode=t1 - t0, invert=t2 - t1, generate=t3 - t2, decode=t4 - t3, total=t4 - t0)
         return result
-
-
-def settings_dict(s: EditSettings) -> dict:
-    return asdict(s)
