@@ -105,3 +105,15 @@ def test_bad_jobs_file(tmp_path, capsys):
     assert _run_cli(f) == 2
     assert "must hold a list" in capsys.readouterr().err
     assert _run_cli(tmp_path / "missing.yaml") == 2
+
+
+def test_local_checkpoint_folder_loads(pipe, tmp_path):
+    """A local diffusers folder (here: the tiny model saved with save_pretrained) is a valid model."""
+    pipe.save_pretrained(tmp_path / "ckpt")
+    local = load_pipeline(str(tmp_path / "ckpt"))
+    assert type(local.scheduler).__name__ == "DDIMScheduler"
+    a = VideoEditor(local).edit(moving_shapes(2, 32), "", "x", EditSettings(mode="sdedit", steps=1, strength=1.0))
+    b = VideoEditor(pipe).edit(moving_shapes(2, 32), "", "x", EditSettings(mode="sdedit", steps=1, strength=1.0))
+    assert all((x == y).all() for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="neither a local path"):
+        load_pipeline("no-such-model")
