@@ -38,6 +38,8 @@ def run(args) -> int:
             job = parse_job(i, item, base)
         except JobError as e:
             name = item.get("name") if isinstance(item, dict) and item.get("name") else f"job {i + 1}"
+            if args.only and name not in args.only:
+                continue
             results.append((i, JobResult(str(name), "failed", message=str(e))))
             continue
         if args.only and job.name not in args.only:
