@@ -86,7 +86,7 @@ def test_options_validated():
 
 def test_block_reuse_is_per_block_matching(unet, counted, monkeypatch):
     seen = seen_plans(monkeypatch)
-    apply_tome(unet, ratio=0.5, seed=0)
+    apply_tome(unet, ratio=0.5, seed=0, min_tokens=0)
     try:
         run(unet)
     finally:
@@ -98,7 +98,7 @@ def test_block_reuse_is_per_block_matching(unet, counted, monkeypatch):
 
 def test_level_reuse_one_plan_for_all_blocks_of_the_level(unet, counted, monkeypatch):
     seen = seen_plans(monkeypatch)
-    apply_tome(unet, ratio=0.5, seed=0, reuse="level")
+    apply_tome(unet, ratio=0.5, seed=0, min_tokens=0, reuse="level")
     try:
         run(unet)
         assert len(counted) == 1  # the first block of the level computed it
@@ -112,9 +112,9 @@ def test_level_reuse_one_plan_for_all_blocks_of_the_level(unet, counted, monkeyp
 
 
 def test_level_reuse_first_plan_equals_per_block_first_plan(unet, counted):
-    apply_tome(unet, ratio=0.5, seed=0)
+    apply_tome(unet, ratio=0.5, seed=0, min_tokens=0)
     run(unet)
-    apply_tome(unet, ratio=0.5, seed=0, reuse="level")
+    apply_tome(unet, ratio=0.5, seed=0, min_tokens=0, reuse="level")
     run(unet)
     remove_tome(unet)
     first_block, level = counted[0], counted[-1]
@@ -122,9 +122,9 @@ def test_level_reuse_first_plan_equals_per_block_first_plan(unet, counted):
 
 
 def test_reuse_off_is_identical_to_default(unet):
-    apply_tome(unet, ratio=0.5, seed=4)
+    apply_tome(unet, ratio=0.5, seed=4, min_tokens=0)
     a = run(unet)
-    apply_tome(unet, ratio=0.5, seed=4, reuse="block", reuse_steps=1)
+    apply_tome(unet, ratio=0.5, seed=4, min_tokens=0, reuse="block", reuse_steps=1)
     assert apply_tome.__module__  # same patch path, no cache object
     assert patch_module.tome_options(unet).reuses_plans is False
     assert unet.__dict__[patch_module.PATCH_ATTR].state.cache is None
@@ -134,9 +134,9 @@ def test_reuse_off_is_identical_to_default(unet):
 
 
 def test_level_reuse_changes_output_but_stays_close(unet, base):
-    apply_tome(unet, ratio=0.5, seed=4)
+    apply_tome(unet, ratio=0.5, seed=4, min_tokens=0)
     per_block = run(unet)
-    apply_tome(unet, ratio=0.5, seed=4, reuse="level")
+    apply_tome(unet, ratio=0.5, seed=4, min_tokens=0, reuse="level")
     level = run(unet)
     remove_tome(unet)
     rel = lambda a: ((a - base).norm() / base.norm()).item()
@@ -146,7 +146,7 @@ def test_level_reuse_changes_output_but_stays_close(unet, base):
 
 @pytest.mark.parametrize("reuse,steps", [("level", 1), ("block", 2)])
 def test_ratio_zero_is_exact_with_reuse(unet, base, reuse, steps):
-    apply_tome(unet, ratio=0.0, seed=0, reuse=reuse, reuse_steps=steps)
+    apply_tome(unet, ratio=0.0, seed=0, min_tokens=0, reuse=reuse, reuse_steps=steps)
     out = run(unet)
     remove_tome(unet)
     assert torch.equal(out, base)
@@ -154,7 +154,7 @@ def test_ratio_zero_is_exact_with_reuse(unet, base, reuse, steps):
 
 
 def test_reuse_steps_keeps_plans_for_k_steps(unet, counted):
-    apply_tome(unet, ratio=0.5, seed=0, reuse="level", reuse_steps=2)
+    apply_tome(unet, ratio=0.5, seed=0, min_tokens=0, reuse="level", reuse_steps=2)
     try:
         run(unet, t=900)
         run(unet, t=880)  # reused
@@ -172,7 +172,7 @@ def test_reuse_steps_keeps_plans_for_k_steps(unet, counted):
 
 
 def test_block_reuse_over_steps_keeps_one_plan_per_block(unet, counted):
-    apply_tome(unet, ratio=0.5, seed=0, reuse="block", reuse_steps=2)
+    apply_tome(unet, ratio=0.5, seed=0, min_tokens=0, reuse="block", reuse_steps=2)
     try:
         run(unet, t=900)
         run(unet, t=880)

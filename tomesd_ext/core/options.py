@@ -48,6 +48,9 @@ def check_ratio(name: str, value, maximum: float, why: str) -> float:
 MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 REUSE_CHOICES = ("block", "level")
 
+# Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
+MIN_TOKENS_DEFAULT = 2048
+
 
 @dataclass(frozen=True)
 class ToMeOptions:
@@ -63,6 +66,10 @@ class ToMeOptions:
     reuse: "block" (every block matches on its own metric, ToMe-SD) or "level" (the first block
         of a level to run in a step computes the plan, the level's other blocks reuse it).
     reuse_steps: keep plans for this many consecutive steps (1 = recompute every step).
+    min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
+        the matching and bookkeeping cost more than the smaller attention saves; the default
+        comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always;
+        None = MIN_TOKENS_DEFAULT, read when the options are created.
     """
 
     ratio: float = 0.5
@@ -76,6 +83,7 @@ class ToMeOptions:
     merge_mlp: bool = False
     reuse: str = "block"
     reuse_steps: int = 1
+    min_tokens: Optional[int] = None
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -95,6 +103,7 @@ class ToMeOptions:
             )
         maximum = 1.0 - 1.0 / (sx * sy)
         ratio = check_ratio("ratio", o.ratio, maximum, f"one destination per {sx}x{sy} window")
+        min_tokens = MIN_TOKENS_DEFAULT if o.min_tokens is None else check_int("min_tokens", o.min_tokens, 0)
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             check_bool(name, getattr(o, name))
         if not (o.merge_attn or o.merge_crossattn or o.merge_mlp):
@@ -109,7 +118,7 @@ class ToMeOptions:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
-        return replace(o, ratio=ratio, seed=seed)
+        return replace(o, ratio=ratio, seed=seed, min_tokens=min_tokens)
 
     @property
     def reuses_plans(self) -> bool:

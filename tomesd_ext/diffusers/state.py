@@ -52,6 +52,8 @@ class ModelState:
         if found is None or found[0] > self.max_downsample:
             return None
         _, h, w = found
+        if h * w < self.opts.min_tokens:
+            return None  # auto-skip: merging cannot pay at this token count
         seed = partition_seed(self.opts, self.step_key, h, w)
         if self.cache is None:
             return tome_plan(x, h, w, self.opts, seed)
