@@ -12,11 +12,21 @@ from .merge import merge, unmerge
 from .options import OptionError, ToMeOptions
 from .partition import derive_seed, window_partition
 from .plan import MergePlan
+from .plan_cache import PlanCache
+from .temporal import ChunkDraw, ReplacePlan, chunk_draw, chunk_frames, temporal_attention
+from .temporal_options import VidToMeOptions
 from .tome import partition_seed, tome_plan
 
 __all__ = [
+    "ChunkDraw",
+    "ReplacePlan",
+    "VidToMeOptions",
+    "chunk_draw",
+    "chunk_frames",
+    "temporal_attention",
     "MergePlan",
     "OptionError",
+    "PlanCache",
     "ToDoOptions",
     "ToMeOptions",
     "bipartite_plan",

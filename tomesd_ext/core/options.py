@@ -49,6 +49,7 @@ MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 MODES = ("tome", "importance")
 CFG_LAYOUTS = ("auto", "halves", "interleaved", "off")
 POOL_FACTOR_RANGE = (0.5, 4.0)
+REUSE_CHOICES = ("block", "level")
 
 # Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
 MIN_TOKENS_DEFAULT = 2048
@@ -73,6 +74,9 @@ class ToMeOptions:
         input), "halves", "interleaved" or "off" (no map: ToMe windows).
     prune_steps: importance mode: the first prune_steps denoiser calls of a run drop merged
         sources instead of averaging them (the paper's prune phase; its SD demo uses 2).
+    reuse: "block" (every block matches on its own metric, ToMe-SD) or "level" (the first block
+        of a level to run in a step computes the plan, the level's other blocks reuse it).
+    reuse_steps: keep plans for this many consecutive steps (1 = recompute every step).
     min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
         the matching and bookkeeping cost more than the smaller attention saves; the default
         comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always;
@@ -92,6 +96,8 @@ class ToMeOptions:
     pool_factor: float = 1.4
     cfg_layout: str = "auto"
     prune_steps: int = 0
+    reuse: str = "block"
+    reuse_steps: int = 1
     min_tokens: Optional[int] = None
 
     @classmethod
@@ -137,6 +143,9 @@ class ToMeOptions:
             check_bool(name, getattr(o, name))
         if not (o.merge_attn or o.merge_crossattn or o.merge_mlp):
             raise OptionError("merge_attn, merge_crossattn and merge_mlp are all False: nothing to merge")
+        if o.reuse not in REUSE_CHOICES:
+            raise OptionError(f"reuse={o.reuse!r} is not allowed: use one of {REUSE_CHOICES}")
+        check_int("reuse_steps", o.reuse_steps, 1, 1000)
         seed = o.seed
         if seed is None:
             import torch
@@ -145,3 +154,8 @@ class ToMeOptions:
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
         return replace(o, ratio=ratio, seed=seed, pool_factor=pool_factor, min_tokens=min_tokens)
+
+    @property
+    def reuses_plans(self) -> bool:
+        """Whether plans are kept beyond one block call (reuse="level" or reuse_steps > 1)."""
+        return self.reuse == "level" or self.reuse_steps > 1

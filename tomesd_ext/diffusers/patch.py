@@ -138,8 +138,7 @@ class _Patch:
     def _denoiser_pre_hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        self.state.latent_hw = tuple(sample.shape[-2:]) if sample is not None else None
-        self.state.step_key = timestep_key(timestep)
+        self.state.begin_call(tuple(sample.shape[-2:]) if sample is not None else None, timestep_key(timestep))
 
 
 def _block_reset_hook(slot: BlockSlot):
@@ -187,6 +186,8 @@ def apply_tome(
     pool_factor: float = 1.4,
     cfg_layout: str = "auto",
     prune_steps: int = 0,
+    reuse: str = "block",
+    reuse_steps: int = 1,
     min_tokens=None,
 ):
     """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
@@ -194,6 +195,8 @@ def apply_tome(
     mode="importance" draws destinations from the tokens with the largest CFG difference of the
     previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
     Applying again replaces the earlier settings. See README "Options" for ranges.
+    reuse="level" computes one merge plan per level per step (in the level's first block) and
+    reuses it in the level's other blocks; reuse_steps=k keeps plans for k consecutive steps.
     min_tokens: levels with fewer tokens are not merged (None = the measured default, 2048 on
     CPU; 0 = always merge; docs/benchmarks.md "Auto-skip rule").
     """
@@ -211,6 +214,8 @@ def apply_tome(
         pool_factor=pool_factor,
         cfg_layout=cfg_layout,
         prune_steps=prune_steps,
+        reuse=reuse,
+        reuse_steps=reuse_steps,
         min_tokens=min_tokens,
     )
     return install_patch(pipe_or_model, PATCH_ATTR, lambda model: _Patch(model, opts))
