@@ -8,9 +8,9 @@ from .grid import level_grid, tokens_to_remove
 from .matching import bipartite_plan, normalize_metric
 from .merge import merge, unmerge
 from .options import OptionError, ToMeOptions
-from .partition import derive_seed, window_partition
+from .partition import derive_seed, timestep_key, window_partition
 from .plan import MergePlan
-from .tome import partition_seed, tome_plan
+from .tome import level_plan, partition_seed, tome_plan
 
 __all__ = [
     "MergePlan",
@@ -19,9 +19,11 @@ __all__ = [
     "bipartite_plan",
     "derive_seed",
     "level_grid",
+    "level_plan",
     "merge",
     "normalize_metric",
     "partition_seed",
+    "timestep_key",
     "tokens_to_remove",
     "tome_plan",
     "unmerge",

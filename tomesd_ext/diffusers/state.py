@@ -6,14 +6,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import MergePlan, ToMeOptions, level_grid, partition_seed, tome_plan
+from ..core import MergePlan, ToMeOptions, level_plan, timestep_key
 
-
-def timestep_key(t) -> float:
-    """A hashable key of the denoiser's timestep argument (one host read per denoiser call)."""
-    if isinstance(t, torch.Tensor):
-        return round(float(t.flatten()[0].item()), 6) if t.numel() else 0.0
-    return round(float(t), 6) if t is not None else 0.0
+__all__ = ["BlockSlot", "ModelState", "timestep_key"]
 
 
 class ModelState:
@@ -31,14 +26,7 @@ class ModelState:
         One partition per (step, level): every block of a level draws the same destinations in a
         step (matching stays per block), so a ComfyUI adapter keyed the same way agrees exactly.
         """
-        if self.latent_hw is None or x.ndim != 3:
-            return None
-        found = level_grid(x.shape[1], self.latent_hw)
-        if found is None or found[0] > self.max_downsample:
-            return None
-        _, h, w = found
-        seed = partition_seed(self.opts, self.step_key, h, w)
-        return tome_plan(x, h, w, self.opts, seed)
+        return level_plan(x, self.latent_hw, self.step_key, self.opts, self.max_downsample)
 
 
 class BlockSlot:

@@ -1,0 +1,134 @@
+"""Helpers to run ComfyUI (COMFYUI_PATH) in-process or as a server on loopback, for the tests.
+
+In-process: ``import_comfy()`` puts COMFYUI_PATH on sys.path with ``--cpu`` semantics.
+Server: ``ComfyServer`` starts ``main.py --cpu`` with a temporary base directory (models,
+custom_nodes, input, output, temp, user) and an in-memory database, so nothing is written into
+the ComfyUI checkout; our repository is symlinked into its ``custom_nodes``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SKIP_REASON = "COMFYUI_PATH is not set: point it at a ComfyUI checkout (tested: v0.8.0) to run the ComfyUI tests"
+
+
+def comfyui_path():
+    path = os.environ.get("COMFYUI_PATH")
+    return path if path and os.path.isfile(os.path.join(path, "main.py")) else None
+
+
+def import_comfy():
+    """Import ComfyUI's packages in this process on the CPU; returns the ComfyUI path."""
+    path = comfyui_path()
+    if path not in sys.path:
+        sys.path.append(path)  # last: our top-level `nodes` package must win over ComfyUI's nodes.py
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_management  # noqa: F401  (device chosen now, from args.cpu)
+
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, base_dir: str, checkpoints: dict, python=sys.executable):
+        self.base = base_dir
+        for sub in ("models/checkpoints", "custom_nodes", "input", "output", "temp", "user"):
+            os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
+        for name, target in checkpoints.items():
+            link = os.path.join(base_dir, "models", "checkpoints", name)
+            if not os.path.lexists(link):
+                os.symlink(target, link)
+        pack = os.path.join(base_dir, "custom_nodes", "tomesd-ext")
+        if not os.path.lexists(pack):
+            os.symlink(REPO, pack)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(base_dir, "comfyui.log")
+        cmd = [
+            python, "main.py", "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1",
+            "--port", str(self.port), "--base-directory", base_dir, "--database-url", "sqlite:///:memory:",
+            "--disable-auto-launch", "--disable-api-nodes",
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("PYTHONPATH", None)  # the pack must load from custom_nodes, not from the test's path
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout=180.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.read_log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not start in {timeout} s:\n{self.read_log()[-4000:]}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        with open(self.log_path) as f:
+            return f.read()
+
+    def get(self, route):
+        with urllib.request.urlopen(self.url + route, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, route, body):
+        req = urllib.request.Request(self.url + route, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run_prompt(self, prompt, timeout=600.0):
+        """Queue an API-format prompt and wait; returns its history entry (raises on errors)."""
+        status, reply = self.post("/prompt", {"prompt": prompt, "client_id": "tomesd-ext-tests"})
+        if status != 200:
+            raise AssertionError(f"/prompt rejected the workflow ({status}): {json.dumps(reply)[:2000]}")
+        pid = reply["prompt_id"]
+        end = time.time() + timeout
+        while time.time() < end:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                entry = hist[pid]
+                if entry["status"].get("status_str") != "success":
+                    raise AssertionError(f"prompt failed: {json.dumps(entry['status'])[:3000]}\n{self.read_log()[-3000:]}")
+                return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {pid} did not finish in {timeout} s")
+
+    def output_files(self, entry):
+        files = []
+        for out in entry["outputs"].values():
+            for img in out.get("images", []):
+                files.append(os.path.join(self.base, img.get("type", "output"), img.get("subfolder", ""), img["filename"]))
+        return files
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
