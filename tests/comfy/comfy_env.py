@@ -29,8 +29,17 @@ def comfyui_path():
 def import_comfy():
     """Import ComfyUI's packages in this process on the CPU; returns the ComfyUI path."""
     path = comfyui_path()
+    import nodes  # noqa: F401  (ours: cached before ComfyUI's nodes.py becomes importable)
+
+    # pytest imports the repository's root __init__.py as a package named after the checkout
+    # folder; a checkout folder called "comfy" would shadow ComfyUI's package.
+    shadow = sys.modules.get("comfy")
+    if shadow is not None and os.path.abspath(getattr(shadow, "__file__", "") or "") == os.path.join(REPO, "__init__.py"):
+        del sys.modules["comfy"]
+        parent = os.path.dirname(REPO)
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != parent]
     if path not in sys.path:
-        sys.path.append(path)  # last: our top-level `nodes` package must win over ComfyUI's nodes.py
+        sys.path.insert(0, path)
     from comfy.cli_args import args
 
     args.cpu = True
@@ -132,3 +141,50 @@ class ComfyServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log.close()
+
+
+def comfy_model_from_diffusers(unet, family="sd", heads=None):
+    """A ComfyUI MODEL (ModelPatcher) with the weights of a diffusers UNet, in this process.
+
+    The state dict goes through our LDM key writer and ComfyUI's own detection and loading, so
+    both implementations run the same weights. heads: ComfyUI unet_config overrides for the
+    tiny test configs (the real ones come from ComfyUI's model table).
+    """
+    import torch
+
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from tomesd_ext.models.checkpoint import unet_state_dict
+
+    prefix = "model.diffusion_model."
+    sd = {k: v.float() for k, v in unet_state_dict(unet).items()}
+    config = comfy.model_detection.detect_unet_config(sd, prefix)
+    cls = comfy.supported_models.SDXL if family == "sdxl" else comfy.supported_models.SD15
+    model_config = cls(config)
+    model_config.unet_config.update(heads or {})
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(sd, prefix)
+    model.load_model_weights(sd, prefix)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def run_unet(patcher, x, timestep, context, sigma=None, y=None):
+    """One UNet call as ComfyUI's sampler makes it: the patcher's object patches applied, its
+    wrappers and transformer_options (patches) passed down; returns the raw UNet output."""
+    import torch
+
+    import comfy.patcher_extension
+
+    patcher.patch_model()
+    try:
+        options = dict(patcher.model_options.get("transformer_options", {}))
+        options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
+        t = torch.full((x.shape[0],), float(timestep))
+        options["sigmas"] = torch.full((x.shape[0],), float(sigma if sigma is not None else 1.0))
+        with torch.no_grad():
+            return patcher.model.diffusion_model(x, t, context=context, y=y, transformer_options=options)
+    finally:
+        patcher.unpatch_model()
