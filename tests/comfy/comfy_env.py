@@ -188,3 +188,81 @@ def run_unet(patcher, x, timestep, context, sigma=None, y=None):
             return patcher.model.diffusion_model(x, t, context=context, y=y, transformer_options=options)
     finally:
         patcher.unpatch_model()
+
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def _kind(spec):
+    kind = spec[0]
+    return "COMBO" if isinstance(kind, list) else kind
+
+
+def widget_inputs(info):
+    """Ordered (name, spec) of a node's widget inputs per /object_info (required, then optional)."""
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in (info["input"].get(section) or {}).items():
+            if _kind(spec) in WIDGET_TYPES and not (len(spec) > 1 and (spec[1] or {}).get("forceInput")):
+                out.append((name, spec))
+    return out
+
+
+def check_widget_value(name, spec, value, file_lists=("ckpt_name",)):
+    """None if ``value`` fits the input spec of /object_info, else a message."""
+    kind, opts = _kind(spec), (spec[1] if len(spec) > 1 else {}) or {}
+    if kind == "COMBO":
+        choices = spec[0] if isinstance(spec[0], list) else opts.get("options", [])
+        if name in file_lists:  # a user's model file name: any string
+            return None if isinstance(value, str) else f"{name}={value!r} is not a file name"
+        return None if value in choices else f"{name}={value!r} not in {choices[:10]}"
+    if kind == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{name}={value!r} is not a boolean"
+    if kind == "STRING":
+        return None if isinstance(value, str) else f"{name}={value!r} is not a string"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and not float(value).is_integer()):
+        return f"{name}={value!r} is not a {kind}"
+    if "min" in opts and value < opts["min"] or "max" in opts and value > opts["max"]:
+        return f"{name}={value} outside [{opts.get('min')}, {opts.get('max')}]"
+    return None
+
+
+def ui_to_api(graph, object_info):
+    """Convert a UI-format workflow (version 0.4) to the API format using /object_info, checking
+    every widget value on the way; returns (prompt, problems)."""
+    problems = []
+    links = {link[0]: link for link in graph["links"]}
+    prompt = {}
+    for node in graph["nodes"]:
+        if node.get("mode", 0) in (2, 4):
+            continue
+        info = object_info.get(node["type"])
+        if info is None:
+            problems.append(f"node {node['id']}: unknown type {node['type']}")
+            continue
+        inputs = {}
+        values = list(node.get("widgets_values") or [])
+        linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+        for name, spec in widget_inputs(info):
+            if not values:
+                problems.append(f"node {node['id']} ({node['type']}): no value for {name}")
+                break
+            value = values.pop(0)
+            if len(spec) > 1 and (spec[1] or {}).get("control_after_generate"):
+                control = values.pop(0) if values else None
+                if control not in ("fixed", "increment", "decrement", "randomize"):
+                    problems.append(f"node {node['id']}: bad control_after_generate {control!r}")
+            if name in linked:
+                continue
+            msg = check_widget_value(name, spec, value)
+            if msg:
+                problems.append(f"node {node['id']} ({node['type']}): {msg}")
+            inputs[name] = value
+        if values:
+            problems.append(f"node {node['id']} ({node['type']}): {len(values)} extra widget values {values}")
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                _id, src, src_slot, _dst, _dst_slot, _type = links[slot["link"]]
+                inputs[slot["name"]] = [str(src), src_slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt, problems
