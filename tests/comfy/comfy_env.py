@@ -55,14 +55,13 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: str, checkpoints: dict, python=sys.executable):
+    def __init__(self, base_dir: str, checkpoints=None, python=sys.executable):
         self.base = base_dir
+        checkpoints = checkpoints or {}
         for sub in ("models/checkpoints", "custom_nodes", "input", "output", "temp", "user"):
             os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
         for name, target in checkpoints.items():
-            link = os.path.join(base_dir, "models", "checkpoints", name)
-            if not os.path.lexists(link):
-                os.symlink(target, link)
+            self.add_checkpoint(name, target)
         pack = os.path.join(base_dir, "custom_nodes", "tomesd-ext")
         if not os.path.lexists(pack):
             os.symlink(REPO, pack)
@@ -78,6 +77,12 @@ class ComfyServer:
         env.pop("PYTHONPATH", None)  # the pack must load from custom_nodes, not from the test's path
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def add_checkpoint(self, name, target):
+        """Symlink a checkpoint into models/checkpoints (ComfyUI rescans the folder on use)."""
+        link = os.path.join(self.base, "models", "checkpoints", name)
+        if not os.path.lexists(link):
+            os.symlink(target, link)
 
     def wait_ready(self, timeout=180.0):
         end = time.time() + timeout

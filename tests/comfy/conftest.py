@@ -36,12 +36,19 @@ def sd15_checkpoint():
 
 
 @pytest.fixture(scope="session")
-def comfy_server(sd15_checkpoint, tmp_path_factory):
-    server = ComfyServer(str(tmp_path_factory.mktemp("comfyui_base")), {CKPT_NAME: sd15_checkpoint})
+def comfy_server(tmp_path_factory):
+    server = ComfyServer(str(tmp_path_factory.mktemp("comfyui_base")))
     try:
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def sd15_server(comfy_server, sd15_checkpoint):
+    """The server with the random SD1.5 checkpoint in models/checkpoints as CKPT_NAME."""
+    comfy_server.add_checkpoint(CKPT_NAME, sd15_checkpoint)
+    return comfy_server
 
 
 @pytest.fixture(scope="session")
