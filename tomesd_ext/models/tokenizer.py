@@ -5,8 +5,11 @@ that spell a few hundred common English words, and ``<|startoftext|>`` / ``<|end
 two highest ids (as in CLIP). Any text tokenizes: unknown words fall back to byte symbols.
 """
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import tempfile
 
 from transformers import CLIPTokenizer
@@ -106,13 +109,20 @@ def write_tiny_tokenizer(path):
     return path
 
 
-def build_tokenizer(path=None):
-    """Write the tiny tokenizer into ``path`` (a new temp dir when None) and load it.
+@functools.lru_cache(maxsize=None)
+def _default_dir():
+    """A per-process temp dir holding the tiny tokenizer files, removed at exit."""
+    path = tempfile.mkdtemp(prefix="tomesd_ext_tokenizer_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return write_tiny_tokenizer(path)
 
-    Returns a ``transformers.CLIPTokenizer``: ``model_max_length`` 77, pads with
+
+def build_tokenizer(path=None):
+    """Load the tiny tokenizer, first writing its files into ``path`` (default: a temp dir
+    shared by the process).
+
+    Returns a fresh ``transformers.CLIPTokenizer``: ``model_max_length`` 77, pads with
     ``<|endoftext|>``; ``tok(prompt, padding="max_length")`` gives 77 ids per prompt.
     """
-    if path is None:
-        path = tempfile.mkdtemp(prefix="tomesd_ext_tokenizer_")
-    write_tiny_tokenizer(path)
+    path = _default_dir() if path is None else write_tiny_tokenizer(path)
     return CLIPTokenizer.from_pretrained(path)
