@@ -3,11 +3,11 @@ TomesdExtTokenMerging node at the same ratio, on the random-weight SD1.5 checkpo
 
 Runs ComfyUI in this process (COMFYUI_PATH or --comfyui) on the CPU, samples with
 comfy.sample.sample (the KSampler path) from random text conditioning, and times the three
-variants interleaved (A/B/C, A/B/C, ...) per image size after one warm-up each; prints and
+variants interleaved (A/B/C, A/B/C, ...) per image size after a 1-step warm-up each; prints and
 optionally writes medians. Full-size model: run it under `flock /tmp/tomesd_heavy.lock`.
 
     COMFYUI_PATH=/path/to/ComfyUI flock /tmp/tomesd_heavy.lock \\
-        python scripts/bench_comfy.py --sizes 512:3:2 1024:2:1 --ratio 0.5
+        python scripts/bench_comfy.py --sizes 512:2:2 1024:1:1 --ratio 0.5
 """
 
 from __future__ import annotations
@@ -42,15 +42,17 @@ def git_commit(path):
 
 
 def parse_size(text):
+    """"SIZE[:STEPS[:REPEATS]]" -> (size, steps, repeats); defaults 2 steps, 2 repeats."""
     parts = [int(p) for p in text.split(":")]
-    size, steps, repeats = (parts + [3, 2])[:3] if len(parts) < 3 else parts
+    defaults = [None, 2, 2]
+    size, steps, repeats = parts + defaults[len(parts):]
     return size, steps, repeats
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (default: $COMFYUI_PATH)")
-    p.add_argument("--sizes", nargs="+", default=["512:3:2", "1024:2:1"], help="SIZE[:STEPS[:REPEATS]] in pixels")
+    p.add_argument("--sizes", nargs="+", default=["512:2:2", "1024:1:1"], help="SIZE[:STEPS[:REPEATS]] in pixels")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--sampler", default="euler")
@@ -86,6 +88,7 @@ def main(argv=None):
     uncond = [[torch.randn(1, 77, 768, generator=g), {}]]
 
     def sample(m, size, steps):
+        """Seconds of one comfy.sample.sample call (the KSampler path, cond+uncond batched)."""
         latent = torch.zeros(1, 4, size // 8, size // 8)
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
         t0 = time.perf_counter()
@@ -97,13 +100,13 @@ def main(argv=None):
     for text in a.sizes:
         size, steps, repeats = parse_size(text)
         times = {name: [] for name in variants}
-        total = len(variants) * (repeats + 1)
-        with tqdm(total=total, desc=f"{size}px {steps} steps") as bar:
-            for rep in range(repeats + 1):  # rep 0 = warm-up, not recorded
+        with tqdm(total=len(variants) * (repeats + 1), desc=f"{size}px {steps} steps") as bar:
+            for name, m in variants.items():  # warm-up: one 1-step sample each, not recorded
+                sample(m, size, 1)
+                bar.update()
+            for _ in range(repeats):
                 for name, m in variants.items():
-                    dt = sample(m, size, steps)
-                    if rep:
-                        times[name].append(dt)
+                    times[name].append(sample(m, size, steps))
                     bar.update()
         base = statistics.median(times["no merging"])
         for name, ts in times.items():
