@@ -36,6 +36,9 @@ def import_comfy():
     shadow = sys.modules.get("comfy")
     if shadow is not None and os.path.abspath(getattr(shadow, "__file__", "") or "") == os.path.join(REPO, "__init__.py"):
         del sys.modules["comfy"]
+        import inspect
+
+        inspect._filesbymodname.pop("comfy", None)  # else inspect.getmodule trips on the swap
         parent = os.path.dirname(REPO)
         sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != parent]
     if path not in sys.path:
