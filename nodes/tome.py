@@ -63,6 +63,11 @@ class TomesdExtTokenMerging:
                     "tooltip": "Merge around the feed-forward too (via an object patch of each block's ff; "
                                "costs more detail).",
                 }),
+                "min_tokens": ("INT", {
+                    "default": 2048, "min": 0, "max": 1 << 20,
+                    "tooltip": "Levels whose grid has fewer tokens are not merged (merging cannot pay there; "
+                               "2048 is the measured break-even, see docs/benchmarks.md). 0 = always merge.",
+                }),
                 "start_percent": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                     "tooltip": "Sampling progress at which merging starts (0 = first step).",
@@ -83,18 +88,19 @@ class TomesdExtTokenMerging:
         return True
 
     @staticmethod
-    def options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp) -> "ToMeOptions":
+    def options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
+                min_tokens=2048) -> "ToMeOptions":
         """Validated ToMeOptions from the widget values (raises OptionError with the limit)."""
         md = max_downsample if max_downsample == "auto" else int(max_downsample)
         return ToMeOptions.create(
             ratio=float(ratio), max_downsample=md, sx=int(sx), sy=int(sy), use_rand=bool(use_rand),
             seed=int(seed), merge_attn=bool(merge_attn), merge_crossattn=bool(merge_crossattn),
-            merge_mlp=bool(merge_mlp),
+            merge_mlp=bool(merge_mlp), min_tokens=int(min_tokens),
         )
 
     def patch(self, model, ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn,
-              merge_mlp, start_percent, end_percent):
-        opts = self.options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp)
+              merge_mlp, min_tokens, start_percent, end_percent):
+        opts = self.options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp, min_tokens)
         patched, reason = comfy_adapter.apply_tome_patch(model, opts, start_percent, end_percent)
         if reason:
             log.warning(reason)

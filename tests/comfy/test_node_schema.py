@@ -36,7 +36,7 @@ def test_schema_inputs_have_tooltips_defaults_and_limits():
     required = TomesdExtTokenMerging.INPUT_TYPES()["required"]
     assert list(required) == [
         "model", "ratio", "max_downsample", "sx", "sy", "use_rand", "seed",
-        "merge_attn", "merge_crossattn", "merge_mlp", "start_percent", "end_percent",
+        "merge_attn", "merge_crossattn", "merge_mlp", "min_tokens", "start_percent", "end_percent",
     ]
     for name, (kind, spec) in required.items():
         assert spec.get("tooltip"), name
@@ -56,7 +56,7 @@ def _widgets(**over):
 def test_options_from_widgets_and_errors():
     w = _widgets(max_downsample="2", seed=7)
     opts = TomesdExtTokenMerging.options(**{k: w[k] for k in w if not k.endswith("percent")})
-    assert opts == ToMeOptions.create(ratio=0.5, max_downsample=2, seed=7)
+    assert opts == ToMeOptions.create(ratio=0.5, max_downsample=2, seed=7, min_tokens=2048)
     bad = {k: w[k] for k in w if not k.endswith("percent")}
     bad.update(merge_attn=False, merge_crossattn=False, merge_mlp=False)
     with pytest.raises(OptionError, match="nothing to merge"):
@@ -73,7 +73,7 @@ def test_validate_inputs():
 
 
 def _state(ratio=0.5, **kw):
-    opts = ToMeOptions.create(ratio=ratio, seed=3, **kw)
+    opts = ToMeOptions.create(ratio=ratio, seed=3, min_tokens=0, **kw)
     state = ComfyToMeState(opts, max_downsample=1)
     return opts, state
 
@@ -125,7 +125,7 @@ def test_cross_attention_attn1_keeps_text_context_and_crossattn_merges_queries_o
 
 
 def test_inactive_outside_sigma_range_and_other_levels():
-    opts = ToMeOptions.create(ratio=0.5, seed=1)
+    opts = ToMeOptions.create(ratio=0.5, seed=1, min_tokens=0)
     state = ComfyToMeState(opts, 1, sigma_start=2.0, sigma_end=1.0)
     state.begin_call(torch.zeros(1, 4, 8, 8), 10.0, torch.tensor([5.0]))
     n = torch.randn(1, 64, 8)
@@ -135,6 +135,14 @@ def test_inactive_outside_sigma_range_and_other_levels():
     Attn1OutputPatch(state)(torch.randn(1, 32, 8), {})
     n16 = torch.randn(1, 16, 8)  # the d=2 level: above max_downsample=1
     assert Attn1Patch(state)(n16, n16, n16, {})[0] is n16
+
+
+def test_min_tokens_skips_small_grids():
+    opts = ToMeOptions.create(ratio=0.5, seed=1, min_tokens=100)
+    state = ComfyToMeState(opts, 1)
+    state.begin_call(torch.zeros(1, 4, 8, 8), 1.0, None)
+    n = torch.randn(1, 64, 8)
+    assert Attn1Patch(state)(n, n, n, {})[0] is n
 
 
 def test_ratio_zero_is_identity_and_plan_shared_within_block():

@@ -23,13 +23,14 @@ def _node(model, **kw):
 
     spec = TomesdExtTokenMerging.INPUT_TYPES()["required"]
     values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
+    values["min_tokens"] = 0  # test grids are small; the auto-skip has its own test
     values.update(kw)
     return TomesdExtTokenMerging().patch(model, **values)[0]
 
 
 def _diffusers_kwargs(kw):
     md = kw.get("max_downsample", "auto")
-    return dict(seed=kw["seed"], max_downsample=md if md == "auto" else int(md),
+    return dict(seed=kw["seed"], min_tokens=0, max_downsample=md if md == "auto" else int(md),
                 merge_crossattn=kw.get("merge_crossattn", False), merge_mlp=kw.get("merge_mlp", False))
 
 

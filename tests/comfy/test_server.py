@@ -103,7 +103,7 @@ def test_merge_mlp_object_patches_are_undone_between_runs(sd15_server):
     # ratio 0 is bit-identical to no node (see test_inprocess) and, being another graph than
     # the plain one, keeps ComfyUI's cache from answering the last run.
     off = run({"ratio": 0.0}, "tests/ratio0")
-    merged = run({"merge_mlp": True, "merge_crossattn": True, "ratio": 0.6}, "tests/mlp")
+    merged = run({"merge_mlp": True, "merge_crossattn": True, "ratio": 0.6, "min_tokens": 0}, "tests/mlp")
     plain = run(None, "tests/plain")
     assert not np.array_equal(off, merged)
     assert np.array_equal(off, plain)

@@ -21,6 +21,13 @@ def unet_inputs(unet, batch=2, hw=None, seed=0):
     return sample, torch.tensor(500), text, kwargs
 
 
+@pytest.fixture(autouse=True)
+def merge_small_grids(monkeypatch):
+    """These tests check the adapter's mechanics on tiny grids (a few hundred tokens), below the
+    auto-skip threshold (ToMeOptions.min_tokens, docs/benchmarks.md): merge every grid here."""
+    monkeypatch.setattr("tomesd_ext.core.options.MIN_TOKENS_DEFAULT", 0)
+
+
 def run(unet, inputs):
     sample, t, text, kwargs = inputs
     with torch.no_grad():

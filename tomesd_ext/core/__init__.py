@@ -4,20 +4,32 @@ x: (B, N, C) tokens of an h x w grid (row-major). A MergePlan maps N tokens to N
 merge() averages each group, unmerge() copies the group's value back to its members.
 """
 
+from .downsample import ToDoOptions, downsample_tokens, downsampled_size
 from .grid import level_grid, tokens_to_remove
 from .matching import bipartite_plan, normalize_metric
 from .merge import merge, unmerge
 from .options import OptionError, ToMeOptions
 from .partition import derive_seed, timestep_key, window_partition
 from .plan import MergePlan
+from .temporal import ChunkDraw, ReplacePlan, chunk_draw, chunk_frames, temporal_attention
+from .temporal_options import VidToMeOptions
 from .tome import level_plan, partition_seed, tome_plan
 
 __all__ = [
+    "ChunkDraw",
+    "ReplacePlan",
+    "VidToMeOptions",
+    "chunk_draw",
+    "chunk_frames",
+    "temporal_attention",
     "MergePlan",
     "OptionError",
+    "ToDoOptions",
     "ToMeOptions",
     "bipartite_plan",
     "derive_seed",
+    "downsample_tokens",
+    "downsampled_size",
     "level_grid",
     "level_plan",
     "merge",

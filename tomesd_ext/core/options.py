@@ -47,6 +47,9 @@ def check_ratio(name: str, value, maximum: float, why: str) -> float:
 
 MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 
+# Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
+MIN_TOKENS_DEFAULT = 2048
+
 
 @dataclass(frozen=True)
 class ToMeOptions:
@@ -59,6 +62,10 @@ class ToMeOptions:
     seed: base seed of the partition generator; None draws one from torch's global RNG
         once, when the options are created.
     merge_attn / merge_crossattn / merge_mlp: which operators of a block are wrapped.
+    min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
+        the matching and bookkeeping cost more than the smaller attention saves; the default
+        comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always;
+        None = MIN_TOKENS_DEFAULT, read when the options are created.
     """
 
     ratio: float = 0.5
@@ -70,6 +77,7 @@ class ToMeOptions:
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
+    min_tokens: Optional[int] = None
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -89,6 +97,7 @@ class ToMeOptions:
             )
         maximum = 1.0 - 1.0 / (sx * sy)
         ratio = check_ratio("ratio", o.ratio, maximum, f"one destination per {sx}x{sy} window")
+        min_tokens = MIN_TOKENS_DEFAULT if o.min_tokens is None else check_int("min_tokens", o.min_tokens, 0)
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             check_bool(name, getattr(o, name))
         if not (o.merge_attn or o.merge_crossattn or o.merge_mlp):
@@ -100,4 +109,4 @@ class ToMeOptions:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
-        return replace(o, ratio=ratio, seed=seed)
+        return replace(o, ratio=ratio, seed=seed, min_tokens=min_tokens)

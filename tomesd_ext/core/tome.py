@@ -51,8 +51,8 @@ def level_plan(
 
     metric: (B, N, C) normed hidden states; latent_hw: (H, W) of the denoiser's input latent;
     step_key: the denoiser's timestep (see `timestep_key`). The grid comes from N and (H, W);
-    levels with downsample factor above `max_downsample` (or tokens that are no grid, e.g. a
-    temporal block) are not merged. One partition per (seed, step, level): every block of a
+    levels with downsample factor above `max_downsample`, grids below `opts.min_tokens` (or tokens
+    that are no grid, e.g. a temporal block) are not merged. One partition per (seed, step, level): every block of a
     level draws the same destinations in a step (matching stays per block), so the diffusers
     and ComfyUI adapters, which both call this, agree exactly.
     """
@@ -62,4 +62,6 @@ def level_plan(
     if found is None or found[0] > max_downsample:
         return None
     _, h, w = found
+    if h * w < opts.min_tokens:
+        return None  # auto-skip: merging cannot pay at this token count (ToMeOptions.min_tokens)
     return tome_plan(metric, h, w, opts, partition_seed(opts, step_key, h, w))

@@ -48,6 +48,14 @@ def attention_levels(model) -> List[int]:
     return sorted(levels)
 
 
+def resolve_max_downsample(model, max_downsample) -> int:
+    """max_downsample as an int: "auto" is the highest-resolution level with transformer blocks."""
+    levels = attention_levels(model)
+    if not levels:
+        raise TypeError(f"{type(model).__name__} has no transformer blocks to merge")
+    return levels[0] if max_downsample == "auto" else max_downsample
+
+
 def _transformer_blocks(model):
     """The spatial BasicTransformerBlocks inside the model's Transformer2DModels."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -60,17 +68,38 @@ def _transformer_blocks(model):
                     yield block
 
 
+def wrap_processor(attn, wrapper, wrapped: list) -> None:
+    """Set `wrapper` (which wraps attn.processor) on `attn`; record (attn, wrapper, inner) in `wrapped`.
+
+    object.__setattr__ leaves an nn.Module processor (IP-Adapter) registered in _modules, so
+    state_dict keys and .to() are unchanged while patched.
+    """
+    inner = attn.processor
+    object.__setattr__(attn, "processor", wrapper)
+    wrapped.append((attn, wrapper, inner))
+
+
+def restore_processors(wrapped: list) -> None:
+    """Undo wrap_processor for every recorded entry (and empty the list)."""
+    import torch
+
+    for attn, wrapper, inner in wrapped:
+        if attn.__dict__.get("processor") is not wrapper:
+            continue  # the user set another processor since; leave it
+        if isinstance(inner, torch.nn.Module):
+            del attn.__dict__["processor"]
+        else:
+            object.__setattr__(attn, "processor", inner)
+    wrapped.clear()
+
+
 class _Patch:
     """Everything one apply_tome changed on a model, so remove() can undo exactly that."""
 
     def __init__(self, model, opts: ToMeOptions):
-        levels = attention_levels(model)
-        if not levels:
-            raise TypeError(f"{type(model).__name__} has no transformer blocks to merge")
-        max_ds = levels[0] if opts.max_downsample == "auto" else opts.max_downsample
         self.model = model
         self.opts = opts
-        self.state = ModelState(opts, max_ds)
+        self.state = ModelState(opts, resolve_max_downsample(model, opts.max_downsample))
         self.handles = []
         self.wrapped = []  # (attention module, wrapper, inner processor)
 
@@ -89,28 +118,16 @@ class _Patch:
                 self.handles.append(block.ff.register_forward_pre_hook(_ff_pre_hook(slot), with_kwargs=True))
                 self.handles.append(block.ff.register_forward_hook(_ff_post_hook(slot)))
 
+    processor_class = MergedAttnProcessor
+
     def _wrap(self, attn, slot, self_attention):
-        inner = attn.processor
-        wrapper = MergedAttnProcessor(inner, slot, self_attention)
-        # object.__setattr__ leaves an nn.Module processor (IP-Adapter) registered in _modules,
-        # so state_dict keys and .to() are unchanged while patched.
-        object.__setattr__(attn, "processor", wrapper)
-        self.wrapped.append((attn, wrapper, inner))
+        wrap_processor(attn, self.processor_class(attn.processor, slot, self_attention), self.wrapped)
 
     def remove(self):
-        import torch
-
         for handle in self.handles:
             handle.remove()
-        for attn, wrapper, inner in self.wrapped:
-            if attn.__dict__.get("processor") is not wrapper:
-                continue  # the user set another processor since; leave it
-            if isinstance(inner, torch.nn.Module):
-                del attn.__dict__["processor"]
-            else:
-                object.__setattr__(attn, "processor", inner)
+        restore_processors(self.wrapped)
         self.handles.clear()
-        self.wrapped.clear()
 
     def _denoiser_pre_hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
@@ -160,10 +177,13 @@ def apply_tome(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
+    min_tokens=None,
 ):
     """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
 
     Applying again replaces the earlier settings. See README "Options" for ranges.
+    min_tokens: levels with fewer tokens are not merged (None = the measured default, 2048 on
+    CPU; 0 = always merge; docs/benchmarks.md "Auto-skip rule").
     """
     opts = ToMeOptions.create(
         ratio=ratio,
@@ -175,19 +195,29 @@ def apply_tome(
         merge_attn=merge_attn,
         merge_crossattn=merge_crossattn,
         merge_mlp=merge_mlp,
+        min_tokens=min_tokens,
     )
-    model = _denoiser(pipe_or_model)
-    remove_tome(model)
-    patch = _Patch(model, opts)
-    patch.install()
-    object.__setattr__(model, PATCH_ATTR, patch)
-    return pipe_or_model
+    return install_patch(pipe_or_model, PATCH_ATTR, lambda model: _Patch(model, opts))
 
 
 def remove_tome(pipe_or_model):
     """Undo apply_tome (a no-op on an unpatched model); returns the argument."""
+    return uninstall_patch(pipe_or_model, PATCH_ATTR)
+
+
+def install_patch(pipe_or_model, attr: str, make_patch):
+    """Replace the patch stored under `attr` on the denoiser by make_patch(model), installed."""
     model = _denoiser(pipe_or_model)
-    patch = model.__dict__.pop(PATCH_ATTR, None)
+    uninstall_patch(model, attr)
+    patch = make_patch(model)
+    patch.install()
+    object.__setattr__(model, attr, patch)
+    return pipe_or_model
+
+
+def uninstall_patch(pipe_or_model, attr: str):
+    """Remove the patch stored under `attr` (a no-op when there is none); returns the argument."""
+    patch = _denoiser(pipe_or_model).__dict__.pop(attr, None)
     if patch is not None:
         patch.remove()
     return pipe_or_model

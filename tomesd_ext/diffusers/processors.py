@@ -12,6 +12,24 @@ from ..core import merge, unmerge
 from .state import BlockSlot
 
 
+def expose_signature(wrapper, inner) -> None:
+    """Give `wrapper.__call__` the signature of `inner.__call__`.
+
+    diffusers filters cross_attention_kwargs by inspecting `processor.__call__`: with the inner
+    processor's signature exactly the same keys reach it as without the wrapper.
+    """
+    try:
+        signature = inspect.signature(inner.__call__)
+    except (TypeError, ValueError):
+        return
+
+    def introspected(*args, **kwargs):
+        return wrapper(*args, **kwargs)
+
+    introspected.__signature__ = signature
+    wrapper.__call__ = introspected
+
+
 class MergedAttnProcessor:
     """Wraps `inner`; `self_attention` says whether K/V come from hidden_states (attn1)."""
 
@@ -19,19 +37,7 @@ class MergedAttnProcessor:
         self.inner = inner
         self.slot = slot
         self.self_attention = self_attention
-        # diffusers filters cross_attention_kwargs by inspecting `processor.__call__`: expose the
-        # inner processor's signature so exactly the same keys reach it as without the wrapper.
-        try:
-            signature = inspect.signature(inner.__call__)
-        except (TypeError, ValueError):
-            signature = None
-        if signature is not None:
-
-            def introspected(*args, **kwargs):
-                return self(*args, **kwargs)
-
-            introspected.__signature__ = signature
-            self.__call__ = introspected
+        expose_signature(self, inner)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         mergeable = hidden_states.ndim == 3 and not (

@@ -1,0 +1,38 @@
+"""A fixed linear map between RGB images and SD latents, for models without trained VAE weights.
+
+latent -> RGB: the widely used approximate SD 1.x latent-to-RGB factors (rows: the 4 latent
+channels, columns: R, G, B), applied per latent pixel; RGB -> latent: their Moore-Penrose
+pseudo-inverse applied to the 8x8 average of each image patch. The round trip RGB -> latent ->
+RGB is exact on 8x8-averaged images. Images are in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LATENT_RGB_FACTORS = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+PATCH = 8
+
+
+def _factors(dtype=torch.float32, device=None) -> torch.Tensor:
+    return torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def rgb_to_latent(image: torch.Tensor) -> torch.Tensor:
+    """image: (B, 3, H, W) in [-1, 1], H and W multiples of 8 -> latent (B, 4, H/8, W/8)."""
+    if image.shape[-1] % PATCH or image.shape[-2] % PATCH:
+        raise ValueError(f"image size {tuple(image.shape[-2:])} is not a multiple of {PATCH}")
+    pooled = F.avg_pool2d(image.float(), PATCH)
+    inverse = torch.linalg.pinv(_factors(torch.float64)).float()  # (3, 4)
+    return torch.einsum("bchw,cl->blhw", pooled, inverse.to(pooled.device))
+
+
+def latent_to_rgb(latent: torch.Tensor) -> torch.Tensor:
+    """latent: (B, 4, h, w) -> RGB (B, 3, h, w), one pixel per latent, not clamped."""
+    return torch.einsum("blhw,lc->bchw", latent.float(), _factors(device=latent.device))

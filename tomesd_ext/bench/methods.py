@@ -1,0 +1,146 @@
+"""The methods the bench compares: one entry per method, a name -> (apply, remove) pair.
+
+To add a method, `register(Method(name, apply, remove, ...))`: `apply(unet, ratio, ctx)` patches
+the UNet in place, `remove(unet)` restores it exactly. `ctx` carries the shared settings (seed,
+the level the peers should use) so every method runs with the same ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Settings shared by every method of a run: the partition seed and the levels to merge
+    (max_downsample resolved from "auto" for this model, so peers get the same)."""
+
+    seed: int
+    max_downsample: int
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    apply: Callable  # (unet, ratio, MethodContext) -> None
+    remove: Callable  # (unet) -> None
+    description: str
+    uses_ratio: bool = True  # False: one row per resolution, ratio None
+    unavailable: Callable[[], Optional[str]] = lambda: None  # why it cannot run here, or None
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def _noop(*args):
+    return None
+
+
+def _tome_apply(unet, ratio, ctx):
+    from ..diffusers import apply_tome
+
+    apply_tome(unet, ratio, seed=ctx.seed)
+
+
+def _tome_remove(unet):
+    from ..diffusers import remove_tome
+
+    remove_tome(unet)
+
+
+def _tome_d2_apply(unet, ratio, ctx):
+    from ..diffusers import apply_tome
+
+    apply_tome(unet, ratio, seed=ctx.seed, max_downsample=max(2, ctx.max_downsample * 2))
+
+
+def _tomesd_missing():
+    try:
+        import tomesd  # noqa: F401
+    except ImportError:
+        return "tomesd is not installed (pip install tomesd==0.1.3)"
+    return None
+
+
+def _tomesd_apply(unet, ratio, ctx):
+    import tomesd
+
+    tomesd.apply_patch(unet, ratio=ratio, max_downsample=ctx.max_downsample, sx=2, sy=2, use_rand=True)
+
+
+def _tomesd_remove(unet):
+    import tomesd
+
+    tomesd.remove_patch(unet)
+
+
+def _qonly_apply(unet, ratio, ctx):
+    from ..diffusers import apply_query_merge
+
+    apply_query_merge(unet, ratio, seed=ctx.seed, max_downsample=1)
+
+
+def _todo_apply(unet, ratio, ctx):
+    from ..diffusers import apply_todo
+
+    apply_todo(unet, factor=2, max_downsample=ctx.max_downsample)
+
+
+def _todo_remove(unet):
+    from ..diffusers import remove_todo
+
+    remove_todo(unet)
+
+
+register(Method(BASELINE, _noop, _noop, "the unmerged model", uses_ratio=False))
+register(Method("tome", _tome_apply, _tome_remove, "ours: tomesd_ext.apply_tome (defaults, seeded)"))
+register(
+    Method(
+        "tome-d2",
+        _tome_d2_apply,
+        _tome_remove,
+        "ours with the next level merged too (max_downsample 2 on SD1.x/2.x, 4 on SDXL)",
+    )
+)
+register(
+    Method(
+        "tomesd",
+        _tomesd_apply,
+        _tomesd_remove,
+        "tomesd 0.1.3 apply_patch, same ratio/max_downsample/sx/sy/use_rand",
+        unavailable=_tomesd_missing,
+    )
+)
+register(
+    Method(
+        "comfy-qonly",
+        _qonly_apply,
+        _tome_remove,
+        "ComfyUI built-in style: queries merged, K/V full, d=1 (our engine)",
+    )
+)
+register(
+    Method(
+        "todo",
+        _todo_apply,
+        _todo_remove,
+        "ToDo: K/V downsampled 2x per axis (nearest), queries whole (our engine)",
+        uses_ratio=False,
+    )
+)

@@ -1,0 +1,44 @@
+"""Fidelity of a merged model against the unmerged one on the same input and seed."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def rel_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative L2 error ||output - reference|| / ||reference|| (float64; 0 when both are 0)."""
+    a, b = output.double(), reference.double()
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    if denom == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / denom
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> Optional[float]:
+    """PSNR in dB of (H, W, 3) images in [0, 1]; None when they are identical (infinite PSNR)."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    if np.array_equal(image, reference):
+        return None
+    return float(peak_signal_noise_ratio(reference, image, data_range=1.0))
+
+
+def ssim(image: np.ndarray, reference: np.ndarray) -> float:
+    """SSIM of (H, W, 3) images in [0, 1] (7x7 window, smaller for images under 7 px)."""
+    from skimage.metrics import structural_similarity
+
+    side = min(image.shape[0], image.shape[1])
+    win = min(7, side if side % 2 else side - 1)
+    if win < 3:
+        raise ValueError(f"image {image.shape[:2]} is too small for SSIM (needs >= 3 px)")
+    return float(structural_similarity(reference, image, channel_axis=-1, data_range=1.0, win_size=win))
+
+
+def to_image(rgb: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) float64 numpy in [0, 1] (clamped)."""
+    return ((rgb.detach().double().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()

@@ -1,0 +1,93 @@
+"""Bench results: the JSON document (written atomically) and the stdout table."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import List, Optional
+
+ROW_FIELDS = (
+    "method", "ratio", "resolution", "batch", "seconds_median", "seconds_min", "seconds_max", "speedup",
+    "peak_mem_mb", "rel_error", "psnr", "ssim", "input",
+)
+
+
+def commit() -> str:
+    """Short commit of the package's checkout (+ "-dirty" with uncommitted changes), or "unknown"."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def header(subject, settings: dict, attention_backend: str) -> dict:
+    import diffusers
+    import torch
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["tomesd-ext"] + sys.argv[1:]),
+        "commit": commit(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "device": str(subject.device) + (f" ({torch.cuda.get_device_name(subject.device)})" if subject.device.type == "cuda" else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "dtype": str(subject.dtype).replace("torch.", ""),
+        "attention_backend": attention_backend,
+        "model": subject.name,
+        "weights": "real" if subject.real_weights else "seeded random" + (" (sharpened self-attention)" if subject.sharpened else ""),
+        **settings,
+    }
+
+
+def write_json(path: str, document: dict) -> None:
+    """Write `document` to `path` atomically (a temporary file, then os.replace)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def table(rows: List[dict], title: Optional[str] = None) -> str:
+    """A fixed-width text table of result rows."""
+    head = f"{'method':<12} {'ratio':>5} {'res':>5} {'input':<9} {'median s':>9} {'min-max s':>15} {'speedup':>7} {'mem MB':>8} {'rel_err':>8} {'psnr':>6} {'ssim':>6}"
+    lines = ([title] if title else []) + [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<12} {_fmt(r['ratio'], '.2f'):>5} {r['resolution']:>5} {r['input']:<9} "
+            f"{r['seconds_median']:>9.3f} {r['seconds_min']:>7.3f}-{r['seconds_max']:<7.3f} {r['speedup']:>6.2f}x "
+            f"{_fmt(r['peak_mem_mb'], '.0f'):>8} {r['rel_error']:>8.4f} {_fmt(r['psnr'], '.2f', 'inf'):>6} {r['ssim']:>6.4f}"
+        )
+    return "\n".join(lines)
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """Rows as a GitHub markdown table (for docs/benchmarks.md)."""
+    lines = [
+        "| method | ratio | px | input | median s | min-max s | speed-up | peak MB | rel_error | PSNR | SSIM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {_fmt(r['ratio'], '.1f')} | {r['resolution']} | {r['input']} | {r['seconds_median']:.2f} "
+            f"| {r['seconds_min']:.2f}-{r['seconds_max']:.2f} | {r['speedup']:.2f}x | {_fmt(r['peak_mem_mb'], '.0f')} "
+            f"| {r['rel_error']:.4f} | {_fmt(r['psnr'], '.2f', 'inf')} | {r['ssim']:.4f} |"
+        )
+    return "\n".join(lines)

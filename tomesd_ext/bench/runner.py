@@ -1,0 +1,191 @@
+"""The measurement loop: warm-up, one fidelity/memory pass, then interleaved timed repeats.
+
+For every resolution:
+1. `warmup` untimed rounds of every configuration (method, ratio) on the first input;
+2. one call per (input, configuration) with the peak-memory probe; its output is compared with
+   the baseline's on the same input (rel_error, PSNR, SSIM);
+3. `repeats` timed rounds, each running every configuration once, interleaved (A/B/C, then
+   B/C/A, ...) so noise on a shared machine hits all alike; round i uses input i mod #inputs.
+   Speed does not depend on the input's content, so a configuration's timings pool all inputs.
+   repeats = 0 times the calls of step 2 instead (for long runs; documented in the header),
+   after one untimed baseline call when there is no warm-up, so nothing is timed cold.
+Rows: one per (method, ratio, resolution, input); the JSON is rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import metrics
+from .denoise import denoise
+from .inputs import make_input
+from .methods import BASELINE, MethodContext, get_method
+from .report import header, table, write_json
+from .timing import PeakMemory, summary, timed
+
+
+@dataclass
+class BenchSettings:
+    resolutions: Sequence[int]
+    methods: Sequence[str]  # without baseline (it is always measured)
+    ratios: Sequence[float]
+    batch: int = 2
+    repeats: int = 3
+    warmup: int = 1
+    steps: int = 0
+    timestep: int = 500
+    seed: int = 0
+    inputs: Sequence[str] = ("photo", "noise")
+
+    def configs(self):
+        """(method, ratio) pairs: baseline first, ratio None for methods without a ratio."""
+        out = [(BASELINE, None)]
+        for name in self.methods:
+            if get_method(name).uses_ratio:
+                out += [(name, r) for r in self.ratios]
+            else:
+                out.append((name, None))
+        return out
+
+    def as_header(self) -> dict:
+        return {
+            "batch": self.batch, "steps": self.steps, "timestep": self.timestep, "repeats": self.repeats,
+            "warmup": self.warmup, "seed": self.seed, "inputs": list(self.inputs),
+            "cfg": self.batch % 2 == 0, "images_per_batch": self.batch // 2 if self.batch % 2 == 0 else self.batch,
+            "peak_memory": "extra memory of one call above what was held before it (CUDA: max_memory_allocated; CPU: peak RSS sampled every 1 ms)",
+            "input_latents": "VAE encoder (real weights) or the fixed linear map of tomesd_ext/bench/latent_map.py",
+            "timing": "interleaved rounds after warm-up; a configuration's timings pool all inputs"
+            if self.repeats else "repeats 0: timings of the fidelity/memory pass (one call per input, memory probe running; one untimed baseline call before it)",
+        }
+
+
+@dataclass
+class BenchResult:
+    document: dict
+    images: Dict[tuple, Dict[str, object]] = field(default_factory=dict)  # (resolution, input) -> label -> image
+
+
+def label(method: str, ratio: Optional[float]) -> str:
+    return method if ratio is None else f"{method} {ratio:g}"
+
+
+@contextlib.contextmanager
+def applied(unet, method: str, ratio, ctx: MethodContext):
+    m = get_method(method)
+    m.apply(unet, ratio, ctx)
+    try:
+        yield
+    finally:
+        m.remove(unet)
+
+
+def attention_backend(unet) -> str:
+    for module in unet.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(module, "to_q"):
+            return type(processor).__name__ + " (torch scaled_dot_product_attention)" * ("2_0" in type(processor).__name__)
+    return "unknown"
+
+
+def run_bench(
+    subject,
+    settings: BenchSettings,
+    json_path: Optional[str] = None,
+    progress: bool = True,
+    after_row: Optional[Callable[[dict], None]] = None,
+    out: Callable[[str], None] = print,
+) -> BenchResult:
+    """Measure every configuration at every resolution; returns the JSON document and images."""
+    from tqdm.auto import tqdm
+
+    from ..diffusers.patch import resolve_max_downsample
+
+    unet = subject.unet
+    doc = {"header": header(subject, settings.as_header(), attention_backend(unet)), "rows": []}
+    result = BenchResult(doc)
+    configs = settings.configs()
+    cfg = settings.batch % 2 == 0
+    n_images = settings.batch // 2 if cfg else settings.batch
+    ctx = MethodContext(seed=settings.seed, max_downsample=resolve_max_downsample(unet, "auto"))
+    calls = len(configs) * (settings.warmup + len(settings.inputs) + settings.repeats)
+    calls += settings.repeats == 0 and settings.warmup == 0
+    bar = tqdm(total=calls * len(settings.resolutions), disable=not progress, desc="bench", unit="call")
+
+    def call(method, ratio, inp, cond):
+        bar.set_postfix_str(f"{label(method, ratio)} {inp.name}")
+        return denoise(subject, inp, cond, cfg, settings.steps, settings.timestep)
+
+    try:
+        for res in settings.resolutions:
+            inputs = [make_input(k, n_images, res, settings.seed, subject.encode) for k in settings.inputs]
+            cond = subject.conditioning(n_images, cfg, res, settings.seed)
+            for _ in range(settings.warmup):
+                for method, ratio in configs:
+                    with applied(unet, method, ratio, ctx):
+                        call(method, ratio, inputs[0], cond)
+                    bar.update()
+            if settings.repeats == 0 and settings.warmup == 0:
+                call(BASELINE, None, inputs[0], cond)  # the timed pass must not start cold
+                bar.update()
+            fidelity = {}
+            first_pass: Dict[tuple, List[float]] = {c: [] for c in configs}
+            for inp in inputs:
+                reference = None
+                for method, ratio in configs:
+                    with applied(unet, method, ratio, ctx), PeakMemory(subject.device) as mem:
+                        output, s = timed(lambda: call(method, ratio, inp, cond), subject.device)
+                    first_pass[(method, ratio)].append(s)
+                    bar.update()
+                    reference = reference or (output, [metrics.to_image(x) for x in subject.decode(output.image_latent)])
+                    fidelity[(method, ratio, inp.name)] = _fidelity(subject, output, reference, mem.mb, result, res, inp.name, label(method, ratio))
+            seconds: Dict[tuple, List[float]] = {c: [] for c in configs}
+            for rep in range(settings.repeats):
+                inp = inputs[rep % len(inputs)]
+                shift = rep % len(configs)
+                for method, ratio in configs[shift:] + configs[:shift]:
+                    with applied(unet, method, ratio, ctx):
+                        _, s = timed(lambda: call(method, ratio, inp, cond), subject.device)
+                    seconds[(method, ratio)].append(s)
+                    bar.update()
+            if settings.repeats == 0:
+                seconds = first_pass
+            base = summary(seconds[(BASELINE, None)])["seconds_median"]
+            new_rows = []
+            for inp in inputs:
+                for method, ratio in configs:
+                    stats = summary(seconds[(method, ratio)])
+                    row = {
+                        "method": method, "ratio": ratio, "resolution": res, "batch": settings.batch,
+                        **stats, "speedup": base / stats["seconds_median"],
+                        **fidelity[(method, ratio, inp.name)], "input": inp.name, "steps": settings.steps,
+                    }
+                    doc["rows"].append(row)
+                    new_rows.append(row)
+                    if json_path:
+                        write_json(json_path, doc)
+                    if after_row:
+                        after_row(row)
+            bar.clear()
+            out(table(new_rows, f"\n{subject.name} {res}px, batch {settings.batch}, steps {settings.steps}"))
+    finally:
+        bar.close()
+    return result
+
+
+def _fidelity(subject, output, reference, mem_mb, result, res, input_name, config_label) -> dict:
+    ref_out, ref_images = reference
+    images = [metrics.to_image(x) for x in subject.decode(output.image_latent)]
+    result.images.setdefault((res, input_name), {})[config_label] = images[0]
+    psnrs = [metrics.psnr(a, b) for a, b in zip(images, ref_images)]
+    finite = [p for p in psnrs if p is not None]
+    return {
+        "peak_mem_mb": mem_mb,
+        "rel_error": metrics.rel_error(output.noise_pred, ref_out.noise_pred),
+        "rel_error_latent": None if output.final is None else metrics.rel_error(output.final, ref_out.final),
+        "psnr": sum(finite) / len(finite) if finite else None,
+        "ssim": sum(metrics.ssim(a, b) for a, b in zip(images, ref_images)) / len(images),
+    }

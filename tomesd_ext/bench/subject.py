@@ -1,0 +1,164 @@
+"""The model under test: a built-in architecture with seeded random weights, or a local
+checkpoint (diffusers folder or single-file .safetensors) with real weights.
+
+Built-in models get the sharpened-attention fidelity variant by default
+(models.sharpen_self_attention, shared/research/fidelity.md): with plain random weights
+self-attention is nearly uniform and merging errors cannot rank methods. Speed is measured on
+the same model (it does not depend on the weights). Real weights are never sharpened.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .latent_map import latent_to_rgb, rgb_to_latent
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def model_kind(spec: str) -> str:
+    """"builtin", "folder" or "file" for a --model value; ValueError with the choices otherwise."""
+    from ..models import MODEL_NAMES
+
+    if spec in MODEL_NAMES:
+        return "builtin"
+    looks_like_path = os.sep in spec or spec.endswith((".safetensors", ".ckpt")) or os.path.exists(spec)
+    if not looks_like_path:
+        raise ValueError(f"unknown model {spec!r}; choose one of {', '.join(MODEL_NAMES)} or a local path")
+    if os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, "model_index.json")) and not os.path.exists(
+            os.path.join(spec, "unet", "config.json")
+        ):
+            raise ValueError(f"--model {spec!r} is a folder without model_index.json: not a diffusers pipeline folder")
+        return "folder"
+    if os.path.isfile(spec):
+        if not spec.endswith(".safetensors"):
+            raise ValueError(f"--model {spec!r}: only single-file .safetensors checkpoints are supported")
+        return "file"
+    raise ValueError(f"--model {spec!r}: no such file or folder")
+
+
+@dataclass
+class Subject:
+    """unet (on device, dtype), DDIM scheduler, and for real weights the pipeline (VAE, text encoders)."""
+
+    name: str
+    unet: torch.nn.Module
+    scheduler: object
+    device: torch.device
+    dtype: torch.dtype
+    pipe: Optional[object] = None  # real weights only
+    sharpened: bool = False
+
+    @property
+    def real_weights(self) -> bool:
+        return self.pipe is not None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) in [-1, 1] -> latents (n, 4, H/8, W/8), float32 on the CPU."""
+        if not self.real_weights:
+            return rgb_to_latent(images)
+        vae = self.pipe.vae
+        with torch.no_grad():
+            dist = vae.encode(images.to(self.device, vae.dtype)).latent_dist
+        return (dist.mean * vae.config.scaling_factor).float().cpu()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (n, 4, h, w) -> RGB (n, 3, H, W) in about [-1, 1] (VAE, or the linear map at h x w)."""
+        if not self.real_weights:
+            return latent_to_rgb(latents.float().cpu())
+        vae = self.pipe.vae
+        with torch.no_grad():
+            image = vae.decode(latents.to(self.device, vae.dtype) / vae.config.scaling_factor).sample
+        return image.float().cpu()
+
+    def conditioning(self, n_images: int, cfg: bool, resolution: int, seed: int) -> dict:
+        """UNet keyword arguments for a batch of n_images (doubled as [uncond, cond] with CFG).
+
+        Real weights: the pipeline's own prompt encoding of PROMPT and the empty negative prompt.
+        Random weights: seeded N(0, 1) text embeddings (and SDXL's pooled embeds and time ids).
+        """
+        halves = 2 if cfg else 1
+        cfg_dim = self.unet.config.cross_attention_dim
+        if self.real_weights and hasattr(self.pipe, "encode_prompt"):
+            with torch.no_grad():
+                enc = self.pipe.encode_prompt(
+                    prompt=PROMPT, device=self.device, num_images_per_prompt=n_images,
+                    do_classifier_free_guidance=cfg, negative_prompt="",
+                )
+            if self.is_sdxl:
+                cond, uncond, pooled, neg_pooled = enc
+                text = torch.cat([neg_pooled, pooled]) if cfg else pooled
+            else:
+                cond, uncond = enc
+                text = None
+            hidden = torch.cat([uncond, cond]) if cfg else cond
+        else:
+            gen = torch.Generator().manual_seed(seed + 7)
+            hidden = torch.randn(halves, 1, 77, cfg_dim, generator=gen).repeat_interleave(n_images, 0).flatten(0, 1)
+            text = None
+            if self.is_sdxl:
+                width = self.unet.config.projection_class_embeddings_input_dim - 6 * self.unet.config.addition_time_embed_dim
+                text = torch.randn(halves, 1, width, generator=gen).repeat_interleave(n_images, 0).flatten(0, 1)
+        kwargs = {"encoder_hidden_states": hidden.to(self.device, self.dtype)}
+        if self.is_sdxl:
+            ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": text.to(self.device, self.dtype),
+                "time_ids": ids.repeat(halves * n_images, 1).to(self.device, self.dtype),
+            }
+        return kwargs
+
+
+def _ddim(config):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(config)
+
+
+def load_subject(spec: str, device="cpu", dtype="fp32", seed: int = 0, sharpen: bool = True) -> Subject:
+    """Build or load the model named by --model (see model_kind)."""
+    device = torch.device(device)
+    torch_dtype = DTYPES[dtype]
+    kind = model_kind(spec)
+    if kind == "builtin":
+        from ..models import build_scheduler, build_unet, sharpen_self_attention
+
+        unet = build_unet(spec, seed=seed, dtype=torch.float32)
+        if sharpen:
+            sharpen_self_attention(unet)
+        unet = torch.nn.Module.to(unet, device=device, dtype=torch_dtype)  # no diffusers fp32-module warning
+        return Subject(spec, unet, _ddim(build_scheduler(spec).config), device, torch_dtype, sharpened=sharpen)
+    pipe = _load_pipeline(spec, kind, torch_dtype)
+    pipe.to(device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return Subject(spec, pipe.unet.eval(), _ddim(pipe.scheduler.config), device, torch_dtype, pipe=pipe)
+
+
+def _load_pipeline(path: str, kind: str, torch_dtype):
+    import diffusers
+
+    if kind == "folder":
+        return diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        sdxl = any(k.startswith("conditioner.embedders.1") for k in f.keys())
+    cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+    try:
+        return cls.from_single_file(path, torch_dtype=torch_dtype, local_files_only=True)
+    except Exception as err:  # offline, the config must be found locally
+        raise ValueError(
+            f"cannot load single-file checkpoint {path!r} offline ({err}); convert it to a diffusers "
+            "folder (save_pretrained) and pass that folder"
+        ) from err

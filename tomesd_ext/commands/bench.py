@@ -1,0 +1,115 @@
+"""`tomesd-ext bench`: speed, memory and fidelity of merging methods side by side.
+
+Example (the README's main job):
+    tomesd-ext bench --model sd15 --resolution 512 --methods tome,tomesd --ratios 0.5
+Bad input (unknown model or method, resolution not a multiple of 8, missing checkpoint) is
+reported before any work, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _methods(value: str):
+    return [m.strip() for m in value.split(",") if m.strip()]
+
+
+def add_parser(subparsers):
+    from ..bench.inputs import INPUT_KINDS
+    from ..bench.methods import METHODS
+
+    p = subparsers.add_parser(
+        "bench",
+        help="measure speed, memory and fidelity of merging methods side by side",
+        description="Interleaved timing (medians) and fidelity against the unmerged model on the same input.",
+    )
+    p.add_argument("--model", default="sd15", help="tiny|tiny-sd2|tiny-sdxl|sd15|sd21|sdxl (seeded random weights) or a local diffusers folder / .safetensors file (default: sd15)")
+    p.add_argument("--resolution", type=int, nargs="+", default=[512], help="image sizes in px, multiples of 8 (default: 512)")
+    p.add_argument("--batch", type=int, default=2, help="denoiser batch; even = CFG with batch/2 images (default: 2)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="merge ratios (default: 0.5)")
+    p.add_argument("--methods", type=_methods, default=["tome", "tomesd"], help=f"comma list from {','.join(m for m in METHODS if m != 'baseline')} (baseline is always measured; default: tome,tomesd)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; 0 = time the fidelity pass instead, for long runs (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before measuring (default: 1)")
+    p.add_argument("--steps", type=int, default=0, help="0 = one denoiser forward; N = N DDIM steps with CFG (default: 0)")
+    p.add_argument("--timestep", type=int, default=500, help="noise level of the inputs: the timestep of --steps 0, the start of --steps N (default: 500)")
+    p.add_argument("--inputs", type=_methods, default=["photo", "noise"], help=f"comma list from {','.join(INPUT_KINDS)} (default: photo,noise)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-sharpen", dest="sharpen", action="store_false", help="measure fidelity on the plain random weights instead of the sharpened-attention variant (built-in models only)")
+    p.add_argument("--json", help="write results here (rewritten after every row)")
+    p.add_argument("--plot", help="PNG of speed-up against fidelity")
+    p.add_argument("--images", help="folder for side-by-side grids of decoded results")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(run=run)
+    return p
+
+
+def validate(args) -> None:
+    """Raise ValueError naming the bad argument, before any model is built."""
+    from ..bench.inputs import INPUT_KINDS
+    from ..bench.methods import BASELINE, get_method
+    from ..bench.subject import model_kind
+
+    model_kind(args.model)
+    for res in args.resolution:
+        if res < 64 or res % 8:
+            raise ValueError(f"--resolution {res}: must be a multiple of 8 and >= 64")
+    if not args.methods:
+        raise ValueError("--methods is empty")
+    for name in args.methods:
+        method = get_method(name)
+        reason = method.unavailable()
+        if reason:
+            raise ValueError(f"--methods {name}: {reason}")
+    args.methods = [m for m in dict.fromkeys(args.methods) if m != BASELINE]
+    for r in args.ratios:
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"--ratios {r}: must be in [0, 1)")
+    for kind in args.inputs:
+        if kind not in INPUT_KINDS:
+            raise ValueError(f"--inputs {kind}: choose from {', '.join(INPUT_KINDS)}")
+    checks = (("--batch", args.batch, 1), ("--repeats", args.repeats, 0), ("--warmup", args.warmup, 0), ("--steps", args.steps, 0), ("--timestep", args.timestep, 1))
+    for name, value, lo in checks:
+        if value < lo:
+            raise ValueError(f"{name} {value}: must be >= {lo}")
+    if args.timestep > 999:
+        raise ValueError(f"--timestep {args.timestep}: must be <= 999")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available here")
+
+
+def run(args) -> int:
+    try:
+        validate(args)
+    except ValueError as err:
+        print(f"tomesd-ext bench: error: {err}", file=sys.stderr)
+        return 2
+    from ..bench.runner import BenchSettings, run_bench
+    from ..bench.subject import load_subject
+
+    settings = BenchSettings(
+        resolutions=args.resolution, methods=args.methods, ratios=args.ratios, batch=args.batch,
+        repeats=args.repeats, warmup=args.warmup, steps=args.steps, timestep=args.timestep,
+        seed=args.seed, inputs=args.inputs,
+    )
+    print(f"building {args.model} ({args.dtype}, {args.device}) ...", file=sys.stderr, flush=True)
+    subject = load_subject(args.model, args.device, args.dtype, args.seed, args.sharpen)
+    result = run_bench(subject, settings, json_path=args.json, progress=args.progress)
+    if args.json:
+        print(f"wrote {args.json}")
+    if args.plot:
+        from ..bench.plot import plot_tradeoff
+
+        print(f"wrote {plot_tradeoff(result.document['rows'], args.plot, title=f'{args.model}, batch {args.batch}, steps {args.steps}')}")
+    if args.images:
+        from ..bench.grid import save_grids
+
+        for path in save_grids(result.images, args.images):
+            print(f"wrote {path}")
+    return 0

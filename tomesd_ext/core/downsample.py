@@ -1,0 +1,68 @@
+"""ToDo-style K/V token downsampling (Smith, Saxena & Saha, "ToDo: Token Downsampling for
+Efficient Generation of High-Resolution Images", arXiv 2402.13573).
+
+Queries stay whole; keys and values are computed from the token grid downsampled by `factor`
+per axis (nearest neighbour). No similarity, no unmerge: the attention output keeps N rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .options import MAX_DOWNSAMPLE_CHOICES, OptionError, check_int
+
+MODES = ("nearest", "nearest-exact")
+
+
+def downsampled_size(h: int, w: int, factor: int) -> Tuple[int, int]:
+    """Grid of the downsampled tokens: ceil(h / factor) x ceil(w / factor) (edges kept)."""
+    return -(-h // factor), -(-w // factor)
+
+
+def downsample_tokens(x: torch.Tensor, h: int, w: int, factor: int, mode: str = "nearest") -> torch.Tensor:
+    """x: (B, h*w, C) row-major tokens -> (B, h2*w2, C) with (h2, w2) = downsampled_size(h, w, factor).
+
+    factor 1 returns x itself (exact identity).
+    """
+    B, N, C = x.shape
+    if N != h * w:
+        raise ValueError(f"x has {N} tokens, grid {h}x{w} has {h * w}")
+    if factor == 1:
+        return x
+    h2, w2 = downsampled_size(h, w, factor)
+    grid = x.transpose(1, 2).reshape(B, C, h, w)
+    small = F.interpolate(grid, size=(h2, w2), mode=mode)
+    return small.flatten(2).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class ToDoOptions:
+    """Options of ToDo K/V downsampling, validated by `create`.
+
+    factor: downsampling per axis of the K/V grid (1 = off), in [1, 8].
+    max_downsample: "auto" (the highest-resolution level with attention) or 1/2/4/8...: levels
+        with a larger downsample factor are left alone (the reference applies it at d=1 only).
+    mode: "nearest" (ComfyUI port) or "nearest-exact" (reference code).
+    """
+
+    factor: int = 2
+    max_downsample: Union[int, str] = "auto"
+    mode: str = "nearest"
+
+    @classmethod
+    def create(cls, **kwargs) -> "ToDoOptions":
+        unknown = set(kwargs) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise OptionError(f"unknown option(s) {sorted(unknown)}; allowed: {', '.join(cls.__dataclass_fields__)}")
+        o = cls(**kwargs)
+        check_int("factor", o.factor, 1, 8)
+        md = o.max_downsample
+        if md != "auto" and (isinstance(md, bool) or md not in MAX_DOWNSAMPLE_CHOICES):
+            raise OptionError(f"max_downsample={md!r} is not allowed: use 'auto' or one of {MAX_DOWNSAMPLE_CHOICES}")
+        if o.mode not in MODES:
+            raise OptionError(f"mode={o.mode!r} is not allowed: use one of {MODES}")
+        return replace(o)
