@@ -11,6 +11,7 @@ from .merge import merge, unmerge
 from .options import OptionError, ToMeOptions
 from .partition import derive_seed, timestep_key, window_partition
 from .plan import MergePlan
+from .plan_cache import PlanCache
 from .temporal import ChunkDraw, ReplacePlan, chunk_draw, chunk_frames, temporal_attention
 from .temporal_options import VidToMeOptions
 from .tome import level_plan, partition_seed, tome_plan
@@ -24,6 +25,7 @@ __all__ = [
     "temporal_attention",
     "MergePlan",
     "OptionError",
+    "PlanCache",
     "ToDoOptions",
     "ToMeOptions",
     "bipartite_plan",

@@ -46,6 +46,7 @@ def check_ratio(name: str, value, maximum: float, why: str) -> float:
 
 
 MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+REUSE_CHOICES = ("block", "level")
 
 # Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
 MIN_TOKENS_DEFAULT = 2048
@@ -62,6 +63,9 @@ class ToMeOptions:
     seed: base seed of the partition generator; None draws one from torch's global RNG
         once, when the options are created.
     merge_attn / merge_crossattn / merge_mlp: which operators of a block are wrapped.
+    reuse: "block" (every block matches on its own metric, ToMe-SD) or "level" (the first block
+        of a level to run in a step computes the plan, the level's other blocks reuse it).
+    reuse_steps: keep plans for this many consecutive steps (1 = recompute every step).
     min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
         the matching and bookkeeping cost more than the smaller attention saves; the default
         comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always;
@@ -77,6 +81,8 @@ class ToMeOptions:
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
+    reuse: str = "block"
+    reuse_steps: int = 1
     min_tokens: Optional[int] = None
 
     @classmethod
@@ -102,6 +108,9 @@ class ToMeOptions:
             check_bool(name, getattr(o, name))
         if not (o.merge_attn or o.merge_crossattn or o.merge_mlp):
             raise OptionError("merge_attn, merge_crossattn and merge_mlp are all False: nothing to merge")
+        if o.reuse not in REUSE_CHOICES:
+            raise OptionError(f"reuse={o.reuse!r} is not allowed: use one of {REUSE_CHOICES}")
+        check_int("reuse_steps", o.reuse_steps, 1, 1000)
         seed = o.seed
         if seed is None:
             import torch
@@ -110,3 +119,8 @@ class ToMeOptions:
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
         return replace(o, ratio=ratio, seed=seed, min_tokens=min_tokens)
+
+    @property
+    def reuses_plans(self) -> bool:
+        """Whether plans are kept beyond one block call (reuse="level" or reuse_steps > 1)."""
+        return self.reuse == "level" or self.reuse_steps > 1

@@ -45,7 +45,7 @@ def tome_plan(metric: torch.Tensor, h: int, w: int, opts: ToMeOptions, seed: Opt
 
 
 def level_plan(
-    metric: torch.Tensor, latent_hw, step_key, opts: ToMeOptions, max_downsample: int
+    metric: torch.Tensor, latent_hw, step_key, opts: ToMeOptions, max_downsample: int, cache=None, scope=None
 ) -> Optional[MergePlan]:
     """The plan of one block call inside a UNet, or None when its level is not merged.
 
@@ -54,7 +54,8 @@ def level_plan(
     levels with downsample factor above `max_downsample`, grids below `opts.min_tokens` (or tokens
     that are no grid, e.g. a temporal block) are not merged. One partition per (seed, step, level): every block of a
     level draws the same destinations in a step (matching stays per block), so the diffusers
-    and ComfyUI adapters, which both call this, agree exactly.
+    and ComfyUI adapters, which both call this, agree exactly. cache: an optional `PlanCache`
+    (plan reuse across blocks/steps), keyed by (scope, h, w, batch, device).
     """
     if latent_hw is None or metric.ndim != 3:
         return None
@@ -64,4 +65,8 @@ def level_plan(
     _, h, w = found
     if h * w < opts.min_tokens:
         return None  # auto-skip: merging cannot pay at this token count (ToMeOptions.min_tokens)
-    return tome_plan(metric, h, w, opts, partition_seed(opts, step_key, h, w))
+    seed = partition_seed(opts, step_key, h, w)
+    if cache is None:
+        return tome_plan(metric, h, w, opts, seed)
+    key = (scope, h, w, metric.shape[0], metric.device)
+    return cache.get(key, lambda: tome_plan(metric, h, w, opts, seed))

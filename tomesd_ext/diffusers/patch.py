@@ -132,8 +132,7 @@ class _Patch:
     def _denoiser_pre_hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        self.state.latent_hw = tuple(sample.shape[-2:]) if sample is not None else None
-        self.state.step_key = timestep_key(timestep)
+        self.state.begin_call(tuple(sample.shape[-2:]) if sample is not None else None, timestep_key(timestep))
 
 
 def _block_reset_hook(slot: BlockSlot):
@@ -177,11 +176,15 @@ def apply_tome(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
+    reuse: str = "block",
+    reuse_steps: int = 1,
     min_tokens=None,
 ):
     """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
 
     Applying again replaces the earlier settings. See README "Options" for ranges.
+    reuse="level" computes one merge plan per level per step (in the level's first block) and
+    reuses it in the level's other blocks; reuse_steps=k keeps plans for k consecutive steps.
     min_tokens: levels with fewer tokens are not merged (None = the measured default, 2048 on
     CPU; 0 = always merge; docs/benchmarks.md "Auto-skip rule").
     """
@@ -195,6 +198,8 @@ def apply_tome(
         merge_attn=merge_attn,
         merge_crossattn=merge_crossattn,
         merge_mlp=merge_mlp,
+        reuse=reuse,
+        reuse_steps=reuse_steps,
         min_tokens=min_tokens,
     )
     return install_patch(pipe_or_model, PATCH_ATTR, lambda model: _Patch(model, opts))
