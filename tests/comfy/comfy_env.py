@@ -274,3 +274,15 @@ def ui_to_api(graph, object_info):
                 inputs[slot["name"]] = [str(src), src_slot]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt, problems
+
+
+def tome_node(model, **kw):
+    """Run our node on ``model`` with its defaults, min_tokens 0 (test grids are small; the
+    auto-skip has its own test) and the overrides ``kw``; returns the patched MODEL."""
+    from nodes.tome import TomesdExtTokenMerging
+
+    spec = TomesdExtTokenMerging.INPUT_TYPES()["required"]
+    values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
+    values["min_tokens"] = 0
+    values.update(kw)
+    return TomesdExtTokenMerging().patch(model, **values)[0]

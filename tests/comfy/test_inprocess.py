@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from comfy_env import comfy_model_from_diffusers, import_comfy, run_unet
+from comfy_env import comfy_model_from_diffusers, import_comfy, run_unet, tome_node
 
 pytestmark = pytest.mark.comfyui
 
@@ -42,14 +42,6 @@ def tiny_xl(comfy):
     return unet, comfy_model_from_diffusers(unet, "sdxl", TINY_XL_HEADS)
 
 
-def _node(model, **kw):
-    from nodes.tome import TomesdExtTokenMerging
-
-    spec = TomesdExtTokenMerging.INPUT_TYPES()["required"]
-    values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
-    values["min_tokens"] = 0  # test grids are small; the auto-skip has its own test
-    values.update(kw)
-    return TomesdExtTokenMerging().patch(model, **values)[0]
 
 
 def _inputs(hw=16, ctx=32, batch=2, seed=1):
@@ -73,10 +65,10 @@ def test_ratio_zero_and_input_model_untouched_exact(tiny):
     _unet, base = tiny
     x, ctx = _inputs()
     ref = run_unet(base, x, 500, ctx)
-    patched = _node(base, ratio=0.0, merge_mlp=True, merge_crossattn=True)
+    patched = tome_node(base, ratio=0.0, merge_mlp=True, merge_crossattn=True)
     assert patched is not base
     assert torch.equal(run_unet(patched, x, 500, ctx), ref)
-    merged = run_unet(_node(base, ratio=0.5, merge_mlp=True), x, 500, ctx)
+    merged = run_unet(tome_node(base, ratio=0.5, merge_mlp=True), x, 500, ctx)
     assert not torch.allclose(merged, ref, atol=1e-4)
     assert torch.equal(run_unet(base, x, 500, ctx), ref)  # object patches undone, input clean
 
@@ -90,7 +82,7 @@ def test_comfy_matches_diffusers_adapter_on_same_weights(tiny):
     x, ctx = _inputs(hw=16, batch=2)
     for kw in ({}, {"merge_crossattn": True, "merge_mlp": True}, {"max_downsample": "2", "use_rand": False}):
         comfy_ref = run_unet(base, x, 500, ctx)
-        comfy_out = run_unet(_node(base, ratio=0.5, seed=5, **kw), x, 500, ctx)
+        comfy_out = run_unet(tome_node(base, ratio=0.5, seed=5, **kw), x, 500, ctx)
         with torch.no_grad():
             diff_ref = unet(x, 500, encoder_hidden_states=ctx).sample
             md = kw.get("max_downsample", "auto")
@@ -111,16 +103,16 @@ def test_sdxl_topology_merges_with_auto(tiny_xl):
     x, ctx = _inputs(hw=16, ctx=64)
     y = torch.randn(2, 80, generator=torch.Generator().manual_seed(2))
     ref = run_unet(base, x, 300, ctx, y=y)
-    out = run_unet(_node(base, ratio=0.5), x, 300, ctx, y=y)
+    out = run_unet(tome_node(base, ratio=0.5), x, 300, ctx, y=y)
     assert not torch.allclose(out, ref, atol=1e-4)
-    assert torch.equal(run_unet(_node(base, ratio=0.5, max_downsample="1"), x, 300, ctx, y=y), ref)
+    assert torch.equal(run_unet(tome_node(base, ratio=0.5, max_downsample="1"), x, 300, ctx, y=y), ref)
 
 
 def test_second_node_replaces_first(tiny):
     _unet, base = tiny
     x, ctx = _inputs()
-    once = _node(base, ratio=0.5, seed=3)
-    twice = _node(_node(base, ratio=0.3, seed=9, merge_crossattn=True, merge_mlp=True), ratio=0.5, seed=3)
+    once = tome_node(base, ratio=0.5, seed=3)
+    twice = tome_node(tome_node(base, ratio=0.3, seed=9, merge_crossattn=True, merge_mlp=True), ratio=0.5, seed=3)
     assert _ours(twice) == _ours(once) == {"attn1_patch": 1, "attn1_output_patch": 1}
     assert not twice.object_patches
     assert torch.equal(run_unet(twice, x, 500, ctx), run_unet(once, x, 500, ctx))
@@ -131,7 +123,7 @@ def test_start_end_percent_window(tiny):
     x, ctx = _inputs()
     sampling = base.get_model_object("model_sampling")
     ref = run_unet(base, x, 500, ctx, sigma=14.0)
-    late = _node(base, ratio=0.5, start_percent=0.5, end_percent=1.0)
+    late = tome_node(base, ratio=0.5, start_percent=0.5, end_percent=1.0)
     sigma_mid = float(sampling.percent_to_sigma(0.5))
     assert torch.equal(run_unet(late, x, 500, ctx, sigma=sigma_mid * 2), ref)  # before start
     assert not torch.allclose(run_unet(late, x, 500, ctx, sigma=sigma_mid / 2), ref, atol=1e-4)
@@ -149,6 +141,6 @@ def test_unsupported_model_passes_through_with_one_warning(comfy, caplog):
 
     model = FakePatcher()
     with caplog.at_level(logging.WARNING, logger="tomesd_ext"):
-        assert _node(model, ratio=0.5) is model
+        assert tome_node(model, ratio=0.5) is model
     warnings = [r for r in caplog.records if r.name == "tomesd_ext"]
     assert len(warnings) == 1 and "FakeDiT" in warnings[0].getMessage()

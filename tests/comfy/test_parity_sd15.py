@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from comfy_env import import_comfy, run_unet
+from comfy_env import import_comfy, run_unet, tome_node
 
 pytestmark = pytest.mark.comfyui
 
@@ -18,14 +18,6 @@ OPTIONS = [
 ]
 
 
-def _node(model, **kw):
-    from nodes.tome import TomesdExtTokenMerging
-
-    spec = TomesdExtTokenMerging.INPUT_TYPES()["required"]
-    values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
-    values["min_tokens"] = 0  # test grids are small; the auto-skip has its own test
-    values.update(kw)
-    return TomesdExtTokenMerging().patch(model, **values)[0]
 
 
 def _diffusers_kwargs(kw):
@@ -45,7 +37,7 @@ def test_sd15_comfy_node_matches_diffusers_adapter(sd15_checkpoint):
     model = comfy.sd.load_checkpoint_guess_config(sd15_checkpoint, output_vae=False, output_clip=False)[0]
     sigma = float(model.get_model_object("model_sampling").sigmas[T])
     comfy_out = [run_unet(model, x, T, ctx, sigma=sigma)]
-    comfy_out += [run_unet(_node(model, **kw), x, T, ctx, sigma=sigma) for kw in OPTIONS]
+    comfy_out += [run_unet(tome_node(model, **kw), x, T, ctx, sigma=sigma) for kw in OPTIONS]
     del model
     gc.collect()
 
