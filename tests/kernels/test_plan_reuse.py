@@ -47,7 +47,7 @@ def counted(monkeypatch):
         calls.append(plan)
         return plan
 
-    monkeypatch.setattr("tomesd_ext.core.tome.tome_plan", counting)  # called by core.level_plan
+    monkeypatch.setattr("tomesd_ext.diffusers.state.tome_plan", counting)
     return calls
 
 

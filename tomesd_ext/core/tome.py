@@ -45,7 +45,8 @@ def tome_plan(metric: torch.Tensor, h: int, w: int, opts: ToMeOptions, seed: Opt
 
 
 def level_plan(
-    metric: torch.Tensor, latent_hw, step_key, opts: ToMeOptions, max_downsample: int, cache=None, scope=None
+    metric: torch.Tensor, latent_hw, step_key, opts: ToMeOptions, max_downsample: int, cache=None, scope=None,
+    planner=None,
 ) -> Optional[MergePlan]:
     """The plan of one block call inside a UNet, or None when its level is not merged.
 
@@ -55,7 +56,8 @@ def level_plan(
     that are no grid, e.g. a temporal block) are not merged. One partition per (seed, step, level): every block of a
     level draws the same destinations in a step (matching stays per block), so the diffusers
     and ComfyUI adapters, which both call this, agree exactly. cache: an optional `PlanCache`
-    (plan reuse across blocks/steps), keyed by (scope, h, w, batch, device).
+    (plan reuse across blocks/steps), keyed by (scope, h, w, batch, device). planner:
+    (metric, h, w, opts, seed) -> plan, the destination policy (default `tome_plan`).
     """
     if latent_hw is None or metric.ndim != 3:
         return None
@@ -66,7 +68,8 @@ def level_plan(
     if h * w < opts.min_tokens:
         return None  # auto-skip: merging cannot pay at this token count (ToMeOptions.min_tokens)
     seed = partition_seed(opts, step_key, h, w)
+    planner = planner or tome_plan
     if cache is None:
-        return tome_plan(metric, h, w, opts, seed)
+        return planner(metric, h, w, opts, seed)
     key = (scope, h, w, metric.shape[0], metric.device)
-    return cache.get(key, lambda: tome_plan(metric, h, w, opts, seed))
+    return cache.get(key, lambda: planner(metric, h, w, opts, seed))

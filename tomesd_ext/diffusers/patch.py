@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List, Union
 
 from ..core import ToMeOptions, merge, unmerge
+from .importance import ImportanceTracker
 from .processors import MergedAttnProcessor
 from .state import BlockSlot, ModelState, timestep_key
 
@@ -102,10 +103,15 @@ class _Patch:
         self.state = ModelState(opts, resolve_max_downsample(model, opts.max_downsample))
         self.handles = []
         self.wrapped = []  # (attention module, wrapper, inner processor)
+        self.tracker = None  # ImportanceTracker in importance mode
 
     def install(self):
         state = self.state
         self.handles.append(self.model.register_forward_pre_hook(self._denoiser_pre_hook, with_kwargs=True))
+        if self.opts.mode == "importance":
+            self.tracker = ImportanceTracker(state)
+            self.handles.extend(self.tracker.install(self.model))
+            state.planner = self.tracker.plan
         for block in _transformer_blocks(self.model):
             slot = BlockSlot(state)
             self.handles.append(block.register_forward_pre_hook(_block_reset_hook(slot)))
@@ -176,12 +182,18 @@ def apply_tome(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
+    mode: str = "tome",
+    pool_factor: float = 1.4,
+    cfg_layout: str = "auto",
+    prune_steps: int = 0,
     reuse: str = "block",
     reuse_steps: int = 1,
     min_tokens=None,
 ):
     """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
 
+    mode="importance" draws destinations from the tokens with the largest CFG difference of the
+    previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
     Applying again replaces the earlier settings. See README "Options" for ranges.
     reuse="level" computes one merge plan per level per step (in the level's first block) and
     reuses it in the level's other blocks; reuse_steps=k keeps plans for k consecutive steps.
@@ -198,6 +210,10 @@ def apply_tome(
         merge_attn=merge_attn,
         merge_crossattn=merge_crossattn,
         merge_mlp=merge_mlp,
+        mode=mode,
+        pool_factor=pool_factor,
+        cfg_layout=cfg_layout,
+        prune_steps=prune_steps,
         reuse=reuse,
         reuse_steps=reuse_steps,
         min_tokens=min_tokens,

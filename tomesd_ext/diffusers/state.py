@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import MergePlan, PlanCache, ToMeOptions, level_plan, timestep_key
+from ..core import MergePlan, PlanCache, ToMeOptions, level_plan, timestep_key, tome_plan
 
 __all__ = ["BlockSlot", "ModelState", "timestep_key"]
 
@@ -19,6 +19,9 @@ class ModelState:
         self.max_downsample = max_downsample
         self.latent_hw: Optional[Tuple[int, int]] = None
         self.step_key: float = 0.0
+        # (metric, h, w, opts, seed) -> plan: the destination-selection policy of this patch
+        # (ToMe windows; importance mode installs ImportanceTracker.plan)
+        self.planner = tome_plan
         self.cache: Optional[PlanCache] = PlanCache(opts.reuse_steps) if opts.reuses_plans else None
         self._slots = 0
 
@@ -42,7 +45,9 @@ class ModelState:
         level (reuse="level") or by block (slot_id) and by batch and device.
         """
         scope = None if self.opts.reuse == "level" else slot_id
-        return level_plan(x, self.latent_hw, self.step_key, self.opts, self.max_downsample, self.cache, scope)
+        return level_plan(
+            x, self.latent_hw, self.step_key, self.opts, self.max_downsample, self.cache, scope, self.planner
+        )
 
 
 class BlockSlot:
