@@ -10,12 +10,12 @@ from .importance import importance_map, importance_partitions, importance_plan, 
 from .matching import bipartite_plan, normalize_metric
 from .merge import merge, unmerge
 from .options import OptionError, ToMeOptions
-from .partition import derive_seed, window_partition
+from .partition import derive_seed, timestep_key, window_partition
 from .plan import MergePlan
 from .plan_cache import PlanCache
 from .temporal import ChunkDraw, ReplacePlan, chunk_draw, chunk_frames, temporal_attention
 from .temporal_options import VidToMeOptions
-from .tome import partition_seed, tome_plan
+from .tome import level_plan, partition_seed, tome_plan
 
 __all__ = [
     "ChunkDraw",
@@ -37,11 +37,13 @@ __all__ = [
     "downsample_tokens",
     "downsampled_size",
     "level_grid",
+    "level_plan",
     "max_importance_ratio",
     "merge",
     "normalize_metric",
     "partition_seed",
     "pool_to_grid",
+    "timestep_key",
     "tokens_to_remove",
     "tome_plan",
     "unmerge",

@@ -6,14 +6,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import MergePlan, PlanCache, ToMeOptions, level_grid, partition_seed, tome_plan
+from ..core import MergePlan, PlanCache, ToMeOptions, level_plan, timestep_key, tome_plan
 
-
-def timestep_key(t) -> float:
-    """A hashable key of the denoiser's timestep argument (one host read per denoiser call)."""
-    if isinstance(t, torch.Tensor):
-        return round(float(t.flatten()[0].item()), 6) if t.numel() else 0.0
-    return round(float(t), 6) if t is not None else 0.0
+__all__ = ["BlockSlot", "ModelState", "timestep_key"]
 
 
 class ModelState:
@@ -49,20 +44,10 @@ class ModelState:
         With plan reuse (options reuse / reuse_steps) the plan comes from the PlanCache, keyed by
         level (reuse="level") or by block (slot_id) and by batch and device.
         """
-        if self.latent_hw is None or x.ndim != 3:
-            return None
-        found = level_grid(x.shape[1], self.latent_hw)
-        if found is None or found[0] > self.max_downsample:
-            return None
-        _, h, w = found
-        if h * w < self.opts.min_tokens:
-            return None  # auto-skip: merging cannot pay at this token count
-        seed = partition_seed(self.opts, self.step_key, h, w)
-        if self.cache is None:
-            return self.planner(x, h, w, self.opts, seed)
         scope = None if self.opts.reuse == "level" else slot_id
-        key = (scope, h, w, x.shape[0], x.device)
-        return self.cache.get(key, lambda: self.planner(x, h, w, self.opts, seed))
+        return level_plan(
+            x, self.latent_hw, self.step_key, self.opts, self.max_downsample, self.cache, scope, self.planner
+        )
 
 
 class BlockSlot:
