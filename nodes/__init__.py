@@ -1,4 +1,8 @@
-"""ComfyUI nodes of tomesd-ext (none exported yet: the ComfyUI node pack is a separate issue)."""
+"""ComfyUI nodes of tomesd-ext (classic node API: NODE_CLASS_MAPPINGS, see docs/comfyui.md)."""
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+from .tome import NODE_CLASS_MAPPINGS as _TOME, NODE_DISPLAY_NAME_MAPPINGS as _TOME_NAMES
+
+NODE_CLASS_MAPPINGS = {**_TOME}
+NODE_DISPLAY_NAME_MAPPINGS = {**_TOME_NAMES}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -6,11 +6,11 @@ without diffusers installed (ComfyUI ships its own model code).
 
 __version__ = "0.1.0"
 
-__all__ = ["apply_todo", "apply_tome", "remove_todo", "remove_tome", "__version__"]
+__all__ = ["apply_todo", "apply_tome", "apply_vidtome", "remove_todo", "remove_tome", "remove_vidtome", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("apply_tome", "remove_tome", "apply_todo", "remove_todo"):
+    if name in ("apply_tome", "remove_tome", "apply_todo", "remove_todo", "apply_vidtome", "remove_vidtome"):
         from . import diffusers
 
         return getattr(diffusers, name)

@@ -9,7 +9,9 @@ import sys
 # name -> module in tomesd_ext.commands defining `add_parser(subparsers)` and `run(args) -> int`
 COMMANDS = {
     "bench": "bench",
-    "demo": "demo",
+    "kernels": "kernels",
+    "edit-video": "edit_video",
+    "bench-video": "bench_video",
 }
 
 

@@ -64,6 +64,12 @@ def _tome_remove(unet):
     remove_tome(unet)
 
 
+def _importance_apply(unet, ratio, ctx):
+    from ..diffusers import apply_tome
+
+    apply_tome(unet, ratio, seed=ctx.seed, mode="importance")
+
+
 def _tome_d2_apply(unet, ratio, ctx):
     from ..diffusers import apply_tome
 
@@ -110,6 +116,15 @@ def _todo_remove(unet):
 
 register(Method(BASELINE, _noop, _noop, "the unmerged model", uses_ratio=False))
 register(Method("tome", _tome_apply, _tome_remove, "ours: tomesd_ext.apply_tome (defaults, seeded)"))
+register(
+    Method(
+        "importance",
+        _importance_apply,
+        _tome_remove,
+        "ours: apply_tome(mode='importance'), destinations from the CFG-difference map of the "
+        "previous step (docs/importance.md; acts from the 2nd step of --steps N with an even --batch)",
+    )
+)
 register(
     Method(
         "tome-d2",

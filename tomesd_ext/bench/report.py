@@ -66,14 +66,17 @@ def _fmt(value, spec: str, none: str = "-") -> str:
 
 
 def table(rows: List[dict], title: Optional[str] = None) -> str:
-    """A fixed-width text table of result rows."""
+    """A fixed-width text table of result rows (with --steps N, also the final latents' error)."""
+    latent = any(r.get("rel_error_latent") is not None for r in rows)
     head = f"{'method':<12} {'ratio':>5} {'res':>5} {'input':<9} {'median s':>9} {'min-max s':>15} {'speedup':>7} {'mem MB':>8} {'rel_err':>8} {'psnr':>6} {'ssim':>6}"
+    head += f" {'err_latent':>10}" if latent else ""
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['method']:<12} {_fmt(r['ratio'], '.2f'):>5} {r['resolution']:>5} {r['input']:<9} "
             f"{r['seconds_median']:>9.3f} {r['seconds_min']:>7.3f}-{r['seconds_max']:<7.3f} {r['speedup']:>6.2f}x "
             f"{_fmt(r['peak_mem_mb'], '.0f'):>8} {r['rel_error']:>8.4f} {_fmt(r['psnr'], '.2f', 'inf'):>6} {r['ssim']:>6.4f}"
+            + (f" {_fmt(r.get('rel_error_latent'), '.4f'):>10}" if latent else "")
         )
     return "\n".join(lines)
 

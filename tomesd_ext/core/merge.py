@@ -14,8 +14,11 @@ def merge(x: torch.Tensor, plan: MergePlan, token_size: Optional[torch.Tensor] =
     """x: (B, N, C) -> (B, M, C). token_size: (B, N) weights of already-merged tokens (None = 1).
 
     A batch that is a multiple of the plan's batch (e.g. the plan computed on one half) reuses it.
+    Without token_size, the plan's own weights (prune plans) apply when it has them.
     """
     group, size = _fit(plan, x.shape[0])
+    if token_size is None and plan.weight is not None:
+        token_size = plan.weight.repeat(x.shape[0] // plan.batch, 1)
     if token_size is not None:
         size = torch.zeros_like(size).scatter_add_(1, group, token_size.float())
     return kernels.merge_mean(x, group, size, token_size)

@@ -20,6 +20,17 @@ def derive_seed(*keys) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def timestep_key(t) -> float:
+    """A hashable key of a denoiser's timestep (a number or a tensor whose first entry is used).
+
+    Both adapters key the random partition on it: diffusers on the UNet's `timestep` argument,
+    ComfyUI on `model_sampling.timestep(sigma)`. Rounded so float noise cannot split one step.
+    """
+    if hasattr(t, "flatten"):
+        t = float(t.flatten()[0].item()) if t.numel() else 0.0
+    return round(float(t), 6) if t is not None else 0.0
+
+
 def window_partition(
     h: int, w: int, sx: int, sy: int, seed: int | None, device=None
 ) -> Tuple[torch.Tensor, torch.Tensor]:

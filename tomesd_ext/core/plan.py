@@ -14,13 +14,16 @@ class MergePlan:
 
     group: (B, N) long, the group in [0, M) each token belongs to;
     size:  (B, M) float32, tokens per group (counting earlier merges when composed);
-    n_tokens: N; grid: (h, w) of the token grid the plan was computed on, if any.
+    n_tokens: N; grid: (h, w) of the token grid the plan was computed on, if any;
+    weight: optional (B, N) float32 token weights merge() uses when it is given none: 0 for a
+        source that is dropped instead of averaged ("prune" merges, importance mode).
     """
 
     group: torch.Tensor
     size: torch.Tensor
     n_tokens: int
     grid: Optional[Tuple[int, int]] = None
+    weight: Optional[torch.Tensor] = None
 
     @property
     def n_groups(self) -> int:
@@ -32,6 +35,8 @@ class MergePlan:
 
     def compose(self, after: "MergePlan") -> "MergePlan":
         """Plan of applying self then `after` (which acts on self's M groups)."""
+        if self.weight is not None or after.weight is not None:
+            raise ValueError("plans with token weights (prune plans) do not compose")
         group = after.group.gather(1, self.group)
         size = torch.zeros_like(after.size).scatter_add_(1, after.group, self.size)
         return MergePlan(group, size, self.n_tokens, self.grid)

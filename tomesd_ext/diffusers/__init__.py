@@ -1,9 +1,21 @@
 """diffusers adapter: apply_tome / remove_tome, and the peer policies on the same engine
 (apply_todo / remove_todo: ToDo K/V downsampling; apply_query_merge: ComfyUI-style
-queries-only merging, removed with remove_tome)."""
+queries-only merging, removed with remove_tome; apply_vidtome / remove_vidtome: VidToMe
+temporal merging for video)."""
 
 from .patch import apply_tome, remove_tome, tome_options
 from .queries import apply_query_merge
 from .todo import apply_todo, remove_todo
+from .vidtome import apply_vidtome, remove_vidtome, vidtome_state
 
-__all__ = ["apply_query_merge", "apply_todo", "apply_tome", "remove_todo", "remove_tome", "tome_options"]
+__all__ = [
+    "apply_query_merge",
+    "apply_todo",
+    "apply_tome",
+    "apply_vidtome",
+    "remove_todo",
+    "remove_tome",
+    "remove_vidtome",
+    "tome_options",
+    "vidtome_state",
+]

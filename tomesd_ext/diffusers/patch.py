@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List, Union
 
 from ..core import ToMeOptions, merge, unmerge
+from .importance import ImportanceTracker
 from .processors import MergedAttnProcessor
 from .state import BlockSlot, ModelState, timestep_key
 
@@ -102,10 +103,15 @@ class _Patch:
         self.state = ModelState(opts, resolve_max_downsample(model, opts.max_downsample))
         self.handles = []
         self.wrapped = []  # (attention module, wrapper, inner processor)
+        self.tracker = None  # ImportanceTracker in importance mode
 
     def install(self):
         state = self.state
         self.handles.append(self.model.register_forward_pre_hook(self._denoiser_pre_hook, with_kwargs=True))
+        if self.opts.mode == "importance":
+            self.tracker = ImportanceTracker(state)
+            self.handles.extend(self.tracker.install(self.model))
+            state.planner = self.tracker.plan
         for block in _transformer_blocks(self.model):
             slot = BlockSlot(state)
             self.handles.append(block.register_forward_pre_hook(_block_reset_hook(slot)))
@@ -132,8 +138,7 @@ class _Patch:
     def _denoiser_pre_hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        self.state.latent_hw = tuple(sample.shape[-2:]) if sample is not None else None
-        self.state.step_key = timestep_key(timestep)
+        self.state.begin_call(tuple(sample.shape[-2:]) if sample is not None else None, timestep_key(timestep))
 
 
 def _block_reset_hook(slot: BlockSlot):
@@ -177,11 +182,21 @@ def apply_tome(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
+    mode: str = "tome",
+    pool_factor: float = 1.4,
+    cfg_layout: str = "auto",
+    prune_steps: int = 0,
+    reuse: str = "block",
+    reuse_steps: int = 1,
     min_tokens=None,
 ):
     """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
 
+    mode="importance" draws destinations from the tokens with the largest CFG difference of the
+    previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
     Applying again replaces the earlier settings. See README "Options" for ranges.
+    reuse="level" computes one merge plan per level per step (in the level's first block) and
+    reuses it in the level's other blocks; reuse_steps=k keeps plans for k consecutive steps.
     min_tokens: levels with fewer tokens are not merged (None = the measured default, 2048 on
     CPU; 0 = always merge; docs/benchmarks.md "Auto-skip rule").
     """
@@ -195,6 +210,12 @@ def apply_tome(
         merge_attn=merge_attn,
         merge_crossattn=merge_crossattn,
         merge_mlp=merge_mlp,
+        mode=mode,
+        pool_factor=pool_factor,
+        cfg_layout=cfg_layout,
+        prune_steps=prune_steps,
+        reuse=reuse,
+        reuse_steps=reuse_steps,
         min_tokens=min_tokens,
     )
     return install_patch(pipe_or_model, PATCH_ATTR, lambda model: _Patch(model, opts))

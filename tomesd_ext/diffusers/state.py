@@ -6,14 +6,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import MergePlan, ToMeOptions, level_grid, partition_seed, tome_plan
+from ..core import MergePlan, PlanCache, ToMeOptions, level_plan, timestep_key, tome_plan
 
-
-def timestep_key(t) -> float:
-    """A hashable key of the denoiser's timestep argument (one host read per denoiser call)."""
-    if isinstance(t, torch.Tensor):
-        return round(float(t.flatten()[0].item()), 6) if t.numel() else 0.0
-    return round(float(t), 6) if t is not None else 0.0
+__all__ = ["BlockSlot", "ModelState", "timestep_key"]
 
 
 class ModelState:
@@ -24,23 +19,35 @@ class ModelState:
         self.max_downsample = max_downsample
         self.latent_hw: Optional[Tuple[int, int]] = None
         self.step_key: float = 0.0
+        # (metric, h, w, opts, seed) -> plan: the destination-selection policy of this patch
+        # (ToMe windows; importance mode installs ImportanceTracker.plan)
+        self.planner = tome_plan
+        self.cache: Optional[PlanCache] = PlanCache(opts.reuse_steps) if opts.reuses_plans else None
+        self._slots = 0
 
-    def plan_for(self, x: torch.Tensor) -> Optional[MergePlan]:
+    def new_slot_id(self) -> int:
+        self._slots += 1
+        return self._slots
+
+    def begin_call(self, latent_hw: Optional[Tuple[int, int]], step_key: float) -> None:
+        """Called by the denoiser's forward pre-hook before the blocks run."""
+        self.latent_hw = latent_hw
+        self.step_key = step_key
+        if self.cache is not None:
+            self.cache.begin_call(step_key)
+
+    def plan_for(self, x: torch.Tensor, slot_id: int = 0) -> Optional[MergePlan]:
         """The merge plan for metric x: (B, N, C), or None if this level is not merged.
 
         One partition per (step, level): every block of a level draws the same destinations in a
         step (matching stays per block), so a ComfyUI adapter keyed the same way agrees exactly.
+        With plan reuse (options reuse / reuse_steps) the plan comes from the PlanCache, keyed by
+        level (reuse="level") or by block (slot_id) and by batch and device.
         """
-        if self.latent_hw is None or x.ndim != 3:
-            return None
-        found = level_grid(x.shape[1], self.latent_hw)
-        if found is None or found[0] > self.max_downsample:
-            return None
-        _, h, w = found
-        if h * w < self.opts.min_tokens:
-            return None  # auto-skip: merging cannot pay at this token count
-        seed = partition_seed(self.opts, self.step_key, h, w)
-        return tome_plan(x, h, w, self.opts, seed)
+        scope = None if self.opts.reuse == "level" else slot_id
+        return level_plan(
+            x, self.latent_hw, self.step_key, self.opts, self.max_downsample, self.cache, scope, self.planner
+        )
 
 
 class BlockSlot:
@@ -50,10 +57,11 @@ class BlockSlot:
     the tensor ComfyUI's attn1_patch sees too, so both adapters match on the same metric.
     """
 
-    __slots__ = ("state", "plan", "ready", "ff_merged")
+    __slots__ = ("state", "plan", "ready", "ff_merged", "slot_id")
 
     def __init__(self, state: ModelState):
         self.state = state
+        self.slot_id = state.new_slot_id()
         self.reset()
 
     def reset(self):
@@ -63,6 +71,6 @@ class BlockSlot:
 
     def get(self, metric: torch.Tensor) -> Optional[MergePlan]:
         if not self.ready:
-            self.plan = self.state.plan_for(metric)
+            self.plan = self.state.plan_for(metric, self.slot_id)
             self.ready = True
         return self.plan

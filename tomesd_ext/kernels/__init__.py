@@ -1,23 +1,34 @@
-"""Kernel dispatch: the CUDA extension where available (see cuda/), else the exact torch path.
+"""Kernels of token merging: fused matching, merge (size-weighted mean), unmerge (gather).
 
-TOMESD_EXT_KERNELS=auto|cuda|torch chooses; "auto" is the torch path until the extension lands.
+CUDA tensors use the CUDA extension (sources in <repo>/cuda/, built on first use or with
+`tomesd-ext kernels --build`) when available; everything else runs the exact torch path in
+torch_ops.py, which is the reference. TOMESD_EXT_KERNELS=auto|cuda|torch chooses (dispatch.py).
 """
 
 from __future__ import annotations
 
-import os
+from .dispatch import (
+    backend,
+    best_match,
+    best_match_aligned,
+    best_match_to_frame,
+    extension,
+    merge_mean,
+    mode,
+    reset,
+    status,
+    unmerge_gather,
+)
 
-from .torch_ops import best_match, merge_mean, unmerge_gather
-
-_ALLOWED = ("auto", "cuda", "torch")
-
-
-def backend() -> str:
-    """The kernel backend in use for this process ("torch" or "cuda")."""
-    choice = os.environ.get("TOMESD_EXT_KERNELS", "auto").lower()
-    if choice not in _ALLOWED:
-        raise ValueError(f"TOMESD_EXT_KERNELS={choice!r} is not allowed: use one of {_ALLOWED}")
-    return "torch"
-
-
-__all__ = ["best_match", "merge_mean", "unmerge_gather", "backend"]
+__all__ = [
+    "backend",
+    "best_match",
+    "best_match_aligned",
+    "best_match_to_frame",
+    "extension",
+    "merge_mean",
+    "mode",
+    "reset",
+    "status",
+    "unmerge_gather",
+]

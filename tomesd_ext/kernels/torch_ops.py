@@ -32,6 +32,32 @@ def best_match(src: torch.Tensor, dst: torch.Tensor) -> Tuple[torch.Tensor, torc
     return torch.cat(scores, 1), torch.cat(indices, 1)
 
 
+def best_match_aligned(
+    src: torch.Tensor, dst: torch.Tensor, groups: int, reduce: str = "max"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One matching shared by `groups` batch slices (VidToMe align_batch).
+
+    src: (G*b, S, C), dst: (G*b, D, C) -> (score, index) (b, S); the score of (s, d) for sample j
+    is the max (reduce="max") or mean over g of <src[g*b + j, s], dst[g*b + j, d]>, computed in
+    float32. Ties resolve to the lowest destination index. Rows are chunked as in best_match.
+    """
+    B, S, _ = src.shape
+    D = dst.shape[1]
+    b = B // groups
+    dst_t = dst.transpose(1, 2)
+    rows = max(1, SCORE_CHUNK_BYTES // max(1, B * D * 4))
+    scores, indices = [], []
+    for start in range(0, S, rows):
+        s = torch.bmm(src[:, start : start + rows], dst_t).float().view(groups, b, -1, D)
+        s = s.amax(0) if reduce == "max" else s.mean(0)
+        v, i = s.max(dim=-1)
+        scores.append(v)
+        indices.append(i)
+    if not scores:
+        return src.new_zeros(b, 0, dtype=torch.float32), torch.zeros(b, 0, dtype=torch.long, device=src.device)
+    return torch.cat(scores, 1), torch.cat(indices, 1)
+
+
 def merge_mean(
     x: torch.Tensor, group: torch.Tensor, size: torch.Tensor, weight: Optional[torch.Tensor] = None
 ) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""Token Merging (ToMe) node: MODEL -> MODEL, Q/K/V merged through the shared tomesd_ext core.
+
+Classic ComfyUI node API (NODE_CLASS_MAPPINGS; see docs/comfyui.md for why). Nothing here
+imports ComfyUI at module level, so the schema and the option validation are testable in CI.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._imports import comfy_adapter, core
+
+ToMeOptions = core.ToMeOptions
+OptionError = core.OptionError
+
+CATEGORY = "model_patches/token_merging"
+MAX_DOWNSAMPLE = ["auto", "1", "2", "4", "8"]
+log = logging.getLogger("tomesd_ext")
+
+
+class TomesdExtTokenMerging:
+    """Token Merging for Stable Diffusion (Bolya & Hoffman 2023) with Q, K and V merged."""
+
+    DESCRIPTION = (
+        "Token Merging (ToMe) for UNet models (SD 1.x, SD 2.x, SDXL): merges similar tokens before "
+        "self-attention (queries, keys and values) and copies the result back after it, so "
+        "sampling is faster at a small cost in detail. Put it between the model loader (and LoRA) "
+        "and the sampler. Another model type (e.g. a DiT) passes through unchanged with a warning. "
+        "A second ToMe node on the same model replaces this one."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with token merging (a patched clone; the input is unchanged).",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to patch (a UNet: SD 1.x, SD 2.x, SDXL)."}),
+                "ratio": ("FLOAT", {
+                    "default": 0.5, "min": 0.0, "max": 0.99, "step": 0.01,
+                    "tooltip": "Fraction of a merged level's tokens merged away. 0 = off. At most "
+                               "1 - 1/(sx*sy) (0.75 for 2x2 windows); larger values are clamped.",
+                }),
+                "max_downsample": (MAX_DOWNSAMPLE, {
+                    "default": "auto",
+                    "tooltip": "Deepest level merged, as a downsample factor. auto = the highest-resolution "
+                               "level that has attention (SD1.5: 1, SDXL: 2). 2 also merges the next level.",
+                }),
+                "sx": ("INT", {"default": 2, "min": 1, "max": 8, "tooltip": "Window width: one destination token per sx x sy window."}),
+                "sy": ("INT", {"default": 2, "min": 1, "max": 8, "tooltip": "Window height: one destination token per sx x sy window."}),
+                "use_rand": ("BOOLEAN", {"default": True, "tooltip": "Random destination inside each window (seeded); off = the top-left token."}),
+                "seed": ("INT", {
+                    "default": 0, "min": 0, "max": 2**62,
+                    "tooltip": "Seed of the random destinations (same seed and step -> same partition; not the noise seed).",
+                }),
+                "merge_attn": ("BOOLEAN", {"default": True, "tooltip": "Merge around self-attention (Q, K and V): the main saving."}),
+                "merge_crossattn": ("BOOLEAN", {"default": False, "tooltip": "Merge the queries of cross-attention (text) too."}),
+                "merge_mlp": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Merge around the feed-forward too (via an object patch of each block's ff; "
+                               "costs more detail).",
+                }),
+                "min_tokens": ("INT", {
+                    "default": 2048, "min": 0, "max": 1 << 20,
+                    "tooltip": "Levels whose grid has fewer tokens are not merged (merging cannot pay there; "
+                               "2048 is the measured break-even, see docs/benchmarks.md). 0 = always merge.",
+                }),
+                "start_percent": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                    "tooltip": "Sampling progress at which merging starts (0 = first step).",
+                }),
+                "end_percent": ("FLOAT", {
+                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                    "tooltip": "Sampling progress at which merging stops (1 = last step).",
+                }),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2, **_):
+        if start_percent > end_percent:
+            return f"start_percent={start_percent} must not exceed end_percent={end_percent}"
+        if sx * sy < 2:
+            return f"sx*sy must be >= 2 (one destination per window), got sx={sx}, sy={sy}"
+        return True
+
+    @staticmethod
+    def options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
+                min_tokens=2048) -> "ToMeOptions":
+        """Validated ToMeOptions from the widget values (raises OptionError with the limit)."""
+        md = max_downsample if max_downsample == "auto" else int(max_downsample)
+        return ToMeOptions.create(
+            ratio=float(ratio), max_downsample=md, sx=int(sx), sy=int(sy), use_rand=bool(use_rand),
+            seed=int(seed), merge_attn=bool(merge_attn), merge_crossattn=bool(merge_crossattn),
+            merge_mlp=bool(merge_mlp), min_tokens=int(min_tokens),
+        )
+
+    def patch(self, model, ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn,
+              merge_mlp, min_tokens, start_percent, end_percent):
+        opts = self.options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp, min_tokens)
+        patched, reason = comfy_adapter.apply_tome_patch(model, opts, start_percent, end_percent)
+        if reason:
+            log.warning(reason)
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {"TomesdExtTokenMerging": TomesdExtTokenMerging}
+NODE_DISPLAY_NAME_MAPPINGS = {"TomesdExtTokenMerging": "Token Merging (ToMe, tomesd-ext)"}

@@ -1,0 +1,288 @@
+"""Helpers to run ComfyUI (COMFYUI_PATH) in-process or as a server on loopback, for the tests.
+
+In-process: ``import_comfy()`` puts COMFYUI_PATH on sys.path with ``--cpu`` semantics.
+Server: ``ComfyServer`` starts ``main.py --cpu`` with a temporary base directory (models,
+custom_nodes, input, output, temp, user) and an in-memory database, so nothing is written into
+the ComfyUI checkout; our repository is symlinked into its ``custom_nodes``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SKIP_REASON = "COMFYUI_PATH is not set: point it at a ComfyUI checkout (tested: v0.8.0) to run the ComfyUI tests"
+
+
+def comfyui_path():
+    path = os.environ.get("COMFYUI_PATH")
+    return path if path and os.path.isfile(os.path.join(path, "main.py")) else None
+
+
+def import_comfy():
+    """Import ComfyUI's packages in this process on the CPU; returns the ComfyUI path."""
+    path = comfyui_path()
+    import nodes  # noqa: F401  (ours: cached before ComfyUI's nodes.py becomes importable)
+
+    # pytest imports the repository's root __init__.py as a package named after the checkout
+    # folder; a checkout folder called "comfy" would shadow ComfyUI's package.
+    shadow = sys.modules.get("comfy")
+    if shadow is not None and os.path.abspath(getattr(shadow, "__file__", "") or "") == os.path.join(REPO, "__init__.py"):
+        del sys.modules["comfy"]
+        import inspect
+
+        inspect._filesbymodname.pop("comfy", None)  # else inspect.getmodule trips on the swap
+        parent = os.path.dirname(REPO)
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != parent]
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_management  # noqa: F401  (device chosen now, from args.cpu)
+
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, base_dir: str, checkpoints=None, python=sys.executable):
+        self.base = base_dir
+        checkpoints = checkpoints or {}
+        for sub in ("models/checkpoints", "custom_nodes", "input", "output", "temp", "user"):
+            os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
+        for name, target in checkpoints.items():
+            self.add_checkpoint(name, target)
+        pack = os.path.join(base_dir, "custom_nodes", "tomesd-ext")
+        if not os.path.lexists(pack):
+            os.symlink(REPO, pack)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(base_dir, "comfyui.log")
+        cmd = [
+            python, "main.py", "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1",
+            "--port", str(self.port), "--base-directory", base_dir, "--database-url", "sqlite:///:memory:",
+            "--disable-auto-launch", "--disable-api-nodes",
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("PYTHONPATH", None)  # the pack must load from custom_nodes, not from the test's path
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def add_checkpoint(self, name, target):
+        """Symlink a checkpoint into models/checkpoints (ComfyUI rescans the folder on use)."""
+        link = os.path.join(self.base, "models", "checkpoints", name)
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+
+    def wait_ready(self, timeout=180.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.read_log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not start in {timeout} s:\n{self.read_log()[-4000:]}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        with open(self.log_path) as f:
+            return f.read()
+
+    def get(self, route):
+        with urllib.request.urlopen(self.url + route, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, route, body):
+        req = urllib.request.Request(self.url + route, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run_prompt(self, prompt, timeout=600.0):
+        """Queue an API-format prompt and wait; returns its history entry (raises on errors)."""
+        status, reply = self.post("/prompt", {"prompt": prompt, "client_id": "tomesd-ext-tests"})
+        if status != 200:
+            raise AssertionError(f"/prompt rejected the workflow ({status}): {json.dumps(reply)[:2000]}")
+        pid = reply["prompt_id"]
+        end = time.time() + timeout
+        while time.time() < end:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                entry = hist[pid]
+                if entry["status"].get("status_str") != "success":
+                    raise AssertionError(f"prompt failed: {json.dumps(entry['status'])[:3000]}\n{self.read_log()[-3000:]}")
+                return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {pid} did not finish in {timeout} s")
+
+    def output_files(self, entry):
+        files = []
+        for out in entry["outputs"].values():
+            for img in out.get("images", []):
+                files.append(os.path.join(self.base, img.get("type", "output"), img.get("subfolder", ""), img["filename"]))
+        return files
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+def comfy_model_from_diffusers(unet, family="sd", heads=None):
+    """A ComfyUI MODEL (ModelPatcher) with the weights of a diffusers UNet, in this process.
+
+    The state dict goes through our LDM key writer and ComfyUI's own detection and loading, so
+    both implementations run the same weights. heads: ComfyUI unet_config overrides for the
+    tiny test configs (the real ones come from ComfyUI's model table).
+    """
+    import torch
+
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from tomesd_ext.models.checkpoint import unet_state_dict
+
+    prefix = "model.diffusion_model."
+    sd = {k: v.float() for k, v in unet_state_dict(unet).items()}
+    config = comfy.model_detection.detect_unet_config(sd, prefix)
+    cls = comfy.supported_models.SDXL if family == "sdxl" else comfy.supported_models.SD15
+    model_config = cls(config)
+    model_config.unet_config.update(heads or {})
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(sd, prefix)
+    model.load_model_weights(sd, prefix)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def run_unet(patcher, x, timestep, context, sigma=None, y=None):
+    """One UNet call as ComfyUI's sampler makes it: the patcher's object patches applied, its
+    wrappers and transformer_options (patches) passed down; returns the raw UNet output."""
+    import torch
+
+    import comfy.patcher_extension
+
+    patcher.patch_model()
+    try:
+        options = dict(patcher.model_options.get("transformer_options", {}))
+        options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
+        t = torch.full((x.shape[0],), float(timestep))
+        options["sigmas"] = torch.full((x.shape[0],), float(sigma if sigma is not None else 1.0))
+        with torch.no_grad():
+            return patcher.model.diffusion_model(x, t, context=context, y=y, transformer_options=options)
+    finally:
+        patcher.unpatch_model()
+
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def _kind(spec):
+    kind = spec[0]
+    return "COMBO" if isinstance(kind, list) else kind
+
+
+def widget_inputs(info):
+    """Ordered (name, spec) of a node's widget inputs per /object_info (required, then optional)."""
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in (info["input"].get(section) or {}).items():
+            if _kind(spec) in WIDGET_TYPES and not (len(spec) > 1 and (spec[1] or {}).get("forceInput")):
+                out.append((name, spec))
+    return out
+
+
+def check_widget_value(name, spec, value, file_lists=("ckpt_name",)):
+    """None if ``value`` fits the input spec of /object_info, else a message."""
+    kind, opts = _kind(spec), (spec[1] if len(spec) > 1 else {}) or {}
+    if kind == "COMBO":
+        choices = spec[0] if isinstance(spec[0], list) else opts.get("options", [])
+        if name in file_lists:  # a user's model file name: any string
+            return None if isinstance(value, str) else f"{name}={value!r} is not a file name"
+        return None if value in choices else f"{name}={value!r} not in {choices[:10]}"
+    if kind == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{name}={value!r} is not a boolean"
+    if kind == "STRING":
+        return None if isinstance(value, str) else f"{name}={value!r} is not a string"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and not float(value).is_integer()):
+        return f"{name}={value!r} is not a {kind}"
+    if "min" in opts and value < opts["min"] or "max" in opts and value > opts["max"]:
+        return f"{name}={value} outside [{opts.get('min')}, {opts.get('max')}]"
+    return None
+
+
+def ui_to_api(graph, object_info):
+    """Convert a UI-format workflow (version 0.4) to the API format using /object_info, checking
+    every widget value on the way; returns (prompt, problems)."""
+    problems = []
+    links = {link[0]: link for link in graph["links"]}
+    prompt = {}
+    for node in graph["nodes"]:
+        if node.get("mode", 0) in (2, 4):
+            continue
+        info = object_info.get(node["type"])
+        if info is None:
+            problems.append(f"node {node['id']}: unknown type {node['type']}")
+            continue
+        inputs = {}
+        values = list(node.get("widgets_values") or [])
+        linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+        for name, spec in widget_inputs(info):
+            if not values:
+                problems.append(f"node {node['id']} ({node['type']}): no value for {name}")
+                break
+            value = values.pop(0)
+            if len(spec) > 1 and (spec[1] or {}).get("control_after_generate"):
+                control = values.pop(0) if values else None
+                if control not in ("fixed", "increment", "decrement", "randomize"):
+                    problems.append(f"node {node['id']}: bad control_after_generate {control!r}")
+            if name in linked:
+                continue
+            msg = check_widget_value(name, spec, value)
+            if msg:
+                problems.append(f"node {node['id']} ({node['type']}): {msg}")
+            inputs[name] = value
+        if values:
+            problems.append(f"node {node['id']} ({node['type']}): {len(values)} extra widget values {values}")
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                _id, src, src_slot, _dst, _dst_slot, _type = links[slot["link"]]
+                inputs[slot["name"]] = [str(src), src_slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt, problems
+
+
+def tome_node(model, **kw):
+    """Run our node on ``model`` with its defaults, min_tokens 0 (test grids are small; the
+    auto-skip has its own test) and the overrides ``kw``; returns the patched MODEL."""
+    from nodes.tome import TomesdExtTokenMerging
+
+    spec = TomesdExtTokenMerging.INPUT_TYPES()["required"]
+    values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
+    values["min_tokens"] = 0
+    values.update(kw)
+    return TomesdExtTokenMerging().patch(model, **values)[0]

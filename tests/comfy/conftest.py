@@ -1,0 +1,56 @@
+"""Fixtures of the ComfyUI tests: skip without COMFYUI_PATH; a cached random SD1.5 checkpoint;
+one ComfyUI server per session (loopback, --cpu, temp base dir), stopped at teardown.
+
+The SD1.5 checkpoint is full size (~2 GB in fp16): run these tests under
+``flock /tmp/tomesd_heavy.lock`` on shared machines. It is cached in $TOMESD_EXT_CACHE
+(default ~/.cache/tomesd_ext) keyed by a fingerprint of the builders.
+"""
+
+import os
+
+import pytest
+
+from comfy_env import SKIP_REASON, ComfyServer, comfyui_path
+
+CKPT_NAME = "tomesd_ext_sd15_random.safetensors"
+
+
+def pytest_collection_modifyitems(config, items):
+    if comfyui_path() is None:
+        skip = pytest.mark.skip(reason=SKIP_REASON)
+        for item in items:
+            if "comfyui" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfyui: needs a ComfyUI checkout in COMFYUI_PATH")
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint():
+    from tomesd_ext.models.checkpoint import cached_checkpoint
+
+    cache = os.environ.get("TOMESD_EXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tomesd_ext")
+    return cached_checkpoint(cache, "sd15", seed=0)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    server = ComfyServer(str(tmp_path_factory.mktemp("comfyui_base")))
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def sd15_server(comfy_server, sd15_checkpoint):
+    """The server with the random SD1.5 checkpoint in models/checkpoints as CKPT_NAME."""
+    comfy_server.add_checkpoint(CKPT_NAME, sd15_checkpoint)
+    return comfy_server
+
+
+@pytest.fixture(scope="session")
+def object_info(comfy_server):
+    return comfy_server.get("/object_info")

@@ -1,0 +1,198 @@
+"""Pure-Python tests of the node front end and the patch functions (no ComfyUI needed)."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import nodes
+from nodes.tome import TomesdExtTokenMerging
+from tomesd_ext.comfy.patches import (
+    Attn1OutputPatch,
+    Attn1Patch,
+    Attn2OutputPatch,
+    Attn2Patch,
+    DiffusionModelWrapper,
+    MergedFeedForward,
+)
+from tomesd_ext.comfy.state import ComfyToMeState
+from tomesd_ext.core import OptionError, ToMeOptions, level_plan, merge, timestep_key, unmerge
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKFLOWS = os.path.join(REPO, "workflows")
+
+
+def test_mappings_and_prefixed_ids():
+    assert set(nodes.NODE_CLASS_MAPPINGS) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        assert node_id.startswith("TomesdExt")
+        assert cls.CATEGORY == "model_patches/token_merging"
+        assert cls.RETURN_TYPES == ("MODEL",) and callable(getattr(cls, cls.FUNCTION))
+
+
+def test_schema_inputs_have_tooltips_defaults_and_limits():
+    required = TomesdExtTokenMerging.INPUT_TYPES()["required"]
+    assert list(required) == [
+        "model", "ratio", "max_downsample", "sx", "sy", "use_rand", "seed",
+        "merge_attn", "merge_crossattn", "merge_mlp", "min_tokens", "start_percent", "end_percent",
+    ]
+    for name, (kind, spec) in required.items():
+        assert spec.get("tooltip"), name
+        if kind in ("INT", "FLOAT"):
+            assert spec["min"] <= spec["default"] <= spec["max"], name
+    assert required["max_downsample"][0] == ["auto", "1", "2", "4", "8"]
+    assert required["ratio"][1]["max"] < 1.0
+
+
+def _widgets(**over):
+    spec = TomesdExtTokenMerging.INPUT_TYPES()["required"]
+    values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
+    values.update(over)
+    return values
+
+
+def test_options_from_widgets_and_errors():
+    w = _widgets(max_downsample="2", seed=7)
+    opts = TomesdExtTokenMerging.options(**{k: w[k] for k in w if not k.endswith("percent")})
+    assert opts == ToMeOptions.create(ratio=0.5, max_downsample=2, seed=7, min_tokens=2048)
+    bad = {k: w[k] for k in w if not k.endswith("percent")}
+    bad.update(merge_attn=False, merge_crossattn=False, merge_mlp=False)
+    with pytest.raises(OptionError, match="nothing to merge"):
+        TomesdExtTokenMerging.options(**bad)
+    with pytest.warns(UserWarning, match="maximum 0.75"):
+        clamped = TomesdExtTokenMerging.options(**dict(bad, merge_attn=True, ratio=0.9))
+    assert clamped.ratio == 0.75
+
+
+def test_validate_inputs():
+    assert TomesdExtTokenMerging.VALIDATE_INPUTS(start_percent=0.2, end_percent=0.8) is True
+    assert "must not exceed" in TomesdExtTokenMerging.VALIDATE_INPUTS(start_percent=0.9, end_percent=0.1)
+    assert "sx*sy" in TomesdExtTokenMerging.VALIDATE_INPUTS(sx=1, sy=1)
+
+
+def _state(ratio=0.5, **kw):
+    opts = ToMeOptions.create(ratio=ratio, seed=3, min_tokens=0, **kw)
+    state = ComfyToMeState(opts, max_downsample=1)
+    return opts, state
+
+
+def _call(state, x_latent, t=500.0):
+    """Emulate the diffusion-model wrapper's begin of a call."""
+    wrapper = DiffusionModelWrapper(state)
+    seen = {}
+
+    def executor(x, timesteps, *args, **kwargs):
+        seen["active"] = state.active
+        return "out"
+
+    assert wrapper(executor, x_latent, torch.tensor([t]), None, None, None, {"sigmas": torch.tensor([5.0])}) == "out"
+    assert state.active is False  # end of the call resets
+    return seen["active"]
+
+
+def test_attn1_merges_q_k_v_and_output_unmerges():
+    opts, state = _state(0.5)
+    assert _call(state, torch.zeros(2, 4, 8, 8))
+    state.begin_call(torch.zeros(2, 4, 8, 8), torch.tensor([500.0]), None)
+    n = torch.randn(2, 64, 16)
+    q, k, v = Attn1Patch(state)(n, n, n, {})
+    expected = level_plan(n, (8, 8), timestep_key(500.0), opts, 1)
+    assert q.shape == (2, 64 - 32, 16) and k is q and v is q
+    torch.testing.assert_close(q, merge(n, expected), rtol=0, atol=0)
+    out = Attn1OutputPatch(state)(q * 2, {})
+    torch.testing.assert_close(out, unmerge(q * 2, expected), rtol=0, atol=0)
+    assert out.shape == n.shape
+    # the attn2 patches are inert when merge_crossattn is off
+    n2 = torch.randn(2, 64, 16)
+    ctx = torch.randn(2, 77, 16)
+    assert Attn2Patch(state)(n2, ctx, ctx, {})[0] is n2
+    assert Attn2OutputPatch(state)(n2, {}) is n2
+
+
+def test_cross_attention_attn1_keeps_text_context_and_crossattn_merges_queries_only():
+    _opts, state = _state(0.5, merge_crossattn=True)
+    state.begin_call(torch.zeros(1, 4, 8, 8), 10.0, None)
+    n = torch.randn(1, 64, 16)
+    text = torch.randn(1, 77, 16)
+    q, k, v = Attn1Patch(state)(n, text, text, {})
+    assert q.shape[1] == 32 and k is text and v is text
+    Attn1OutputPatch(state)(q, {})
+    q2, k2, v2 = Attn2Patch(state)(torch.randn(1, 64, 16), text, text, {})
+    assert q2.shape[1] == 32 and k2 is text and v2 is text
+    assert Attn2OutputPatch(state)(q2, {}).shape[1] == 64
+
+
+def test_inactive_outside_sigma_range_and_other_levels():
+    opts = ToMeOptions.create(ratio=0.5, seed=1, min_tokens=0)
+    state = ComfyToMeState(opts, 1, sigma_start=2.0, sigma_end=1.0)
+    state.begin_call(torch.zeros(1, 4, 8, 8), 10.0, torch.tensor([5.0]))
+    n = torch.randn(1, 64, 8)
+    assert Attn1Patch(state)(n, n, n, {})[0] is n
+    state.begin_call(torch.zeros(1, 4, 8, 8), 10.0, torch.tensor([1.5]))
+    assert Attn1Patch(state)(n, n, n, {})[0].shape[1] == 32
+    Attn1OutputPatch(state)(torch.randn(1, 32, 8), {})
+    n16 = torch.randn(1, 16, 8)  # the d=2 level: above max_downsample=1
+    assert Attn1Patch(state)(n16, n16, n16, {})[0] is n16
+
+
+def test_min_tokens_skips_small_grids():
+    opts = ToMeOptions.create(ratio=0.5, seed=1, min_tokens=100)
+    state = ComfyToMeState(opts, 1)
+    state.begin_call(torch.zeros(1, 4, 8, 8), 1.0, None)
+    n = torch.randn(1, 64, 8)
+    assert Attn1Patch(state)(n, n, n, {})[0] is n
+
+
+def test_ratio_zero_is_identity_and_plan_shared_within_block():
+    _opts, state = _state(0.0)
+    state.begin_call(torch.zeros(1, 4, 8, 8), 1.0, None)
+    n = torch.randn(1, 64, 8)
+    assert Attn1Patch(state)(n, n, n, {})[0] is n
+    assert Attn1OutputPatch(state)(n, {}) is n
+
+
+def test_merged_feed_forward_keeps_parameter_names_and_merges():
+    class FeedForward(torch.nn.Module):  # ComfyUI's FeedForward: forward(x) = net(x)
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+        def forward(self, x):
+            return self.net(x)
+
+    holder = FeedForward()
+    _opts, state = _state(0.5, merge_mlp=True)
+    wrapped = MergedFeedForward(holder, state)
+    assert [k for k, _ in wrapped.named_parameters()] == [k for k, _ in holder.named_parameters()]
+    assert all(a is b for a, b in zip(wrapped.parameters(), holder.parameters()))
+    x = torch.randn(1, 64, 8)
+    torch.testing.assert_close(wrapped(x), holder.net(x))  # no call in progress -> not merged
+    state.begin_call(torch.zeros(1, 4, 8, 8), 1.0, None)
+    plan = state.plan_for(x)
+    torch.testing.assert_close(wrapped(x), unmerge(holder.net(merge(x, plan)), plan))
+
+
+def test_deepcopy_keeps_shared_state():
+    _opts, state = _state(0.5)
+    patches = {"a": [Attn1Patch(state)], "b": [Attn1OutputPatch(state)]}
+    copied = copy.deepcopy(patches)
+    assert copied["a"][0] is patches["a"][0] and copied["a"][0].state is state
+
+
+def _api_files():
+    return sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".api.json"))
+
+
+def test_workflows_come_in_both_formats():
+    api = _api_files()
+    assert api, "no workflows shipped"
+    for f in api:
+        ui = f.replace(".api.json", ".json")
+        assert os.path.exists(os.path.join(WORKFLOWS, ui)), ui
+        prompt = json.load(open(os.path.join(WORKFLOWS, f)))
+        types = {n["class_type"] for n in prompt.values()}
+        assert types & set(nodes.NODE_CLASS_MAPPINGS), f"{f} uses none of our nodes"
+        graph = json.load(open(os.path.join(WORKFLOWS, ui)))
+        assert {n["type"] for n in graph["nodes"]} == types

@@ -1,0 +1,147 @@
+"""Our pack inside a running ComfyUI (COMFYUI_PATH): /object_info, every shipped workflow run
+(API format) and every UI workflow validated against /object_info, plus the PNG outputs."""
+
+import json
+import os
+
+import pytest
+
+from comfy_env import REPO, ui_to_api
+from conftest import CKPT_NAME
+
+import nodes
+
+pytestmark = pytest.mark.comfyui
+WORKFLOWS = os.path.join(REPO, "workflows")
+API_FILES = sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".api.json"))
+UI_FILES = sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".json") and not f.endswith(".api.json"))
+SIZE = int(os.environ.get("TOMESD_EXT_TEST_SIZE", "64"))
+STEPS = int(os.environ.get("TOMESD_EXT_TEST_STEPS", "2"))
+
+
+def test_object_info_lists_our_nodes_with_declared_inputs(object_info, comfy_server):
+    failed = [line for line in comfy_server.read_log().splitlines() if "IMPORT FAILED" in line and "tomesd-ext" in line]
+    assert not failed, failed
+    for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        assert node_id in object_info, f"{node_id} missing from /object_info"
+        info = object_info[node_id]
+        assert info["category"] == cls.CATEGORY
+        assert info["output"] == list(cls.RETURN_TYPES)
+        declared = cls.INPUT_TYPES()["required"]
+        served = info["input"]["required"]
+        assert list(served) == list(declared)
+        for name, (kind, spec) in declared.items():
+            assert served[name][0] == kind, name
+            for key in ("default", "min", "max", "tooltip"):
+                if key in spec:
+                    assert served[name][1][key] == spec[key], (name, key)
+
+
+def _small(prompt, prefix):
+    """The shipped workflow at test size on our random SD1.5 checkpoint."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = CKPT_NAME
+        if node["class_type"] == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = SIZE
+        if "steps" in inputs:
+            inputs["steps"] = STEPS
+        if node["class_type"] == "SaveImage":
+            inputs["filename_prefix"] = prefix
+    return prompt
+
+
+@pytest.mark.parametrize("name", API_FILES)
+def test_api_workflow_runs_and_saves_images(sd15_server, name):
+    comfy_server = sd15_server
+    """SDXL workflows run here on the SD1.5 random checkpoint (no SDXL weights are available
+    offline): this checks the graph and our node inside it, not SDXL itself."""
+    from PIL import Image
+
+    prompt = _small(json.load(open(os.path.join(WORKFLOWS, name))), "tests/" + name.split(".")[0])
+    entry = comfy_server.run_prompt(prompt)
+    files = comfy_server.output_files(entry)
+    assert files, f"{name} produced no images"
+    for path in files:
+        with Image.open(path) as img:
+            assert img.size == (SIZE, SIZE)
+    assert "tomesd-ext: token merging skipped" not in comfy_server.read_log()
+
+
+@pytest.mark.parametrize("name", UI_FILES)
+def test_ui_workflow_matches_object_info_and_its_api_twin(object_info, name):
+    graph = json.load(open(os.path.join(WORKFLOWS, name)))
+    prompt, problems = ui_to_api(graph, object_info)
+    assert not problems, problems
+    api = json.load(open(os.path.join(WORKFLOWS, name.replace(".json", ".api.json"))))
+    assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == {
+        k: (v["class_type"], v["inputs"]) for k, v in api.items()
+    }
+
+
+def test_merge_mlp_object_patches_are_undone_between_runs(sd15_server):
+    comfy_server = sd15_server
+    """merge_mlp swaps each block's ff through ModelPatcher object patches: a later run of the
+    same model without the node must give exactly the baseline image again."""
+    import numpy as np
+    from PIL import Image
+
+    base = json.load(open(os.path.join(WORKFLOWS, "sd15_txt2img_tome.api.json")))
+
+    def run(tome, prefix):
+        prompt = _small(base, prefix)
+        if tome is None:
+            prompt["6"]["inputs"]["model"] = ["1", 0]
+            del prompt["2"]
+        else:
+            prompt["2"]["inputs"].update(tome)
+        (path,) = comfy_server.output_files(comfy_server.run_prompt(prompt))
+        return np.asarray(Image.open(path))
+
+    # ratio 0 is bit-identical to no node (see test_inprocess) and, being another graph than
+    # the plain one, keeps ComfyUI's cache from answering the last run.
+    off = run({"ratio": 0.0}, "tests/ratio0")
+    merged = run({"merge_mlp": True, "merge_crossattn": True, "ratio": 0.6, "min_tokens": 0}, "tests/mlp")
+    plain = run(None, "tests/plain")
+    assert not np.array_equal(off, merged)
+    assert np.array_equal(off, plain)
+
+
+@pytest.mark.skipif(not os.environ.get("TOMESD_EXT_WORKFLOW_GRID"), reason="set TOMESD_EXT_WORKFLOW_GRID=out.png to render the README grid")
+def test_render_workflow_grid(sd15_server):
+    comfy_server = sd15_server
+    """Rows: shipped workflows; columns: ToMe off (ratio 0) and the workflow's own ratio. Images
+    come from ComfyUI itself, on the random SD1.5 checkpoint (noise-like by construction)."""
+    from PIL import Image, ImageDraw
+
+    size, steps = int(os.environ.get("TOMESD_EXT_GRID_SIZE", "256")), int(os.environ.get("TOMESD_EXT_GRID_STEPS", "8"))
+    rows = []
+    for name in API_FILES:
+        prompt = _small(json.load(open(os.path.join(WORKFLOWS, name))), "grid/" + name.split(".")[0])
+        tome = next(k for k, v in prompt.items() if v["class_type"] == "TomesdExtTokenMerging")
+        ratio = prompt[tome]["inputs"]["ratio"]
+        row = []
+        for r in (0.0, ratio):
+            p = json.loads(json.dumps(prompt))
+            p[tome]["inputs"]["ratio"] = r
+            for node in p.values():
+                if node["class_type"] == "EmptyLatentImage":
+                    node["inputs"]["width"] = node["inputs"]["height"] = size
+                if "steps" in node["inputs"]:
+                    node["inputs"]["steps"] = steps
+            (path,) = comfy_server.output_files(comfy_server.run_prompt(p))
+            row.append((f"{name.split('.')[0]}  ratio {r}", Image.open(path).convert("RGB")))
+        rows.append(row)
+    pad = 24
+    grid = Image.new("RGB", (2 * size, len(rows) * (size + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, row in enumerate(rows):
+        for j, (label, img) in enumerate(row):
+            grid.paste(img, (j * size, i * (size + pad) + pad))
+            draw.text((j * size + 4, i * (size + pad) + 6), label, fill="black")
+    out = os.environ["TOMESD_EXT_WORKFLOW_GRID"]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    grid.save(out)
+    assert os.path.getsize(out) > 0

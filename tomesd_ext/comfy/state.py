@@ -1,0 +1,70 @@
+"""Runtime state of one ToMe patch on a ComfyUI model (no tensors kept between calls).
+
+ComfyUI runs a UNet call as: the diffusion-model wrapper (``begin_call``: latent size, timestep
+and sigma of this call), then for every BasicTransformerBlock: attn1_patch (``begin_block``),
+attn1, attn1_output_patch, attn2_patch, attn2, attn2_output_patch, ff. The plan of a block call
+is computed once, lazily, by the first merged operator from its own normed input, exactly as in
+the diffusers adapter, and reused by the other operators of that block.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..core import MergePlan, ToMeOptions, level_plan, timestep_key
+
+
+class ComfyToMeState:
+    """Options plus the per-call and per-block-call slots shared by every patch of one node.
+
+    sigma_start >= sigma_end: merging is active while sigma_end <= sigma <= sigma_start (the
+    node's start/end percent mapped through ``model_sampling.percent_to_sigma``).
+    Deep copies (ComfyUI deep-copies ``model_options`` on every ``clone()``) return the same
+    object, so the patches, the wrapper and the feed-forward object patches keep sharing it.
+    """
+
+    def __init__(self, opts: ToMeOptions, max_downsample: int, sigma_start: float = float("inf"), sigma_end: float = 0.0):
+        self.opts = opts
+        self.max_downsample = max_downsample
+        self.sigma_start = sigma_start
+        self.sigma_end = sigma_end
+        self.latent_hw: Optional[Tuple[int, int]] = None
+        self.step_key = 0.0
+        self.active = False
+        self.begin_block()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def begin_call(self, x: torch.Tensor, timesteps, sigmas) -> None:
+        """x: (B, C, H, W) latent of this UNet call; timesteps: what the UNet receives."""
+        self.latent_hw = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else None
+        self.step_key = timestep_key(timesteps)
+        if sigmas is None:
+            self.active = self.latent_hw is not None
+        else:
+            sigma = float(sigmas.flatten()[0].item()) if hasattr(sigmas, "flatten") else float(sigmas)
+            self.active = self.latent_hw is not None and self.sigma_end <= sigma <= self.sigma_start
+        self.begin_block()
+
+    def end_call(self) -> None:
+        self.active = False
+        self.begin_block()
+
+    def begin_block(self) -> None:
+        self.plan: Optional[MergePlan] = None
+        self.ready = False
+        self.merged = {"attn1": False, "attn2": False}
+
+    def plan_for(self, metric: torch.Tensor) -> Optional[MergePlan]:
+        """The block call's plan (computed from the first metric asked for), or None."""
+        if not self.ready:
+            self.ready = True
+            if self.active:
+                self.plan = level_plan(metric, self.latent_hw, self.step_key, self.opts, self.max_downsample)
+        plan = self.plan
+        if plan is None or metric.ndim != 3 or metric.shape[1] != plan.n_tokens:
+            return None
+        return plan

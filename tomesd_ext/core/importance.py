@@ -1,0 +1,198 @@
+"""Importance-based token merging (IBTM; Wu, Xu, Le & Samaras, arXiv 2411.16720) as a
+destination-selection policy of the ToMe engine.
+
+Importance of a latent pixel = channel mean of |prediction_cond - prediction_uncond| from the
+classifier-free-guidance batch (one step stale: the map of step t drives step t+1). Per image:
+
+    r = floor(ratio*N);  N_dst = floor(kk*N), kk = 1/(sx*sy);  M = min(N, floor((N - r)*pp))
+    pool = the M most important tokens;  dst = N_dst tokens drawn (seeded) from the pool
+    src  = the other tokens; tokens outside the pool get a priority key, so all of them merge
+           before any important source (which merges only when it is among the most similar).
+
+Deviation from the paper (documented in docs/importance.md): the destination draw is stratified
+by sx x sy windows inside the pool (one random pool token per window first, the remaining
+budget uniformly from the rest of the pool), so at low ratios where the pool is the whole image
+the partition is exactly ToMe's random window partition instead of an unstratified draw.
+Matching (cosine of the block's metric) is the unchanged engine (`bipartite_plan`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .matching import bipartite_plan
+from .plan import MergePlan
+
+# Added to the similarity of tokens outside the pool. Cosine scores lie in [-1, 1], so any key
+# > 2 orders "unimportant first, then by similarity"; a small key keeps float32 resolution of
+# the similarity (the paper's 1e5 would round scores to ~0.008).
+UNIMPORTANT_PRIORITY = 4.0
+
+
+def importance_map(pred: torch.Tensor, layout: str = "halves") -> torch.Tensor:
+    """Channel-mean |pred_cond - pred_uncond| per latent pixel.
+
+    pred: (2*B0, C, H, W) denoiser output of a CFG batch (epsilon, v or flow; a learned-sigma
+    output is the caller's to slice). layout: "halves" ([uncond..., cond...] or the reverse: the
+    absolute difference does not depend on which half is which) or "interleaved"
+    ([u0, c0, u1, c1, ...]). Returns (B0, H, W) float32.
+    """
+    if pred.ndim != 4 or pred.shape[0] % 2:
+        raise ValueError(f"pred must be (2*B0, C, H, W) with an even batch, got {tuple(pred.shape)}")
+    if layout == "halves":
+        a, b = pred.chunk(2)
+    elif layout == "interleaved":
+        a, b = pred[0::2], pred[1::2]
+    else:
+        raise ValueError(f"layout={layout!r}: use 'halves' or 'interleaved'")
+    return (b.float() - a.float()).abs().mean(dim=1)
+
+
+def pool_to_grid(hmap: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Area-average a (B0, H, W) map to an h x w token grid -> (B0, h*w), row-major.
+
+    The grid is a UNet level with downsample factor d = 2**k: h = ceil(H/d), w = ceil(W/d) (odd
+    sizes included). Token (i, j) averages the latent pixels [i*d, (i+1)*d) x [j*d, (j+1)*d) that exist;
+    partial cells at the bottom/right edge average only their real pixels.
+    """
+    B0, H, W = hmap.shape
+    if (h, w) == (H, W):
+        return hmap.reshape(B0, H * W).float()
+    d = 2
+    while d <= max(H, W) and (-(-H // d), -(-W // d)) != (h, w):
+        d *= 2
+    if (-(-H // d), -(-W // d)) != (h, w):
+        raise ValueError(f"grid {h}x{w} is not a downsampled level (factor 2**k) of a {H}x{W} map")
+    pad = (0, w * d - W, 0, h * d - H)
+    total = torch.nn.functional.pad(hmap.float(), pad).reshape(B0, h, d, w, d).sum(dim=(2, 4))
+    ones = torch.nn.functional.pad(torch.ones(1, H, W, device=hmap.device), pad)
+    count = ones.reshape(1, h, d, w, d).sum(dim=(2, 4))
+    return (total / count).reshape(B0, h * w)
+
+
+def max_importance_ratio(sx: int, sy: int, pool_factor: float) -> float:
+    """Largest ratio the partition allows: r <= N - N_dst and M >= N_dst (kk = 1/(sx*sy))."""
+    kk = 1.0 / (sx * sy)
+    return min(1.0 - kk, 1.0 - kk / pool_factor)
+
+
+@dataclass
+class ImportancePartition:
+    """The partition of one image: dst (D,), src (S,) raster indices, priority (S,) float32,
+    r sources to merge, and the pool size M (M == N: degenerate regime, nothing forced)."""
+
+    dst: torch.Tensor
+    src: torch.Tensor
+    priority: torch.Tensor
+    r: int
+    pool: int
+
+
+def partition_counts(n: int, ratio: float, sx: int, sy: int, pool_factor: float):
+    """(r, N_dst, M) for N tokens; M is raised to N_dst and r capped at N - N_dst on tiny grids
+    where the floors would break the ratio limits."""
+    n_dst = n // (sx * sy)
+    r = min(int(ratio * n), n - n_dst)
+    m = max(n_dst, min(n, math.floor((n - r) * pool_factor + 1e-9)))
+    return r, n_dst, m
+
+
+def importance_partitions(
+    importance: torch.Tensor,
+    h: int,
+    w: int,
+    ratio: float,
+    sx: int,
+    sy: int,
+    pool_factor: float,
+    seed: int,
+    stratify: bool = True,
+) -> list:
+    """One ImportancePartition per image. importance: (B0, h*w) pooled map.
+
+    The draw uses a CPU generator seeded with `seed` (a (B0, N) uniform key), so the partition
+    is a function of (map, seed) only. stratify=False draws dst uniformly from the pool, as the
+    paper's code does.
+    """
+    B0, n = importance.shape
+    if n != h * w:
+        raise ValueError(f"importance has {n} tokens, grid {h}x{w} has {h * w}")
+    r, n_dst, m = partition_counts(n, ratio, sx, sy, pool_factor)
+    device = importance.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.rand(B0, n, generator=gen).to(device)
+    order = importance.float().argsort(dim=1, descending=True, stable=True)
+    in_pool = torch.zeros(B0, n, dtype=torch.bool, device=device)
+    in_pool.scatter_(1, order[:, :m], True)
+    # tiers: 0 first pool token of a full sx*sy window, 1 of a partial edge window,
+    # 2 any other pool token, 3 outside the pool (never a destination since M >= N_dst).
+    key = u.clone()
+    if stratify:
+        rows = torch.arange(h, device=device).view(-1, 1) // sy
+        cols = torch.arange(w, device=device).view(1, -1) // sx
+        n_wx = -(-w // sx)
+        window = (rows * n_wx + cols).flatten().expand(B0, n)
+        full = ((rows + 1) * sy <= h) & ((cols + 1) * sx <= w)
+        pool_u = torch.where(in_pool, u, torch.full_like(u, 2.0))
+        first = torch.full((B0, -(-h // sy) * n_wx), 2.0, device=device)
+        first = first.scatter_reduce(1, window, pool_u, reduce="amin")
+        is_first = in_pool & (pool_u == first.gather(1, window))
+        tier = torch.where(is_first, torch.where(full.flatten(), 0.0, 1.0), 2.0)
+        key = key + 2.0 * tier
+    key = torch.where(in_pool, key, torch.full_like(key, 8.0))
+    chosen = key.argsort(dim=1, stable=True)[:, :n_dst]
+    is_dst = torch.zeros(B0, n, dtype=torch.bool, device=device).scatter_(1, chosen, True)
+    # ascending raster order without a host sync: stable sort of the mask puts src (0) first
+    split = is_dst.to(torch.uint8).argsort(dim=1, stable=True)
+    src, dst = split[:, : n - n_dst], split[:, n - n_dst :]
+    priority = torch.where(in_pool.gather(1, src), 0.0, UNIMPORTANT_PRIORITY).float()
+    return [ImportancePartition(dst[b], src[b], priority[b], r, m) for b in range(B0)]
+
+
+def image_rows(batch: int, layout: str) -> list:
+    """Row indices of each image in a CFG batch of `batch` rows: halves -> [i, B0 + i],
+    interleaved -> [2i, 2i + 1] (CPU tensors; move them to the metric's device once)."""
+    b0 = batch // 2
+    rows = torch.arange(batch)
+    image = rows % b0 if layout == "halves" else rows // 2
+    return [rows[image == i] for i in range(b0)]
+
+
+def importance_plan(metric: torch.Tensor, parts: list, rows: list, grid) -> Optional[MergePlan]:
+    """Merge plan for metric (B, N, C); rows[i] (k,) are the rows of image i (e.g. its uncond
+    and cond rows), parts[i] its partition.
+
+    Every row of an image uses that image's partition and priority; matching is per row, as in
+    ToMe. Returns None when nothing is merged.
+    """
+    B, n, _ = metric.shape
+    if not parts or parts[0].r == 0 or parts[0].dst.numel() == 0:
+        return None
+    if len(parts) == 1:
+        p = parts[0]
+        return bipartite_plan(metric, p.dst, p.src, p.r, p.priority.expand(B, -1), grid)
+    group = torch.empty(B, n, dtype=torch.long, device=metric.device)
+    size = None
+    for p, idx in zip(parts, rows):
+        sub = bipartite_plan(metric[idx], p.dst, p.src, p.r, p.priority.expand(idx.numel(), -1), grid)
+        if size is None:
+            size = torch.empty(B, sub.n_groups, device=metric.device)
+        group[idx] = sub.group
+        size[idx] = sub.size
+    return MergePlan(group, size, n, grid)
+
+
+def with_prune_weights(plan: MergePlan, dst: torch.Tensor) -> MergePlan:
+    """The same plan as a "prune" plan (paper sec. 5.4): merged sources get weight 0, so a group
+    takes its destination's value (sources are dropped, not averaged) and unmerge copies it back.
+
+    dst: (B, D) or (D,) destination raster indices of each row (groups 0..D-1 are theirs).
+    """
+    D = dst.shape[-1]
+    dst = dst.expand(plan.batch, D)
+    weight = (plan.group >= D).float().scatter_(1, dst, 1.0)
+    return MergePlan(plan.group, plan.size, plan.n_tokens, plan.grid, weight)
