@@ -18,8 +18,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
-import torch
-
 from . import metrics
 from .denoise import denoise
 from .inputs import make_input

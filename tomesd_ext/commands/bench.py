@@ -8,7 +8,6 @@ reported before any work, with exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 

@@ -13,7 +13,7 @@ from typing import Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .options import MAX_DOWNSAMPLE_CHOICES, OptionError, check_int
+from .options import MAX_DOWNSAMPLE_CHOICES, OptionError, check_int, check_known
 
 MODES = ("nearest", "nearest-exact")
 
@@ -55,9 +55,7 @@ class ToDoOptions:
 
     @classmethod
     def create(cls, **kwargs) -> "ToDoOptions":
-        unknown = set(kwargs) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise OptionError(f"unknown option(s) {sorted(unknown)}; allowed: {', '.join(cls.__dataclass_fields__)}")
+        check_known(cls, kwargs)
         o = cls(**kwargs)
         check_int("factor", o.factor, 1, 8)
         md = o.max_downsample

@@ -45,6 +45,25 @@ def check_ratio(name: str, value, maximum: float, why: str) -> float:
     return value
 
 
+def check_known(cls, kwargs: dict) -> None:
+    """Reject keyword arguments that are not fields of the options dataclass `cls`."""
+    unknown = set(kwargs) - set(cls.__dataclass_fields__)
+    if unknown:
+        allowed = ", ".join(cls.__dataclass_fields__)
+        raise OptionError(f"unknown option(s) {sorted(unknown)}; allowed: {allowed}")
+
+
+def resolve_seed(seed) -> int:
+    """An int >= 0 as given, or (None) one drawn once from torch's global RNG."""
+    if seed is None:
+        import torch
+
+        return int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
+    return seed
+
+
 MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 MODES = ("tome", "importance")
 CFG_LAYOUTS = ("auto", "halves", "interleaved", "off")
@@ -102,10 +121,7 @@ class ToMeOptions:
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
-        unknown = set(kwargs) - set(cls.__dataclass_fields__)
-        if unknown:
-            allowed = ", ".join(cls.__dataclass_fields__)
-            raise OptionError(f"unknown option(s) {sorted(unknown)}; allowed: {allowed}")
+        check_known(cls, kwargs)
         o = cls(**kwargs)
         sx = check_int("sx", o.sx, 1, 64)
         sy = check_int("sy", o.sy, 1, 64)
@@ -146,13 +162,7 @@ class ToMeOptions:
         if o.reuse not in REUSE_CHOICES:
             raise OptionError(f"reuse={o.reuse!r} is not allowed: use one of {REUSE_CHOICES}")
         check_int("reuse_steps", o.reuse_steps, 1, 1000)
-        seed = o.seed
-        if seed is None:
-            import torch
-
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
+        seed = resolve_seed(o.seed)
         return replace(o, ratio=ratio, seed=seed, pool_factor=pool_factor, min_tokens=min_tokens)
 
     @property

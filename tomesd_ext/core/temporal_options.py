@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from .options import MAX_DOWNSAMPLE_CHOICES, OptionError, check_bool, check_int, check_ratio
+from .options import MAX_DOWNSAMPLE_CHOICES, OptionError, check_bool, check_int, check_known, check_ratio, resolve_seed
 
 
 def _check_probability(name: str, value) -> float:
@@ -41,10 +41,7 @@ class VidToMeOptions:
 
     @classmethod
     def create(cls, **kwargs) -> "VidToMeOptions":
-        unknown = set(kwargs) - set(cls.__dataclass_fields__)
-        if unknown:
-            allowed = ", ".join(cls.__dataclass_fields__)
-            raise OptionError(f"unknown option(s) {sorted(unknown)}; allowed: {allowed}")
+        check_known(cls, kwargs)
         o = cls(**kwargs)
         check_int("chunk_size", o.chunk_size, 1, 64)
         local = check_ratio("local_ratio", o.local_ratio, 1.0, "")
@@ -54,11 +51,5 @@ class VidToMeOptions:
             raise OptionError(f"max_downsample={md!r} is not allowed: use one of {MAX_DOWNSAMPLE_CHOICES}")
         global_rand = _check_probability("global_rand", o.global_rand)
         check_bool("align_batch", o.align_batch)
-        seed = o.seed
-        if seed is None:
-            import torch
-
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise OptionError(f"seed must be None or an int >= 0, got {seed!r}")
+        seed = resolve_seed(o.seed)
         return replace(o, local_ratio=local, global_ratio=glob, global_rand=global_rand, seed=seed)
