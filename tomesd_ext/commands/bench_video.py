@@ -3,8 +3,15 @@
 For each clip (the animated GIF scikit-image ships, and a synthetic moving-shapes clip) both
 methods edit from one shared (cached) DDIM inversion; measured per method: warp error of the
 output along the input's optical flow, generation time per frame (median of --repeats,
-methods interleaved A/B/A/B), peak RSS increase of the generation. --memory-frames adds a peak
-memory check of VidToMe at several video lengths (chunked UNet calls: flat in the length).
+methods interleaved A/B/A/B), peak RSS increase of the generation, and the frame-to-frame change
+of the guided noise prediction at every step (the mechanism VidToMe acts on: matched tokens share
+attention outputs). --memory-frames adds a peak memory check at several video lengths (chunked
+UNet calls: flat in the length).
+
+--sharpen (default auto: 2.0 for built-in random-weight models, off for local checkpoints) builds
+the model with sharpened self-attention (tomesd_ext.models.sharpen_self_attention): plain random
+weights give almost uniform attention, whose output hardly depends on which tokens are merged
+(shared/research/fidelity.md).
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ def add_parser(subparsers):
     p.add_argument("--memory-steps", type=int, default=1, help="generation steps of the memory check")
     p.add_argument("--source-prompt", default="a video")
     p.add_argument("--edit-prompt", default="a watercolor painting")
+    p.add_argument("--sharpen", default="auto",
+                   help="self-attention sharpening scale: auto (2.0 for built-in random-weight models, "
+                        "off for local checkpoints) or a number (0 = plain attention)")
     p.add_argument("--json", metavar="PATH", help="write results as JSON ('-' = stdout)")
     p.add_argument("--plot", metavar="PNG", help="bar charts of warp error and time per frame")
     p.set_defaults(run=run)
@@ -55,12 +65,12 @@ def _clip(spec, n, size):
     return name, frames, note
 
 
-def _generate(editor, start, timesteps, prompt, settings):
+def _generate(editor, start, timesteps, prompt, settings, on_eps=None):
     from ..video.memory import PeakRSS
 
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        lat = editor.generate(start, timesteps, prompt, settings)
+        lat = editor.generate(start, timesteps, prompt, settings, on_eps=on_eps)
         dt = time.perf_counter() - t0
     return lat, dt, mem
 
@@ -68,13 +78,14 @@ def _generate(editor, start, timesteps, prompt, settings):
 def run(args) -> int:
     import torch
 
-    from ..video import EditSettings, VideoEditor, warp_error
-    from ..video.models import load_pipeline
+    from ..video import EditSettings, VideoEditor, frame_difference, warp_error
+    from ..video.models import load_pipeline, model_id, resolve_sharpen
 
+    sharpen = resolve_sharpen(args.model, args.sharpen)
     torch.manual_seed(0)
-    pipe = load_pipeline(args.model)
-    editor = VideoEditor(pipe, model_id=args.model)
-    results = {"model": args.model, "size": args.size, "steps": args.steps, "mode": args.mode,
+    pipe = load_pipeline(args.model, sharpen=sharpen)
+    editor = VideoEditor(pipe, model_id=model_id(args.model, sharpen))
+    results = {"model": args.model, "sharpen": sharpen, "size": args.size, "steps": args.steps, "mode": args.mode,
                "chunk_size": args.chunk_size, "seed": args.seed, "threads": torch.get_num_threads(),
                "memory_measure": "peak process RSS increase during generation (psutil, 5 ms sampling)",
                "clips": [], "memory": []}
@@ -95,12 +106,15 @@ def run(args) -> int:
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed)).to(latents)
             start = sched.add_noise(latents, noise, timesteps[:1])
         times = {m: [] for m in methods}
-        mems, outs = {}, {}
+        mems, outs, eps_diff = {}, {}, {}
         for rep in range(args.repeats):
             order = list(methods) if rep % 2 == 0 else list(methods)[::-1]
             for m in order:
                 s = EditSettings(**{**base.__dict__, "vidtome": methods[m]})
-                lat, dt, mem = _generate(editor, start, timesteps, args.edit_prompt, s)
+                diffs = []
+                lat, dt, mem = _generate(editor, start, timesteps, args.edit_prompt, s,
+                                         lambda i, eps, d=diffs: d.append(frame_difference(eps)))
+                eps_diff[m] = diffs
                 times[m].append(dt / len(frames))
                 mems[m] = max(mems.get(m, 0.0), mem.peak_mb)
                 outs[m] = editor.decode(lat, args.chunk_size)
@@ -112,13 +126,17 @@ def run(args) -> int:
                 "s_per_frame": statistics.median(times[m]),
                 "s_per_frame_all": times[m],
                 "peak_rss_mb": mems[m],
+                "eps_frame_diff": eps_diff[m],
+                "eps_frame_diff_mean": statistics.fmean(eps_diff[m]),
             }
         pf, vt = row["methods"]["per-frame"], row["methods"]["vidtome"]
         row["time_ratio_vidtome_over_perframe"] = vt["s_per_frame"] / pf["s_per_frame"]
         row["warp_ratio_vidtome_over_perframe"] = vt["warp_error"] / pf["warp_error"]
+        row["eps_diff_ratio_vidtome_over_perframe"] = vt["eps_frame_diff_mean"] / pf["eps_frame_diff_mean"]
         results["clips"].append(row)
-        print(f"  per-frame: warp {pf['warp_error']:.5f}  {pf['s_per_frame']:.3f} s/frame  peak +{pf['peak_rss_mb']:.0f} MiB", file=sys.stderr)
-        print(f"  vidtome:   warp {vt['warp_error']:.5f}  {vt['s_per_frame']:.3f} s/frame  peak +{vt['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+        for label, v in (("per-frame", pf), ("vidtome", vt)):
+            print(f"  {label + ':':10s} warp {v['warp_error']:.5f}  eps diff {v['eps_frame_diff_mean']:.4f}  "
+                  f"{v['s_per_frame']:.3f} s/frame  peak +{v['peak_rss_mb']:.0f} MiB", file=sys.stderr)
     for n in [int(v) for v in args.memory_frames.split(",") if v]:
         for m in methods:
             r = _memory_in_fresh_process(args, n, m)
@@ -146,7 +164,7 @@ def _memory_child(params: dict) -> dict:
     from ..video.models import load_pipeline
 
     torch.set_num_threads(params["threads"])
-    editor = VideoEditor(load_pipeline(params["model"]), model_id=params["model"])
+    editor = VideoEditor(load_pipeline(params["model"], sharpen=params.get("sharpen", 0.0)), model_id=params["model"])
     frames = moving_shapes(params["frames"], params["size"])
     latents = editor.encode(frames, params["chunk_size"])
     sched = editor.scheduler
@@ -172,7 +190,9 @@ def _memory_in_fresh_process(args, n, method):
 
     import torch
 
-    params = {"model": args.model, "size": args.size, "steps": args.steps, "chunk_size": args.chunk_size,
+    from ..video.models import resolve_sharpen
+
+    params = {"model": args.model, "sharpen": resolve_sharpen(args.model, args.sharpen), "size": args.size, "steps": args.steps, "chunk_size": args.chunk_size,
               "seed": args.seed, "memory_steps": args.memory_steps, "threads": torch.get_num_threads(),
               "frames": n, "method": method}
     code = ("import json, sys; from tomesd_ext.commands.bench_video import _memory_child; "
@@ -188,13 +208,16 @@ def _memory_in_fresh_process(args, n, method):
 
 
 def _print_table(results):
-    print(f"model {results['model']}, {results['steps']} steps, mode {results['mode']}, chunk {results['chunk_size']}, "
-          f"{results['threads']} threads")
-    print(f"{'clip':36s} {'method':10s} {'warp err':>9s} {'s/frame':>8s} {'peak MiB':>9s}")
+    attn = f"self-attention sharpened x{results['sharpen']:g}" if results["sharpen"] else "plain self-attention"
+    print(f"model {results['model']} ({attn}), {results['steps']} steps, mode {results['mode']}, "
+          f"chunk {results['chunk_size']}, {results['threads']} threads")
+    print(f"{'clip':36s} {'method':10s} {'warp err':>9s} {'eps diff':>9s} {'s/frame':>8s} {'peak MiB':>9s}")
     for row in results["clips"]:
         for m, v in row["methods"].items():
-            print(f"{row['clip'][:36]:36s} {m:10s} {v['warp_error']:9.5f} {v['s_per_frame']:8.3f} {v['peak_rss_mb']:9.0f}")
+            print(f"{row['clip'][:36]:36s} {m:10s} {v['warp_error']:9.5f} {v['eps_frame_diff_mean']:9.4f} "
+                  f"{v['s_per_frame']:8.3f} {v['peak_rss_mb']:9.0f}")
         print(f"{'':36s} vidtome/per-frame: warp x{row['warp_ratio_vidtome_over_perframe']:.3f}, "
+              f"eps diff x{row['eps_diff_ratio_vidtome_over_perframe']:.3f}, "
               f"time x{row['time_ratio_vidtome_over_perframe']:.3f} (input's own warp err {row['input_warp_error']:.5f})")
     for r in results["memory"]:
         print(f"memory: {r['frames']:3d} frames {r['method']:10s} peak RSS +{r['peak_rss_mb']:.0f} MiB ({r['seconds']:.1f} s)")
@@ -207,9 +230,10 @@ def _plot(results, path):
     import matplotlib.pyplot as plt
 
     clips = results["clips"]
-    fig, axes = plt.subplots(1, 3 if results["memory"] else 2, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 4 if results["memory"] else 3, figsize=(17, 4))
     for ax, key, title in ((axes[0], "warp_error", "warp error (lower = more consistent)"),
-                           (axes[1], "s_per_frame", "generation s/frame")):
+                           (axes[1], "eps_frame_diff_mean", "noise-prediction frame change"),
+                           (axes[2], "s_per_frame", "generation s/frame")):
         width = 0.38
         for j, m in enumerate(("per-frame", "vidtome")):
             ax.bar([i + j * width for i in range(len(clips))], [c["methods"][m][key] for c in clips], width, label=m)
@@ -217,13 +241,14 @@ def _plot(results, path):
         ax.set_title(title)
         ax.legend()
     if results["memory"]:
-        ax = axes[2]
+        ax = axes[3]
         for m in ("per-frame", "vidtome"):
             pts = [(r["frames"], r["peak_rss_mb"]) for r in results["memory"] if r["method"] == m]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
         ax.set_xlabel("frames")
         ax.set_title("peak RSS increase (MiB)")
         ax.legend()
-    fig.suptitle(f"{results['model']}: per-frame vs VidToMe ({results['steps']} steps, chunk {results['chunk_size']})")
+    attn = f", attention sharpened x{results['sharpen']:g}" if results.get("sharpen") else ""
+    fig.suptitle(f"{results['model']}{attn}: per-frame vs VidToMe ({results['steps']} steps, chunk {results['chunk_size']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -197,8 +197,11 @@ class VideoEditor:
         return x
 
     # -- generation --------------------------------------------------------------------------
-    def generate(self, start, timesteps, prompt, s: EditSettings, control=None, progress=None):
-        """Denoise `start` (F, 4, h, w) over `timesteps` with CFG; VidToMe when s.vidtome is set."""
+    def generate(self, start, timesteps, prompt, s: EditSettings, control=None, progress=None, on_eps=None):
+        """Denoise `start` (F, 4, h, w) over `timesteps` with CFG; VidToMe when s.vidtome is set.
+
+        on_eps(step_index, eps): optional observer of every step's guided noise prediction (F, 4, h, w).
+        """
         sched = self.scheduler
         emb = self.embed(prompt, s.negative_prompt if s.guidance != 1 else None)
         n = start.shape[0]
@@ -217,6 +220,8 @@ class VideoEditor:
                     chunks = [list(range(j, min(j + s.chunk_size, n))) for j in range(0, n, s.chunk_size)]
                     on_chunk = None
                 eps = self._step_eps(x, t, emb, chunks, control, s.control_scale, s.guidance, on_chunk)
+                if on_eps is not None:
+                    on_eps(i, eps)
                 x = sched.step(eps, t, x).prev_sample
                 if progress:
                     progress()

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 from ..core.options import OptionError
 from .editor import EditSettings, VideoEditor
 from .io import fit_size, read_frames, write_frames, write_mp4
+from .models import model_id, resolve_sharpen
 from .warp import warp_error
 
 REQUIRED = ("input", "output", "edit_prompt")
@@ -38,6 +39,7 @@ FIELDS = {
     "negative_prompt": "negative prompt",
     "seed": "seed of merging and noise",
     "model": "built-in name (tiny, sd15, sd21) or local checkpoint path",
+    "sharpen": "self-attention sharpening of the model: auto (2.0 for built-in random weights, off for checkpoints) or a scale (0 = off)",
     "control": "none or canny",
     "controlnet": "local ControlNet folder (default: built-in random one for built-in models)",
     "control_scale": "ControlNet conditioning scale",
@@ -141,6 +143,10 @@ def parse_job(index: int, raw, base: Path) -> Job:
         ).check()
     except (OptionError, TypeError) as e:
         raise JobError(f"{label}: {e}") from e
+    try:
+        sharpen = resolve_sharpen(str(raw.get("model", "tiny")), raw.get("sharpen", "auto"))
+    except OptionError as e:
+        raise JobError(f"{label}: {e}") from e
     frames = raw.get("frames") or {}
     if not isinstance(frames, dict) or set(frames) - {"start", "end", "stride", "max"}:
         raise JobError(f"{label}: frames must be a mapping of start, end, stride, max; got {frames!r}")
@@ -158,6 +164,7 @@ def parse_job(index: int, raw, base: Path) -> Job:
     spec["input"] = str(inp if inp.is_absolute() else base / inp)
     cache = Path(str(raw.get("cache_dir", DEFAULT_CACHE))).expanduser()
     spec["cache_dir"] = str(cache if cache.is_absolute() else base / cache)
+    spec["sharpen"] = sharpen
     return Job(index, name, spec, s, out)
 
 
@@ -174,14 +181,14 @@ class PipelineCache:
         self.key = None
         self.value = None
 
-    def get(self, model: str, controlnet: Optional[str], control: bool):
-        from .models import load_controlnet, load_pipeline
+    def get(self, model: str, controlnet: Optional[str], control: bool, sharpen: float = 0.0):
+        from .models import is_builtin, load_controlnet, load_pipeline
 
-        key = (model, controlnet if control else None, control)
+        key = (model, controlnet if control else None, control, sharpen)
         if key != self.key:
             self.key = self.value = None
-            pipe = load_pipeline(model)
-            builtin = not Path(model).expanduser().exists()
+            pipe = load_pipeline(model, sharpen=sharpen)
+            builtin = is_builtin(model)
             cn = load_controlnet(controlnet, pipe, builtin) if control else None
             self.key, self.value = key, (pipe, cn)
         return self.value
@@ -215,9 +222,10 @@ def run_job(job: Job, pipes: PipelineCache, progress_factory=None) -> JobResult:
         frames, note = fit_size(clip.frames, job.spec.get("size"))
         res.frames, res.size = len(frames), f"{frames[0].shape[1]}x{frames[0].shape[0]}"
         model = str(job.spec.get("model", "tiny"))
-        pipe, cn = pipes.get(model, job.spec.get("controlnet"), job.settings.control is not None)
+        sharpen = job.spec.get("sharpen", 0.0)
+        pipe, cn = pipes.get(model, job.spec.get("controlnet"), job.settings.control is not None, sharpen)
         cache_dir = job.spec.get("cache_dir", DEFAULT_CACHE)
-        editor = VideoEditor(pipe, cn, cache_dir=cache_dir, model_id=model)
+        editor = VideoEditor(pipe, cn, cache_dir=cache_dir, model_id=model_id(model, sharpen))
         key = json.dumps([_input_identity(job.spec["input"]), sel, res.size, len(frames)])
         s = job.settings
         total = s.steps + (s.steps if s.mode == "invert" else 0)

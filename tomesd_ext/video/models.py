@@ -3,6 +3,12 @@
 model: a built-in random-weight name ("tiny", "sd15", "sd21"; tomesd_ext.models) or a path to a
 local diffusers folder / single-file checkpoint (.safetensors, .ckpt). ControlNet: a local
 ControlNetModel folder, or for built-in models a random-weight one shaped like the UNet.
+
+sharpen: random weights give almost uniform self-attention (normalised entropy ~0.99,
+shared/research/fidelity.md), so which tokens attention sees barely matters and token merging
+cannot change a random model's output much. The documented instrument is the sharpened variant
+(`tomesd_ext.models.sharpen_self_attention`: to_k tied to to_q, both scaled). "auto" sharpens
+built-in random-weight models by DEFAULT_SHARPEN and leaves real checkpoints alone.
 """
 
 from __future__ import annotations
@@ -11,8 +17,39 @@ from pathlib import Path
 from typing import Optional
 
 
-def load_pipeline(model: str, seed: int = 0, dtype=None):
-    """A StableDiffusionPipeline with a DDIM scheduler (progress bar off)."""
+DEFAULT_SHARPEN = 2.0
+
+
+def is_builtin(model: str) -> bool:
+    """True for a built-in random-weight model name (no local path of that name exists)."""
+    return not Path(str(model)).expanduser().exists()
+
+
+def resolve_sharpen(model: str, sharpen="auto") -> float:
+    """The self-attention sharpening scale to apply: "auto"/None -> DEFAULT_SHARPEN for built-in
+    random-weight models and 0 (off) for local checkpoints; a number >= 0 as given (0 = off)."""
+    from ..core.options import OptionError
+
+    if sharpen is None or sharpen == "auto":
+        return DEFAULT_SHARPEN if is_builtin(model) else 0.0
+    if isinstance(sharpen, str):
+        try:
+            sharpen = float(sharpen)
+        except ValueError:
+            sharpen = None
+    if isinstance(sharpen, bool) or not isinstance(sharpen, (int, float)) or not 0 <= sharpen <= 64:
+        raise OptionError(f"sharpen={sharpen!r} is out of range: allowed 'auto' or a number in [0, 64] (0 = off)")
+    return float(sharpen)
+
+
+def model_id(model: str, sharpen: float = 0.0) -> str:
+    """Identity of a loaded model (inversion cache keys): the name, plus the sharpening if any."""
+    return f"{model}@sharpen{sharpen:g}" if sharpen else str(model)
+
+
+def load_pipeline(model: str, seed: int = 0, dtype=None, sharpen: float = 0.0):
+    """A StableDiffusionPipeline with a DDIM scheduler (progress bar off). sharpen > 0 applies
+    `sharpen_self_attention(pipe.unet, sharpen)` (see resolve_sharpen for the "auto" rule)."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -32,6 +69,10 @@ def load_pipeline(model: str, seed: int = 0, dtype=None):
             raise ValueError(f"model {model!r} is neither a local path nor a built-in SD1.x/2.x model {names}")
         pipe = build_pipeline(model, "txt2img", seed=seed, dtype=dtype, scheduler="ddim")
     pipe.set_progress_bar_config(disable=True)
+    if sharpen:
+        from ..models import sharpen_self_attention
+
+        sharpen_self_attention(pipe.unet, sharpen)
     return pipe
 
 

@@ -64,3 +64,15 @@ def warp_error(outputs: Sequence[np.ndarray], inputs: Sequence[np.ndarray]) -> f
     errs = [pair_warp_error(a, b, back, fwd) for (a, b), (back, fwd) in zip(zip(outputs[:-1], outputs[1:]), farneback_flows(inputs))]
     errs = [e for e in errs if np.isfinite(e)]
     return float(np.mean(errs)) if errs else float("nan")
+
+
+def frame_difference(x) -> float:
+    """Relative frame-to-frame change of a per-frame tensor x (F, ...) such as a noise prediction:
+    mean over consecutive pairs of ||x[t+1] - x[t]||^2, divided by the mean ||x[t]||^2.
+    Flow-free (static pixels only agree when the frames agree there); NaN for one frame."""
+    import torch
+
+    x = torch.as_tensor(x).float()
+    if x.shape[0] < 2:
+        return float("nan")
+    return float((x[1:] - x[:-1]).pow(2).mean() / x.pow(2).mean().clamp_min(1e-30))
