@@ -117,3 +117,24 @@ def test_local_checkpoint_folder_loads(pipe, tmp_path):
     assert all((x == y).all() for x, y in zip(a, b))
     with pytest.raises(ValueError, match="neither a local path"):
         load_pipeline("no-such-model")
+
+
+def test_vidtome_merges_every_self_attention_of_both_default_levels(pipe):
+    """No level is skipped (no min_tokens rule in VidToMe): at 64 px (8x8 latent) the 64- and
+    16-token levels (d = 1, 2) are merged in every chunk call of every step, and nothing else."""
+    from tomesd_ext.core import chunk_frames
+
+    editor = VideoEditor(pipe)
+    lat = editor.encode(moving_shapes(6, 64))
+    editor.scheduler.set_timesteps(3)
+    s = EditSettings(steps=3, seed=2, chunk_size=4)
+    editor.generate(lat, editor.scheduler.timesteps, "a cat", s)
+    calls = editor.last_merged_calls
+    assert set(calls) == {64, 16}
+    n_chunk_calls = sum(len(chunk_frames(6, 4, 2, i)) for i in range(3))
+    n_single = sum(1 for i in range(3) for c in chunk_frames(6, 4, 2, i) if len(c) == 1)
+    assert n_chunk_calls > n_single  # some chunks hold several frames, so merging happened
+    for n, k in calls.items():
+        assert k % n_chunk_calls == 0 and k > 0
+    editor.generate(lat, editor.scheduler.timesteps, "a cat", EditSettings(steps=3, seed=2, vidtome=None))
+    assert editor.last_merged_calls == {}

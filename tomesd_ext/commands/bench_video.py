@@ -106,7 +106,7 @@ def run(args) -> int:
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed)).to(latents)
             start = sched.add_noise(latents, noise, timesteps[:1])
         times = {m: [] for m in methods}
-        mems, outs, eps_diff = {}, {}, {}
+        mems, outs, eps_diff, merged = {}, {}, {}, {}
         for rep in range(args.repeats):
             order = list(methods) if rep % 2 == 0 else list(methods)[::-1]
             for m in order:
@@ -115,6 +115,7 @@ def run(args) -> int:
                 lat, dt, mem = _generate(editor, start, timesteps, args.edit_prompt, s,
                                          lambda i, eps, d=diffs: d.append(frame_difference(eps)))
                 eps_diff[m] = diffs
+                merged[m] = {str(k): v for k, v in sorted(editor.last_merged_calls.items(), reverse=True)}
                 times[m].append(dt / len(frames))
                 mems[m] = max(mems.get(m, 0.0), mem.peak_mb)
                 outs[m] = editor.decode(lat, args.chunk_size)
@@ -128,12 +129,15 @@ def run(args) -> int:
                 "peak_rss_mb": mems[m],
                 "eps_frame_diff": eps_diff[m],
                 "eps_frame_diff_mean": statistics.fmean(eps_diff[m]),
+                "merged_attention_calls": merged[m],
             }
         pf, vt = row["methods"]["per-frame"], row["methods"]["vidtome"]
         row["time_ratio_vidtome_over_perframe"] = vt["s_per_frame"] / pf["s_per_frame"]
         row["warp_ratio_vidtome_over_perframe"] = vt["warp_error"] / pf["warp_error"]
         row["eps_diff_ratio_vidtome_over_perframe"] = vt["eps_frame_diff_mean"] / pf["eps_frame_diff_mean"]
         results["clips"].append(row)
+        print(f"  VidToMe merged attn1 calls per generation (tokens per frame: calls): {vt['merged_attention_calls']}",
+              file=sys.stderr)
         for label, v in (("per-frame", pf), ("vidtome", vt)):
             print(f"  {label + ':':10s} warp {v['warp_error']:.5f}  eps diff {v['eps_frame_diff_mean']:.4f}  "
                   f"{v['s_per_frame']:.3f} s/frame  peak +{v['peak_rss_mb']:.0f} MiB", file=sys.stderr)

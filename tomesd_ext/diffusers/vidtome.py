@@ -37,6 +37,7 @@ class VidToMeState:
         self.call_samples = 1
         self.globals: Dict[int, torch.Tensor] = {}
         self._globals_step = None
+        self.merged_calls: Dict[int, int] = {}  # tokens per frame -> attention calls merged
 
     def set_chunk(self, frames: Sequence[int], n_samples: int, step=None) -> None:
         """Declare the next UNet call: its frames (indices in the video) and CFG samples S."""
@@ -105,6 +106,8 @@ class VidToMeAttnProcessor(MergedAttnProcessor):
         )
         if new_global is not None:
             st.globals[self.block_id] = new_global
+        n = hidden_states.shape[1]
+        st.merged_calls[n] = st.merged_calls.get(n, 0) + 1
         return out
 
     def __repr__(self):

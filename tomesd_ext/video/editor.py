@@ -96,6 +96,7 @@ class VideoEditor:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.model_id = model_id
         self.last_cache_hit = False
+        self.last_merged_calls: dict = {}  # VidToMe: tokens per frame -> merged attention calls of the last generate
 
     # -- VAE, prompts -------------------------------------------------------------------------
     def encode(self, frames: Sequence[np.ndarray], chunk: int = 4) -> torch.Tensor:
@@ -206,6 +207,7 @@ class VideoEditor:
         emb = self.embed(prompt, s.negative_prompt if s.guidance != 1 else None)
         n = start.shape[0]
         st = None
+        self.last_merged_calls = {}
         if s.vidtome is not None:
             opts = {"seed": s.seed, "chunk_size": s.chunk_size, **s.vidtome}
             apply_vidtome(self.unet, **opts)
@@ -227,6 +229,7 @@ class VideoEditor:
                     progress()
         finally:
             if st is not None:
+                self.last_merged_calls = dict(st.merged_calls)
                 remove_vidtome(self.unet)
         return x
 
