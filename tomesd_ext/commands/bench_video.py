@@ -40,6 +40,10 @@ def add_parser(subparsers):
     p.add_argument("--sharpen", default="auto",
                    help="self-attention sharpening scale: auto (2.0 for built-in random-weight models, "
                         "off for local checkpoints) or a number (0 = plain attention)")
+    p.add_argument("--probe-t", type=int, default=251, metavar="T",
+                   help="one-call probe: the clip's latents noised to timestep T with ONE noise shared by all "
+                        "frames, one guided UNet step per method; reports the noise prediction's frame change "
+                        "(the mechanism, free of the DDIM chain); -1 = off")
     p.add_argument("--json", metavar="PATH", help="write results as JSON ('-' = stdout)")
     p.add_argument("--plot", metavar="PNG", help="bar charts of warp error and time per frame")
     p.set_defaults(run=run)
@@ -75,6 +79,27 @@ def _generate(editor, start, timesteps, prompt, settings, on_eps=None):
     return lat, dt, mem
 
 
+def _probe(editor, latents, args, methods) -> dict:
+    """Frame change of the guided noise prediction of one step on consistent inputs (every frame
+    noised with the same noise to timestep args.probe_t), per method; same chunking as generation."""
+    import torch
+
+    from ..video import EditSettings, frame_difference
+
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(latents[:1].shape, generator=gen).to(latents).expand_as(latents)
+    t = torch.tensor([args.probe_t])
+    x = editor.scheduler.add_noise(latents, noise, t)
+    out = {"timestep": args.probe_t}
+    for m, vt in methods.items():
+        got = []
+        s = EditSettings(mode=args.mode, steps=args.steps, seed=args.seed, chunk_size=args.chunk_size, vidtome=vt)
+        editor.generate(x, t, args.edit_prompt, s, on_eps=lambda i, eps: got.append(frame_difference(eps)))
+        out[m] = got[0]
+    out["ratio_vidtome_over_perframe"] = out["vidtome"] / out["per-frame"]
+    return out
+
+
 def run(args) -> int:
     import torch
 
@@ -105,6 +130,7 @@ def run(args) -> int:
             timesteps = sched.timesteps[args.steps - max(1, int(round(0.8 * args.steps))):]
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed)).to(latents)
             start = sched.add_noise(latents, noise, timesteps[:1])
+        row_probe = _probe(editor, latents, args, methods) if args.probe_t >= 0 else None
         times = {m: [] for m in methods}
         mems, outs, eps_diff, merged = {}, {}, {}, {}
         for rep in range(args.repeats):
@@ -135,6 +161,10 @@ def run(args) -> int:
         row["time_ratio_vidtome_over_perframe"] = vt["s_per_frame"] / pf["s_per_frame"]
         row["warp_ratio_vidtome_over_perframe"] = vt["warp_error"] / pf["warp_error"]
         row["eps_diff_ratio_vidtome_over_perframe"] = vt["eps_frame_diff_mean"] / pf["eps_frame_diff_mean"]
+        if row_probe is not None:
+            row["probe"] = row_probe
+            print(f"  probe (t={args.probe_t}, shared noise, one step): eps frame change per-frame "
+                  f"{row_probe['per-frame']:.4f}, vidtome {row_probe['vidtome']:.4f}", file=sys.stderr)
         results["clips"].append(row)
         print(f"  VidToMe merged attn1 calls per generation (tokens per frame: calls): {vt['merged_attention_calls']}",
               file=sys.stderr)
@@ -223,6 +253,10 @@ def _print_table(results):
         print(f"{'':36s} vidtome/per-frame: warp x{row['warp_ratio_vidtome_over_perframe']:.3f}, "
               f"eps diff x{row['eps_diff_ratio_vidtome_over_perframe']:.3f}, "
               f"time x{row['time_ratio_vidtome_over_perframe']:.3f} (input's own warp err {row['input_warp_error']:.5f})")
+        if "probe" in row:
+            pr = row["probe"]
+            print(f"{'':36s} probe t={pr['timestep']}: eps frame change per-frame {pr['per-frame']:.4f}, "
+                  f"vidtome {pr['vidtome']:.4f} (x{pr['ratio_vidtome_over_perframe']:.3f})")
     for r in results["memory"]:
         print(f"memory: {r['frames']:3d} frames {r['method']:10s} peak RSS +{r['peak_rss_mb']:.0f} MiB ({r['seconds']:.1f} s)")
 
