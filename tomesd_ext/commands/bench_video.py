@@ -284,6 +284,7 @@ def _plot(results, path):
             pts = [(r["frames"], r["peak_rss_mb"]) for r in results["memory"] if r["method"] == m]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
         ax.set_xlabel("frames")
+        ax.set_ylim(bottom=0)
         ax.set_title("peak RSS increase (MiB)")
         ax.legend()
     attn = f", attention sharpened x{results['sharpen']:g}" if results.get("sharpen") else ""
