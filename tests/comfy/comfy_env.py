@@ -179,19 +179,22 @@ def comfy_model_from_diffusers(unet, family="sd", heads=None):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-def run_unet(patcher, x, timestep, context, sigma=None, y=None):
+def run_unet(patcher, x, timestep, context, sigma=None, y=None, options=None):
     """One UNet call as ComfyUI's sampler makes it: the patcher's object patches applied, its
-    wrappers and transformer_options (patches) passed down; returns the raw UNet output."""
+    wrappers and transformer_options (patches) passed down, plus ``options`` (e.g.
+    ``{"cond_or_uncond": [1, 0]}``); returns the raw UNet output."""
     import torch
 
     import comfy.patcher_extension
 
     patcher.patch_model()
     try:
+        extra = options
         options = dict(patcher.model_options.get("transformer_options", {}))
         options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
         t = torch.full((x.shape[0],), float(timestep))
         options["sigmas"] = torch.full((x.shape[0],), float(sigma if sigma is not None else 1.0))
+        options.update(extra or {})
         with torch.no_grad():
             return patcher.model.diffusion_model(x, t, context=context, y=y, transformer_options=options)
     finally:

@@ -20,6 +20,7 @@ from .patches import (
     Attn2Patch,
     DiffusionModelWrapper,
     MergedFeedForward,
+    StandIn,
     _StatePatch,
 )
 from .state import ComfyToMeState
@@ -54,7 +55,7 @@ def _strip(m) -> None:
                 del patches[name]
     m.remove_wrappers_with_key(_diffusion_model_wrapper_type(), WRAPPER_KEY)
     for key, obj in list(m.object_patches.items()):
-        if isinstance(obj, MergedFeedForward):
+        if isinstance(obj, StandIn):  # ToMe's MergedFeedForward, VidToMe's attention
             del m.object_patches[key]
 
 

@@ -16,24 +16,21 @@ import torch
 from ..core import MergePlan, ToMeOptions, level_plan, timestep_key
 
 
-class ComfyToMeState:
-    """Options plus the per-call and per-block-call slots shared by every patch of one node.
+class SamplingWindow:
+    """Per-UNet-call facts every tomesd-ext patch needs, set by ``DiffusionModelWrapper``.
 
-    sigma_start >= sigma_end: merging is active while sigma_end <= sigma <= sigma_start (the
-    node's start/end percent mapped through ``model_sampling.percent_to_sigma``).
-    Deep copies (ComfyUI deep-copies ``model_options`` on every ``clone()``) return the same
-    object, so the patches, the wrapper and the feed-forward object patches keep sharing it.
+    latent_hw, step_key (the UNet's timestep, the key of every random draw) and ``active``:
+    sigma_end <= sigma <= sigma_start (the node's start/end percent mapped through
+    ``model_sampling.percent_to_sigma``). Deep copies (ComfyUI deep-copies ``model_options`` on
+    every ``clone()``) return the same object, so all patches of one node keep sharing it.
     """
 
-    def __init__(self, opts: ToMeOptions, max_downsample: int, sigma_start: float = float("inf"), sigma_end: float = 0.0):
-        self.opts = opts
-        self.max_downsample = max_downsample
+    def __init__(self, sigma_start: float = float("inf"), sigma_end: float = 0.0):
         self.sigma_start = sigma_start
         self.sigma_end = sigma_end
         self.latent_hw: Optional[Tuple[int, int]] = None
         self.step_key = 0.0
         self.active = False
-        self.begin_block()
 
     def __deepcopy__(self, memo):
         return self
@@ -47,10 +44,30 @@ class ComfyToMeState:
         else:
             sigma = float(sigmas.flatten()[0].item()) if hasattr(sigmas, "flatten") else float(sigmas)
             self.active = self.latent_hw is not None and self.sigma_end <= sigma <= self.sigma_start
-        self.begin_block()
 
     def end_call(self) -> None:
         self.active = False
+
+
+class ComfyToMeState(SamplingWindow):
+    """Options plus the per-call and per-block-call slots shared by every patch of one node.
+
+    The sampling window, latent size and step come from ``SamplingWindow``; the patches, the
+    wrapper and the feed-forward object patches share one instance.
+    """
+
+    def __init__(self, opts: ToMeOptions, max_downsample: int, sigma_start: float = float("inf"), sigma_end: float = 0.0):
+        super().__init__(sigma_start, sigma_end)
+        self.opts = opts
+        self.max_downsample = max_downsample
+        self.begin_block()
+
+    def begin_call(self, x: torch.Tensor, timesteps, sigmas) -> None:
+        super().begin_call(x, timesteps, sigmas)
+        self.begin_block()
+
+    def end_call(self) -> None:
+        super().end_call()
         self.begin_block()
 
     def begin_block(self) -> None:

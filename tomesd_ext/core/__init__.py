@@ -13,7 +13,15 @@ from .options import OptionError, ToMeOptions
 from .partition import derive_seed, timestep_key, window_partition
 from .plan import MergePlan
 from .plan_cache import PlanCache
-from .temporal import ChunkDraw, ReplacePlan, chunk_draw, chunk_frames, temporal_attention
+from .temporal import (
+    ChunkDraw,
+    ReplacePlan,
+    chunk_draw,
+    chunk_frames,
+    chunked_temporal_attention,
+    merges_level,
+    temporal_attention,
+)
 from .temporal_options import VidToMeOptions
 from .tome import level_plan, partition_seed, tome_plan
 
@@ -23,6 +31,8 @@ __all__ = [
     "VidToMeOptions",
     "chunk_draw",
     "chunk_frames",
+    "chunked_temporal_attention",
+    "merges_level",
     "temporal_attention",
     "MergePlan",
     "OptionError",
