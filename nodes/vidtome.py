@@ -8,17 +8,14 @@ adapter. Nothing here imports ComfyUI at module level.
 
 from __future__ import annotations
 
-import logging
-
+from ._common import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, window_error
 from ._imports import comfy_adapter, core
 
 VidToMeOptions = core.VidToMeOptions
-CATEGORY = "model_patches/token_merging"
 MAX_DOWNSAMPLE = ["1", "2", "4", "8"]
-log = logging.getLogger("tomesd_ext")
 
 
-class TomesdExtVidToMe:
+class TomesdExtVidToMe(ModelPatchNode):
     """VidToMe temporal token merging (Li, Ma, Yang & Yang, CVPR 2024) across the frames of a batch."""
 
     DESCRIPTION = (
@@ -30,17 +27,13 @@ class TomesdExtVidToMe:
         "sampler. The latest tomesd-ext node on a model replaces an earlier one (ToMe or VidToMe); "
         "another model type passes through unchanged with a warning."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The model with VidToMe merging (a patched clone; the input is unchanged).",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to patch (a UNet: SD 1.x, SD 2.x, SDXL)."}),
+                "model": MODEL_INPUT,
                 "chunk_size": ("INT", {
                     "default": 4, "min": 1, "max": 64,
                     "tooltip": "Frames merged together (VidToMe's chunk). Every step the first chunk gets a random "
@@ -77,22 +70,13 @@ class TomesdExtVidToMe:
                                "Needs cond and uncond in one batch, which ComfyUI does when memory allows; "
                                "when it splits them each half is matched on its own.",
                 }),
-                "start_percent": ("FLOAT", {
-                    "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                    "tooltip": "Sampling progress at which merging starts (0 = first step).",
-                }),
-                "end_percent": ("FLOAT", {
-                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                    "tooltip": "Sampling progress at which merging stops (1 = last step).",
-                }),
+                **WINDOW_INPUTS,
             }
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, **_):
-        if start_percent > end_percent:
-            return f"start_percent={start_percent} must not exceed end_percent={end_percent}"
-        return True
+        return window_error(start_percent, end_percent) or True
 
     @staticmethod
     def options(chunk_size, local_ratio, global_ratio, max_downsample, seed, global_rand=0.5, align_batch=True) -> "VidToMeOptions":
@@ -106,10 +90,7 @@ class TomesdExtVidToMe:
     def patch(self, model, chunk_size, local_ratio, global_ratio, max_downsample, seed, global_rand, align_batch,
               start_percent, end_percent):
         opts = self.options(chunk_size, local_ratio, global_ratio, max_downsample, seed, global_rand, align_batch)
-        patched, reason = comfy_adapter.apply_vidtome_patch(model, opts, start_percent, end_percent)
-        if reason:
-            log.warning(reason)
-        return (patched,)
+        return self.finish(*comfy_adapter.apply_vidtome_patch(model, opts, start_percent, end_percent))
 
 
 NODE_CLASS_MAPPINGS = {"TomesdExtVidToMe": TomesdExtVidToMe}

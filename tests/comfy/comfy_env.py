@@ -219,7 +219,7 @@ def widget_inputs(info):
     return out
 
 
-def check_widget_value(name, spec, value, file_lists=("ckpt_name",)):
+def check_widget_value(name, spec, value, file_lists=("ckpt_name", "file")):
     """None if ``value`` fits the input spec of /object_info, else a message."""
     kind, opts = _kind(spec), (spec[1] if len(spec) > 1 else {}) or {}
     if kind == "COMBO":
@@ -289,3 +289,19 @@ def tome_node(model, **kw):
     values["min_tokens"] = 0
     values.update(kw)
     return TomesdExtTokenMerging().patch(model, **values)[0]
+
+
+def fake_dit_model():
+    """A stand-in MODEL whose denoiser is not a UNet (class FakeDiT): nodes must pass it through."""
+    import torch
+
+    class FakeDiT(torch.nn.Module):
+        pass
+
+    class FakeBase:
+        diffusion_model = FakeDiT()
+
+    class FakePatcher:
+        model = FakeBase()
+
+    return FakePatcher()

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from comfy_env import comfy_model_from_diffusers, import_comfy, run_unet
+from comfy_env import comfy_model_from_diffusers, fake_dit_model, import_comfy, run_unet
 
 pytestmark = pytest.mark.comfyui
 
@@ -176,16 +176,7 @@ def test_start_end_percent_window(tiny):
 
 
 def test_unsupported_model_passes_through_with_one_warning(tiny, caplog):
-    class FakeDiT(torch.nn.Module):
-        pass
-
-    class FakeBase:
-        diffusion_model = FakeDiT()
-
-    class FakePatcher:
-        model = FakeBase()
-
-    model = FakePatcher()
+    model = fake_dit_model()
     with caplog.at_level(logging.WARNING, logger="tomesd_ext"):
         assert vidtome_node(model) is model
     warnings = [r for r in caplog.records if r.name == "tomesd_ext"]
