@@ -8,13 +8,10 @@ The same core as the diffusers adapter's ``apply_tome(..., mode="importance")``
 
 from __future__ import annotations
 
-import logging
-
 from ._imports import comfy_adapter, core
 from .tome import TomesdExtTokenMerging
 
 ToMeOptions = core.ToMeOptions
-log = logging.getLogger("tomesd_ext")
 POOL_FACTOR_MIN, POOL_FACTOR_MAX = core.options.POOL_FACTOR_RANGE
 
 
@@ -76,14 +73,9 @@ class TomesdExtImportanceMerging(TomesdExtTokenMerging):
             prune_steps=int(prune_steps),
         )
 
-    def patch(self, model, ratio, max_downsample, sx, sy, seed, pool_factor, prune_steps, merge_attn,
-              merge_crossattn, merge_mlp, min_tokens, start_percent, end_percent):
-        opts = self.options(ratio, max_downsample, sx, sy, seed, pool_factor, prune_steps, merge_attn,
-                            merge_crossattn, merge_mlp, min_tokens)
-        patched, reason = comfy_adapter.apply_importance_patch(model, opts, start_percent, end_percent)
-        if reason:
-            log.warning(reason)
-        return (patched,)
+    @staticmethod
+    def apply(model, opts, start_percent, end_percent):
+        return comfy_adapter.apply_importance_patch(model, opts, start_percent, end_percent)
 
 
 NODE_CLASS_MAPPINGS = {"TomesdExtImportanceMerging": TomesdExtImportanceMerging}

@@ -282,11 +282,16 @@ def ui_to_api(graph, object_info):
 def run_node(cls, model, **kw):
     """Run one of our merge nodes on ``model`` with its defaults, min_tokens 0 (test grids are
     small; the auto-skip has its own test) and the overrides ``kw``; returns the patched MODEL."""
+    values = node_defaults(cls, min_tokens=0, **kw)
+    return cls().patch(model, **values)[0]
+
+
+def node_defaults(cls, **over):
+    """The default widget values of a node class (INPUT_TYPES order), with overrides."""
     spec = cls.INPUT_TYPES()["required"]
     values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
-    values["min_tokens"] = 0
-    values.update(kw)
-    return cls().patch(model, **values)[0]
+    values.update(over)
+    return values
 
 
 def tome_node(model, **kw):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nodes
+from comfy_env import node_defaults
 from nodes.importance import TomesdExtImportanceMerging
 from nodes.tome import TomesdExtTokenMerging
 from tomesd_ext.comfy.importance import NO_CFG_WARNING, ComfyImportanceState, ImportanceMapHook
@@ -15,10 +16,7 @@ from tomesd_ext.core import OptionError, ToMeOptions, derive_seed, importance_pa
 
 
 def _widgets(**over):
-    spec = TomesdExtImportanceMerging.INPUT_TYPES()["required"]
-    values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
-    values.update(over)
-    return values
+    return node_defaults(TomesdExtImportanceMerging, **over)
 
 
 def test_registered_with_display_name_and_category():
@@ -59,6 +57,17 @@ def test_options_from_widgets_and_errors():
     with pytest.raises(OptionError, match="pool_factor"):
         TomesdExtImportanceMerging.options(**bad)
     assert "must not exceed" in TomesdExtImportanceMerging.VALIDATE_INPUTS(start_percent=0.9, end_percent=0.1)
+    assert "out of range" in TomesdExtImportanceMerging.VALIDATE_INPUTS(sx=9)
+
+
+def test_validate_inputs_leaves_comfyui_range_checks_on():
+    """ComfyUI skips its min/max check for inputs that VALIDATE_INPUTS receives (all of them when
+    it takes **kwargs): ours names only the four it checks itself."""
+    import inspect
+
+    for cls in (TomesdExtTokenMerging, TomesdExtImportanceMerging):
+        spec = inspect.getfullargspec(cls.VALIDATE_INPUTS)
+        assert spec.varkw is None and set(spec.args) - {"cls"} == {"start_percent", "end_percent", "sx", "sy"}
 
 
 def _state(**kw):
