@@ -80,7 +80,14 @@ class TomesdExtTokenMerging:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2, **_):
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2):
+        # No **kwargs: ComfyUI skips its own min/max check for every input a VALIDATE_INPUTS
+        # receives (all of them with **kwargs), so the inputs named here are range-checked here.
+        spec = cls.INPUT_TYPES()["required"]
+        for name, value in (("start_percent", start_percent), ("end_percent", end_percent), ("sx", sx), ("sy", sy)):
+            lo, hi = spec[name][1]["min"], spec[name][1]["max"]
+            if not lo <= value <= hi:
+                return f"{name}={value} is out of range: allowed [{lo}, {hi}]"
         if start_percent > end_percent:
             return f"start_percent={start_percent} must not exceed end_percent={end_percent}"
         if sx * sy < 2:
@@ -98,10 +105,15 @@ class TomesdExtTokenMerging:
             merge_mlp=bool(merge_mlp), min_tokens=int(min_tokens),
         )
 
-    def patch(self, model, ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn,
-              merge_mlp, min_tokens, start_percent, end_percent):
-        opts = self.options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp, min_tokens)
-        patched, reason = comfy_adapter.apply_tome_patch(model, opts, start_percent, end_percent)
+    @staticmethod
+    def apply(model, opts, start_percent, end_percent):
+        """(patched clone, None) or (model, reason): the adapter call of this node."""
+        return comfy_adapter.apply_tome_patch(model, opts, start_percent, end_percent)
+
+    def patch(self, model, start_percent=0.0, end_percent=1.0, **widgets):
+        """FUNCTION: the widget values (INPUT_TYPES names) -> options -> patched clone."""
+        opts = self.options(**widgets)
+        patched, reason = self.apply(model, opts, start_percent, end_percent)
         if reason:
             log.warning(reason)
         return (patched,)

@@ -50,6 +50,8 @@ def _small(prompt, prefix):
             inputs["steps"] = STEPS
         if node["class_type"] == "SaveImage":
             inputs["filename_prefix"] = prefix
+        if node["class_type"] in nodes.NODE_CLASS_MAPPINGS:
+            inputs["min_tokens"] = 0  # merge at test size too (64 px = an 8x8 latent)
     return prompt
 
 
@@ -67,7 +69,8 @@ def test_api_workflow_runs_and_saves_images(sd15_server, name):
     for path in files:
         with Image.open(path) as img:
             assert img.size == (SIZE, SIZE)
-    assert "tomesd-ext: token merging skipped" not in comfy_server.read_log()
+    log = comfy_server.read_log()
+    assert "tomesd-ext: token merging skipped" not in log and "cfg = 1 (no unconditional pass)" not in log
 
 
 @pytest.mark.parametrize("name", UI_FILES)
@@ -120,7 +123,7 @@ def test_render_workflow_grid(sd15_server):
     rows = []
     for name in API_FILES:
         prompt = _small(json.load(open(os.path.join(WORKFLOWS, name))), "grid/" + name.split(".")[0])
-        tome = next(k for k, v in prompt.items() if v["class_type"] == "TomesdExtTokenMerging")
+        tome = next(k for k, v in prompt.items() if v["class_type"] in nodes.NODE_CLASS_MAPPINGS)
         ratio = prompt[tome]["inputs"]["ratio"]
         row = []
         for r in (0.0, ratio):
