@@ -28,17 +28,37 @@ def window_error(start_percent, end_percent):
     return None
 
 
+def range_error(cls, **values):
+    """The VALIDATE_INPUTS message for a value outside its INPUT_TYPES min/max, else None.
+
+    A VALIDATE_INPUTS must name its inputs (no **kwargs): ComfyUI skips its own min/max check
+    for every input VALIDATE_INPUTS receives, so those are checked here.
+    """
+    spec = cls.INPUT_TYPES()["required"]
+    for name, value in values.items():
+        lo, hi = spec[name][1]["min"], spec[name][1]["max"]
+        if not lo <= value <= hi:
+            return f"{name}={value} is out of range: allowed [{lo}, {hi}]"
+    return None
+
+
 class ModelPatchNode:
-    """Base of our MODEL -> MODEL nodes (classic API; FUNCTION ``patch``)."""
+    """Base of our MODEL -> MODEL nodes (classic API; FUNCTION ``patch``).
+
+    A subclass defines ``options(**widgets)`` (validated options from the widget values) and
+    ``apply(model, opts, start_percent, end_percent) -> (MODEL, reason or None)``.
+    """
 
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "patch"
 
-    @staticmethod
-    def finish(patched, reason):
-        """The node's result tuple; ``reason`` (why the model passed through) goes to the console."""
+    def patch(self, model, start_percent=0.0, end_percent=1.0, **widgets):
+        """FUNCTION: the widget values (INPUT_TYPES names) -> options -> patched clone; a reason
+        for passing the model through unchanged goes to the console once."""
+        opts = self.options(**widgets)
+        patched, reason = self.apply(model, opts, start_percent, end_percent)
         if reason:
             log.warning(reason)
         return (patched,)

@@ -6,7 +6,7 @@ imports ComfyUI at module level, so the schema and the option validation are tes
 
 from __future__ import annotations
 
-from ._common import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, window_error
+from ._common import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, range_error, window_error
 from ._imports import comfy_adapter, core
 
 ToMeOptions = core.ToMeOptions
@@ -66,9 +66,12 @@ class TomesdExtTokenMerging(ModelPatchNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2, **_):
-        if window_error(start_percent, end_percent):
-            return window_error(start_percent, end_percent)
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2):
+        # No **kwargs: ComfyUI skips its own min/max check for every input a VALIDATE_INPUTS
+        # receives (all of them with **kwargs), so the inputs named here are range-checked here.
+        error = range_error(cls, start_percent=start_percent, end_percent=end_percent, sx=sx, sy=sy)
+        if error or window_error(start_percent, end_percent):
+            return error or window_error(start_percent, end_percent)
         if sx * sy < 2:
             return f"sx*sy must be >= 2 (one destination per window), got sx={sx}, sy={sy}"
         return True
@@ -84,10 +87,10 @@ class TomesdExtTokenMerging(ModelPatchNode):
             merge_mlp=bool(merge_mlp), min_tokens=int(min_tokens),
         )
 
-    def patch(self, model, ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn,
-              merge_mlp, min_tokens, start_percent, end_percent):
-        opts = self.options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp, min_tokens)
-        return self.finish(*comfy_adapter.apply_tome_patch(model, opts, start_percent, end_percent))
+    @staticmethod
+    def apply(model, opts, start_percent, end_percent):
+        """(patched clone, None) or (model, reason): the adapter call of this node."""
+        return comfy_adapter.apply_tome_patch(model, opts, start_percent, end_percent)
 
 
 NODE_CLASS_MAPPINGS = {"TomesdExtTokenMerging": TomesdExtTokenMerging}

@@ -8,7 +8,7 @@ adapter. Nothing here imports ComfyUI at module level.
 
 from __future__ import annotations
 
-from ._common import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, window_error
+from ._common import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, range_error, window_error
 from ._imports import comfy_adapter, core
 
 VidToMeOptions = core.VidToMeOptions
@@ -75,8 +75,10 @@ class TomesdExtVidToMe(ModelPatchNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, **_):
-        return window_error(start_percent, end_percent) or True
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
+        # No **kwargs: ComfyUI would then skip its own min/max check of every input.
+        error = range_error(cls, start_percent=start_percent, end_percent=end_percent)
+        return error or window_error(start_percent, end_percent) or True
 
     @staticmethod
     def options(chunk_size, local_ratio, global_ratio, max_downsample, seed, global_rand=0.5, align_batch=True) -> "VidToMeOptions":
@@ -87,10 +89,10 @@ class TomesdExtVidToMe(ModelPatchNode):
             align_batch=bool(align_batch),
         )
 
-    def patch(self, model, chunk_size, local_ratio, global_ratio, max_downsample, seed, global_rand, align_batch,
-              start_percent, end_percent):
-        opts = self.options(chunk_size, local_ratio, global_ratio, max_downsample, seed, global_rand, align_batch)
-        return self.finish(*comfy_adapter.apply_vidtome_patch(model, opts, start_percent, end_percent))
+    @staticmethod
+    def apply(model, opts, start_percent, end_percent):
+        """(patched clone, None) or (model, reason): the adapter call of this node."""
+        return comfy_adapter.apply_vidtome_patch(model, opts, start_percent, end_percent)
 
 
 NODE_CLASS_MAPPINGS = {"TomesdExtVidToMe": TomesdExtVidToMe}

@@ -52,6 +52,8 @@ def _small(prompt, prefix):
             inputs["filename_prefix"] = prefix
         if node["class_type"] == "LoadVideo":
             inputs["file"] = CLIP_NAME
+        if node["class_type"] in nodes.NODE_CLASS_MAPPINGS and "min_tokens" in inputs:
+            inputs["min_tokens"] = 0  # merge at test size too (64 px = an 8x8 latent)
     return prompt
 
 
@@ -98,7 +100,8 @@ def test_api_workflow_runs_and_saves_images(sd15_server, name):
         frames, size = _frames_and_size(path)
         assert size == (SIZE, SIZE)
         assert frames == (CLIP_FRAMES if video else 1), path
-    assert "tomesd-ext: token merging skipped" not in comfy_server.read_log()
+    log = comfy_server.read_log()
+    assert "tomesd-ext: token merging skipped" not in log and "cfg = 1 (no unconditional pass)" not in log
 
 
 @pytest.mark.parametrize("name", UI_FILES)
@@ -190,8 +193,9 @@ def test_render_workflow_grid(sd15_server):
     rows = []
     for name in API_FILES:
         prompt = _small(json.load(open(os.path.join(WORKFLOWS, name))), "grid/" + name.split(".")[0])
-        tome = next((k for k, v in prompt.items() if v["class_type"] == "TomesdExtTokenMerging"), None)
-        if tome is None:  # the grid shows the ToMe workflows only
+        tome = next((k for k, v in prompt.items() if v["class_type"] in nodes.NODE_CLASS_MAPPINGS
+                     and "ratio" in v["inputs"]), None)
+        if tome is None:  # the grid shows the workflows whose node has a ratio (not VidToMe's)
             continue
         ratio = prompt[tome]["inputs"]["ratio"]
         row = []

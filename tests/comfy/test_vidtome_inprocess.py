@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from comfy_env import comfy_model_from_diffusers, fake_dit_model, import_comfy, run_unet
+from comfy_env import comfy_model_from_diffusers, fake_dit_model, import_comfy, node_defaults, run_unet
 
 pytestmark = pytest.mark.comfyui
 
@@ -30,10 +30,7 @@ def tiny():
 def vidtome_node(model, **kw):
     from nodes.vidtome import TomesdExtVidToMe
 
-    spec = TomesdExtVidToMe.INPUT_TYPES()["required"]
-    values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
-    values.update(kw)
-    return TomesdExtVidToMe().patch(model, **values)[0]
+    return TomesdExtVidToMe().patch(model, **node_defaults(TomesdExtVidToMe, **kw))[0]
 
 
 def _video(frames=FRAMES, samples=2, hw=16, seed=1):
@@ -78,8 +75,8 @@ def test_matches_diffusers_adapter_on_same_weights(tiny, kw):
     with torch.no_grad():
         diff_ref = unet(x, torch.tensor(T), encoder_hidden_states=ctx).sample
     diff_out = _diffusers_chunked(unet, x, ctx, 2, **opts)
-    comfy_ref = run_unet(base, x, T, ctx, options={"cond_or_uncond": [1, 0]})
-    comfy_out = run_unet(vidtome_node(base, **kw), x, T, ctx, options={"cond_or_uncond": [1, 0]})
+    comfy_ref = run_unet(base, x, T, ctx, cond_or_uncond=[1, 0])
+    comfy_out = run_unet(vidtome_node(base, **kw), x, T, ctx, cond_or_uncond=[1, 0])
     torch.testing.assert_close(comfy_ref, diff_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(comfy_out, diff_out, rtol=1e-4, atol=1e-4)
     delta_c, delta_d = comfy_out - comfy_ref, diff_out - diff_ref
@@ -98,8 +95,8 @@ def test_cond_first_and_uncond_first_batches_agree(tiny):
     ctx = ctx.clone()
     ctx[FRAMES:] += 0.5  # make the halves differ beyond the text embedding draw
     node = vidtome_node(base, chunk_size=2, seed=7)
-    a = run_unet(node, x, T, ctx, options={"cond_or_uncond": [1, 0]})
-    b = run_unet(node, _swap_halves(x), T, _swap_halves(ctx), options={"cond_or_uncond": [0, 1]})
+    a = run_unet(node, x, T, ctx, cond_or_uncond=[1, 0])
+    b = run_unet(node, _swap_halves(x), T, _swap_halves(ctx), cond_or_uncond=[0, 1])
     torch.testing.assert_close(_swap_halves(b), a, rtol=0, atol=1e-6)
 
 
@@ -109,7 +106,7 @@ def _separate(node, x, ctx, first):
     out = {}
     for which in (first, 1 - first):
         hx, hc = halves[which]
-        out[which] = run_unet(node, hx, T, hc, options={"cond_or_uncond": [which]})
+        out[which] = run_unet(node, hx, T, hc, cond_or_uncond=[which])
     return torch.cat([out[1], out[0]])
 
 
@@ -120,7 +117,7 @@ def test_separate_calls_order_free_and_equal_to_batched_without_align_batch(tiny
         node = vidtome_node(base, chunk_size=2, seed=8, align_batch=align)
         cond_first, uncond_first = _separate(node, x, ctx, 0), _separate(node, x, ctx, 1)
         assert torch.equal(cond_first, uncond_first)
-        batched = run_unet(node, x, T, ctx, options={"cond_or_uncond": [1, 0]})
+        batched = run_unet(node, x, T, ctx, cond_or_uncond=[1, 0])
         if not align:  # one map per half: splitting the batch changes nothing
             torch.testing.assert_close(cond_first, batched, rtol=0, atol=1e-5)
         else:  # a shared map needs both halves in one call (documented limitation)
@@ -132,13 +129,13 @@ def test_nothing_merged_is_exact_and_input_model_untouched(tiny):
     _unet, base = tiny
     x, ctx = _video()
     opts = {"cond_or_uncond": [1, 0]}
-    ref = run_unet(base, x, T, ctx, options=opts)
+    ref = run_unet(base, x, T, ctx, **opts)
     node = vidtome_node(base, chunk_size=1, local_ratio=0.0, global_ratio=0.0)
     assert node is not base and not base.object_patches
-    assert torch.equal(run_unet(node, x, T, ctx, options=opts), ref)
-    merged = run_unet(vidtome_node(base), x, T, ctx, options=opts)
+    assert torch.equal(run_unet(node, x, T, ctx, **opts), ref)
+    merged = run_unet(vidtome_node(base), x, T, ctx, **opts)
     assert not torch.allclose(merged, ref, atol=1e-4)
-    assert torch.equal(run_unet(base, x, T, ctx, options=opts), ref)  # object patches undone
+    assert torch.equal(run_unet(base, x, T, ctx, **opts), ref)  # object patches undone
 
 
 def test_latest_tomesd_node_replaces_earlier_one(tiny):
@@ -154,14 +151,14 @@ def test_latest_tomesd_node_replaces_earlier_one(tiny):
     assert set(vid_over_tome.object_patches) == set(vid.object_patches)
     assert all(isinstance(p, VidToMeAttention) for p in vid_over_tome.object_patches.values())
     assert not vid_over_tome.model_options.get("transformer_options", {}).get("patches")
-    assert torch.equal(run_unet(vid_over_tome, x, T, ctx, options=opts), run_unet(vid, x, T, ctx, options=opts))
+    assert torch.equal(run_unet(vid_over_tome, x, T, ctx, **opts), run_unet(vid, x, T, ctx, **opts))
     tome = tome_node(base, ratio=0.5, seed=1)
     tome_over_vid = tome_node(vid, ratio=0.5, seed=1)
     assert not tome_over_vid.object_patches
-    assert torch.equal(run_unet(tome_over_vid, x, T, ctx, options=opts), run_unet(tome, x, T, ctx, options=opts))
+    assert torch.equal(run_unet(tome_over_vid, x, T, ctx, **opts), run_unet(tome, x, T, ctx, **opts))
     twice = vidtome_node(vidtome_node(base, seed=9, chunk_size=3), seed=2)
     assert all(type(p.inner).__name__ == "CrossAttention" for p in twice.object_patches.values())
-    assert torch.equal(run_unet(twice, x, T, ctx, options=opts), run_unet(vid, x, T, ctx, options=opts))
+    assert torch.equal(run_unet(twice, x, T, ctx, **opts), run_unet(vid, x, T, ctx, **opts))
 
 
 def test_start_end_percent_window(tiny):
@@ -169,10 +166,10 @@ def test_start_end_percent_window(tiny):
     x, ctx = _video()
     opts = {"cond_or_uncond": [1, 0]}
     sigma_mid = float(base.get_model_object("model_sampling").percent_to_sigma(0.5))
-    ref = run_unet(base, x, T, ctx, sigma=sigma_mid * 2, options=opts)
+    ref = run_unet(base, x, T, ctx, sigma=sigma_mid * 2, **opts)
     late = vidtome_node(base, start_percent=0.5, end_percent=1.0)
-    assert torch.equal(run_unet(late, x, T, ctx, sigma=sigma_mid * 2, options=opts), ref)  # before start
-    assert not torch.allclose(run_unet(late, x, T, ctx, sigma=sigma_mid / 2, options=opts), ref, atol=1e-4)
+    assert torch.equal(run_unet(late, x, T, ctx, sigma=sigma_mid * 2, **opts), ref)  # before start
+    assert not torch.allclose(run_unet(late, x, T, ctx, sigma=sigma_mid / 2, **opts), ref, atol=1e-4)
 
 
 def test_unsupported_model_passes_through_with_one_warning(tiny, caplog):

@@ -55,6 +55,13 @@ def test_validate_inputs():
     assert TomesdExtVidToMe.VALIDATE_INPUTS(start_percent=0.2, end_percent=0.8) is True
     msg = TomesdExtVidToMe.VALIDATE_INPUTS(start_percent=0.9, end_percent=0.1)
     assert isinstance(msg, str) and "start_percent" in msg
+    msg = TomesdExtVidToMe.VALIDATE_INPUTS(start_percent=0.0, end_percent=1.5)
+    assert isinstance(msg, str) and "end_percent=1.5 is out of range" in msg
+    # named inputs only: ComfyUI skips its own min/max check of inputs VALIDATE_INPUTS receives
+    import inspect
+
+    params = inspect.signature(TomesdExtVidToMe.VALIDATE_INPUTS).parameters.values()
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class FakeAttention(torch.nn.Module):
@@ -152,6 +159,6 @@ def test_vid2vid_workflow_files():
     vid = by_type["TomesdExtVidToMe"][1]
     values = {k: v for k, v in vid.items() if k != "model"}
     TomesdExtVidToMe.options(**{k: v for k, v in values.items() if not k.endswith("percent")})
-    assert TomesdExtVidToMe.VALIDATE_INPUTS(**values) is True
+    assert TomesdExtVidToMe.VALIDATE_INPUTS(vid["start_percent"], vid["end_percent"]) is True
     node = next(n for n in ui["nodes"] if n["type"] == "TomesdExtVidToMe")
     assert node["widgets_values"] == [values[k] for k in INPUTS[1:]]

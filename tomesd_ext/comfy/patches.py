@@ -37,7 +37,7 @@ class DiffusionModelWrapper(_StatePatch):
 
     def __call__(self, executor, x, timesteps=None, *args, **kwargs):
         options = args[3] if len(args) > 3 else kwargs.get("transformer_options") or {}
-        self.state.begin_call(x, timesteps, options.get("sigmas"))
+        self.state.begin_call(x, timesteps, options.get("sigmas"), options)
         try:
             return executor(x, timesteps, *args, **kwargs)
         finally:

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import MergePlan, ToMeOptions, level_plan, timestep_key
+from ..core import MergePlan, ToMeOptions, level_plan, timestep_key, tome_plan
 
 
 class SamplingWindow:
@@ -35,8 +35,9 @@ class SamplingWindow:
     def __deepcopy__(self, memo):
         return self
 
-    def begin_call(self, x: torch.Tensor, timesteps, sigmas) -> None:
-        """x: (B, C, H, W) latent of this UNet call; timesteps: what the UNet receives."""
+    def begin_call(self, x: torch.Tensor, timesteps, sigmas, transformer_options=None) -> None:
+        """x: (B, C, H, W) latent of this UNet call; timesteps: what the UNet receives;
+        transformer_options: the call's (``cond_or_uncond``: the order of its batch chunks)."""
         self.latent_hw = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else None
         self.step_key = timestep_key(timesteps)
         if sigmas is None:
@@ -60,10 +61,13 @@ class ComfyToMeState(SamplingWindow):
         super().__init__(sigma_start, sigma_end)
         self.opts = opts
         self.max_downsample = max_downsample
+        # (metric, h, w, opts, seed) -> plan: the destination policy (importance mode: the
+        # ImportancePlanner's plan, tomesd_ext/comfy/importance.py)
+        self.planner = tome_plan
         self.begin_block()
 
-    def begin_call(self, x: torch.Tensor, timesteps, sigmas) -> None:
-        super().begin_call(x, timesteps, sigmas)
+    def begin_call(self, x: torch.Tensor, timesteps, sigmas, transformer_options=None) -> None:
+        super().begin_call(x, timesteps, sigmas, transformer_options)
         self.begin_block()
 
     def end_call(self) -> None:
@@ -80,7 +84,9 @@ class ComfyToMeState(SamplingWindow):
         if not self.ready:
             self.ready = True
             if self.active:
-                self.plan = level_plan(metric, self.latent_hw, self.step_key, self.opts, self.max_downsample)
+                self.plan = level_plan(
+                    metric, self.latent_hw, self.step_key, self.opts, self.max_downsample, planner=self.planner
+                )
         plan = self.plan
         if plan is None or metric.ndim != 3 or metric.shape[1] != plan.n_tokens:
             return None

@@ -6,7 +6,7 @@ merge() averages each group, unmerge() copies the group's value back to its memb
 
 from .downsample import ToDoOptions, downsample_tokens, downsampled_size
 from .grid import level_grid, tokens_to_remove
-from .importance import importance_map, importance_partitions, importance_plan, max_importance_ratio, pool_to_grid
+from .importance import ImportancePlanner, importance_map, importance_partitions, importance_plan, max_importance_ratio, pool_to_grid
 from .matching import bipartite_plan, normalize_metric
 from .merge import merge, unmerge
 from .options import OptionError, ToMeOptions
@@ -41,6 +41,7 @@ __all__ = [
     "ToMeOptions",
     "bipartite_plan",
     "derive_seed",
+    "ImportancePlanner",
     "importance_map",
     "importance_partitions",
     "importance_plan",
