@@ -139,6 +139,7 @@ def test_nothing_merged_is_exact_and_input_model_untouched(tiny):
 
 
 def test_latest_tomesd_node_replaces_earlier_one(tiny):
+    """VidToMe over ToMe or importance, ToMe over VidToMe, VidToMe twice: only the latest acts."""
     from comfy_env import tome_node
 
     from tomesd_ext.comfy.vidtome import VidToMeAttention
@@ -156,6 +157,12 @@ def test_latest_tomesd_node_replaces_earlier_one(tiny):
     tome_over_vid = tome_node(vid, ratio=0.5, seed=1)
     assert not tome_over_vid.object_patches
     assert torch.equal(run_unet(tome_over_vid, x, T, ctx, **opts), run_unet(tome, x, T, ctx, **opts))
+    from comfy_env import importance_node
+
+    vid_over_importance = vidtome_node(importance_node(base, ratio=0.5), seed=2)
+    assert not vid_over_importance.model_options.get("sampler_post_cfg_function")
+    assert not vid_over_importance.model_options.get("transformer_options", {}).get("patches")
+    assert set(vid_over_importance.object_patches) == set(vid.object_patches)
     twice = vidtome_node(vidtome_node(base, seed=9, chunk_size=3), seed=2)
     assert all(type(p.inner).__name__ == "CrossAttention" for p in twice.object_patches.values())
     assert torch.equal(run_unet(twice, x, T, ctx, **opts), run_unet(vid, x, T, ctx, **opts))
