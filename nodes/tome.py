@@ -6,19 +6,16 @@ imports ComfyUI at module level, so the schema and the option validation are tes
 
 from __future__ import annotations
 
-import logging
-
+from ._common import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, range_error, window_error
 from ._imports import comfy_adapter, core
 
 ToMeOptions = core.ToMeOptions
 OptionError = core.OptionError
 
-CATEGORY = "model_patches/token_merging"
 MAX_DOWNSAMPLE = ["auto", "1", "2", "4", "8"]
-log = logging.getLogger("tomesd_ext")
 
 
-class TomesdExtTokenMerging:
+class TomesdExtTokenMerging(ModelPatchNode):
     """Token Merging for Stable Diffusion (Bolya & Hoffman 2023) with Q, K and V merged."""
 
     DESCRIPTION = (
@@ -28,17 +25,13 @@ class TomesdExtTokenMerging:
         "and the sampler. Another model type (e.g. a DiT) passes through unchanged with a warning. "
         "A second ToMe node on the same model replaces this one."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The model with token merging (a patched clone; the input is unchanged).",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to patch (a UNet: SD 1.x, SD 2.x, SDXL)."}),
+                "model": MODEL_INPUT,
                 "ratio": ("FLOAT", {
                     "default": 0.5, "min": 0.0, "max": 0.99, "step": 0.01,
                     "tooltip": "Fraction of a merged level's tokens merged away. 0 = off. At most "
@@ -68,21 +61,17 @@ class TomesdExtTokenMerging:
                     "tooltip": "Levels whose grid has fewer tokens are not merged (merging cannot pay there; "
                                "2048 is the measured break-even, see docs/benchmarks.md). 0 = always merge.",
                 }),
-                "start_percent": ("FLOAT", {
-                    "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                    "tooltip": "Sampling progress at which merging starts (0 = first step).",
-                }),
-                "end_percent": ("FLOAT", {
-                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                    "tooltip": "Sampling progress at which merging stops (1 = last step).",
-                }),
+                **WINDOW_INPUTS,
             }
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2, **_):
-        if start_percent > end_percent:
-            return f"start_percent={start_percent} must not exceed end_percent={end_percent}"
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2):
+        # No **kwargs: ComfyUI skips its own min/max check for every input a VALIDATE_INPUTS
+        # receives (all of them with **kwargs), so the inputs named here are range-checked here.
+        error = range_error(cls, start_percent=start_percent, end_percent=end_percent, sx=sx, sy=sy)
+        if error or window_error(start_percent, end_percent):
+            return error or window_error(start_percent, end_percent)
         if sx * sy < 2:
             return f"sx*sy must be >= 2 (one destination per window), got sx={sx}, sy={sy}"
         return True
@@ -98,13 +87,10 @@ class TomesdExtTokenMerging:
             merge_mlp=bool(merge_mlp), min_tokens=int(min_tokens),
         )
 
-    def patch(self, model, ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn,
-              merge_mlp, min_tokens, start_percent, end_percent):
-        opts = self.options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp, min_tokens)
-        patched, reason = comfy_adapter.apply_tome_patch(model, opts, start_percent, end_percent)
-        if reason:
-            log.warning(reason)
-        return (patched,)
+    @staticmethod
+    def apply(model, opts, start_percent, end_percent):
+        """(patched clone, None) or (model, reason): the adapter call of this node."""
+        return comfy_adapter.apply_tome_patch(model, opts, start_percent, end_percent)
 
 
 NODE_CLASS_MAPPINGS = {"TomesdExtTokenMerging": TomesdExtTokenMerging}

@@ -8,6 +8,7 @@ optionally writes medians. Full-size model: run it under `flock /tmp/tomesd_heav
 
     COMFYUI_PATH=/path/to/ComfyUI flock /tmp/tomesd_heavy.lock \\
         python scripts/bench_comfy.py --sizes 512:2:2 1024:1:1 --ratio 0.5
+    (--variants builtin,ours leaves out the unmerged model, e.g. at 1024 px where it is slowest)
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--sampler", default="euler")
     p.add_argument("--cache", default=os.environ.get("TOMESD_EXT_CACHE") or os.path.expanduser("~/.cache/tomesd_ext"))
+    p.add_argument("--variants", default="none,builtin,ours", help="comma list of none (no merging), builtin (TomePatchModel), ours (default: all)")
+    p.add_argument("--warmup-size", type=int, default=256, help="pixels of the 1-step warm-up sample of each variant (default 256)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     if not a.comfyui:
@@ -79,11 +82,16 @@ def main(argv=None):
     spec = TomesdExtTokenMerging.INPUT_TYPES()["required"]
     ours_kw = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
     ours_kw["ratio"] = a.ratio
-    variants = {
-        "no merging": model,
-        f"ComfyUI TomePatchModel (ratio {a.ratio})": TomePatchModel.execute(model, a.ratio).result[0],
-        f"tomesd-ext ToMe node (ratio {a.ratio})": TomesdExtTokenMerging().patch(model, **ours_kw)[0],
+    wanted = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = sorted(set(wanted) - {"none", "builtin", "ours"})
+    if unknown or not wanted:
+        p.error(f"--variants {a.variants!r}: use a comma list of none, builtin, ours")
+    makers = {
+        "none": ("no merging", lambda: model),
+        "builtin": (f"ComfyUI TomePatchModel (ratio {a.ratio})", lambda: TomePatchModel.execute(model, a.ratio).result[0]),
+        "ours": (f"tomesd-ext ToMe node (ratio {a.ratio})", lambda: TomesdExtTokenMerging().patch(model, **ours_kw)[0]),
     }
+    variants = {makers[v][0]: makers[v][1]() for v in wanted}
     g = torch.Generator().manual_seed(0)
     cond = [[torch.randn(1, 77, 768, generator=g), {}]]
     uncond = [[torch.randn(1, 77, 768, generator=g), {}]]
@@ -105,23 +113,28 @@ def main(argv=None):
         size, steps, repeats = parse_size(text)
         times = {name: [] for name in variants}
         with tqdm(total=len(variants) * (repeats + 1), desc=f"{size}px {steps} steps") as bar:
-            for name, m in variants.items():  # warm-up: one 1-step sample each, not recorded
-                sample(m, size, 1)
+            for name, m in variants.items():  # warm-up: one small 1-step sample each, not recorded
+                sample(m, a.warmup_size, 1)
                 bar.update()
             for _ in range(repeats):
                 for name, m in variants.items():
                     times[name].append(sample(m, size, steps))
                     bar.update()
-        base = statistics.median(times["no merging"])
+        base = statistics.median(times["no merging"]) if "no merging" in times else None
+        builtin = next((statistics.median(ts) for name, ts in times.items() if "TomePatchModel" in name), None)
         for name, ts in times.items():
             med = statistics.median(ts)
-            results.append({"size": size, "steps": steps, "repeats": repeats, "variant": name,
-                            "median_s": med, "times_s": ts, "speedup": base / med})
+            results.append({"size": size, "steps": steps, "repeats": repeats, "variant": name, "median_s": med,
+                            "times_s": ts, "speedup": base / med if base else None,
+                            "vs_builtin": builtin / med if builtin else None})
     print(f"\ncheckpoint {os.path.basename(ckpt)}; ComfyUI {git_commit(a.comfyui)}; tomesd-ext {git_commit(REPO)}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; sampler {a.sampler}, cfg {a.cfg}")
-    print("| size | steps | variant | median s | speed-up vs no merging |\n|---|---|---|---|---|")
+    print("| size | steps | variant | median s (min-max) | speed-up vs no merging | speed-up vs TomePatchModel |")
+    print("|---|---|---|---|---|---|")
+    fmt = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
     for r in results:
-        print(f"| {r['size']} px | {r['steps']} | {r['variant']} | {r['median_s']:.2f} | {r['speedup']:.2f}x |")
+        print(f"| {r['size']} px | {r['steps']} | {r['variant']} | {r['median_s']:.2f} ({min(r['times_s']):.2f}-"
+              f"{max(r['times_s']):.2f}) | {fmt(r['speedup'])} | {fmt(r['vs_builtin'])} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"comfyui": git_commit(a.comfyui), "tomesd_ext": git_commit(REPO), "results": results}, f, indent=2)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tomesd_ext import cli
 from tomesd_ext.bench.report import ROW_FIELDS
@@ -75,3 +76,40 @@ def test_local_diffusers_folder_loads(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["baseline", "tome"]
     assert json.loads(out.read_text())["header"]["weights"] == "real"
+
+
+def test_single_file_checkpoint_loads_offline(tmp_path, monkeypatch):
+    """A single-file .safetensors checkpoint loads without network (built-in configs written
+    locally), with the checkpoint's own weights, and the bench runs on it."""
+    from tomesd_ext.bench.subject import load_subject
+    from tomesd_ext.models import build_unet
+    from tomesd_ext.models.checkpoint import write_checkpoint
+    from tomesd_ext.models.single_file import builtin_architecture
+
+    monkeypatch.setenv("TOMESD_EXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_checkpoint(str(tmp_path / "tiny.safetensors"), "tiny", seed=3)
+    assert builtin_architecture(path) == "tiny"
+    with pytest.warns(UserWarning, match="built-in tiny configs"):
+        subject = load_subject(path)
+    assert subject.real_weights
+    reference = build_unet("tiny", 3).state_dict()
+    loaded = subject.unet.state_dict()
+    assert loaded.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(loaded[key], value.half().float(), rtol=0, atol=0)
+    out = tmp_path / "r.json"
+    argv = ["bench", "--model", path, *TINY[2:], "--methods", "tome", "--inputs", "photo", "--json", str(out)]
+    assert cli.main(argv) == 0
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["baseline", "tome"]
+
+
+def test_single_file_that_is_not_a_checkpoint_is_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    from tomesd_ext.models.single_file import builtin_architecture
+
+    path = str(tmp_path / "other.safetensors")
+    save_file({"weight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not a Stable Diffusion single-file checkpoint"):
+        builtin_architecture(path)

@@ -179,9 +179,10 @@ def comfy_model_from_diffusers(unet, family="sd", heads=None):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-def run_unet(patcher, x, timestep, context, sigma=None, y=None):
+def run_unet(patcher, x, timestep, context, sigma=None, y=None, cond_or_uncond=None):
     """One UNet call as ComfyUI's sampler makes it: the patcher's object patches applied, its
-    wrappers and transformer_options (patches) passed down; returns the raw UNet output."""
+    wrappers and transformer_options (patches; cond_or_uncond: the order of the batch's
+    chunks, 0 = cond, 1 = uncond) passed down; returns the raw UNet output."""
     import torch
 
     import comfy.patcher_extension
@@ -192,6 +193,8 @@ def run_unet(patcher, x, timestep, context, sigma=None, y=None):
         options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
         t = torch.full((x.shape[0],), float(timestep))
         options["sigmas"] = torch.full((x.shape[0],), float(sigma if sigma is not None else 1.0))
+        if cond_or_uncond is not None:
+            options["cond_or_uncond"] = list(cond_or_uncond)
         with torch.no_grad():
             return patcher.model.diffusion_model(x, t, context=context, y=y, transformer_options=options)
     finally:
@@ -216,7 +219,7 @@ def widget_inputs(info):
     return out
 
 
-def check_widget_value(name, spec, value, file_lists=("ckpt_name",)):
+def check_widget_value(name, spec, value, file_lists=("ckpt_name", "file")):
     """None if ``value`` fits the input spec of /object_info, else a message."""
     kind, opts = _kind(spec), (spec[1] if len(spec) > 1 else {}) or {}
     if kind == "COMBO":
@@ -276,13 +279,44 @@ def ui_to_api(graph, object_info):
     return prompt, problems
 
 
+def run_node(cls, model, **kw):
+    """Run one of our merge nodes on ``model`` with its defaults, min_tokens 0 (test grids are
+    small; the auto-skip has its own test) and the overrides ``kw``; returns the patched MODEL."""
+    values = node_defaults(cls, min_tokens=0, **kw)
+    return cls().patch(model, **values)[0]
+
+
+def node_defaults(cls, **over):
+    """The default widget values of a node class (INPUT_TYPES order), with overrides."""
+    spec = cls.INPUT_TYPES()["required"]
+    values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
+    values.update(over)
+    return values
+
+
 def tome_node(model, **kw):
-    """Run our node on ``model`` with its defaults, min_tokens 0 (test grids are small; the
-    auto-skip has its own test) and the overrides ``kw``; returns the patched MODEL."""
     from nodes.tome import TomesdExtTokenMerging
 
-    spec = TomesdExtTokenMerging.INPUT_TYPES()["required"]
-    values = {k: v[1]["default"] for k, v in spec.items() if k != "model"}
-    values["min_tokens"] = 0
-    values.update(kw)
-    return TomesdExtTokenMerging().patch(model, **values)[0]
+    return run_node(TomesdExtTokenMerging, model, **kw)
+
+
+def importance_node(model, **kw):
+    from nodes.importance import TomesdExtImportanceMerging
+
+    return run_node(TomesdExtImportanceMerging, model, **kw)
+
+
+def fake_dit_model():
+    """A stand-in MODEL whose denoiser is not a UNet (class FakeDiT): nodes must pass it through."""
+    import torch
+
+    class FakeDiT(torch.nn.Module):
+        pass
+
+    class FakeBase:
+        diffusion_model = FakeDiT()
+
+    class FakePatcher:
+        model = FakeBase()
+
+    return FakePatcher()

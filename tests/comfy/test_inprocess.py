@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from comfy_env import comfy_model_from_diffusers, import_comfy, run_unet, tome_node
+from comfy_env import comfy_model_from_diffusers, fake_dit_model, import_comfy, run_unet, tome_node
 
 pytestmark = pytest.mark.comfyui
 
@@ -130,16 +130,7 @@ def test_start_end_percent_window(tiny):
 
 
 def test_unsupported_model_passes_through_with_one_warning(comfy, caplog):
-    class FakeDiT(torch.nn.Module):
-        pass
-
-    class FakeBase:
-        diffusion_model = FakeDiT()
-
-    class FakePatcher:
-        model = FakeBase()
-
-    model = FakePatcher()
+    model = fake_dit_model()
     with caplog.at_level(logging.WARNING, logger="tomesd_ext"):
         assert tome_node(model, ratio=0.5) is model
     warnings = [r for r in caplog.records if r.name == "tomesd_ext"]

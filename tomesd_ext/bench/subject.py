@@ -150,15 +150,6 @@ def _load_pipeline(path: str, kind: str, torch_dtype):
 
     if kind == "folder":
         return diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
-    from safetensors import safe_open
+    from ..models.single_file import load_single_file
 
-    with safe_open(path, framework="pt") as f:
-        sdxl = any(k.startswith("conditioner.embedders.1") for k in f.keys())
-    cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-    try:
-        return cls.from_single_file(path, torch_dtype=torch_dtype, local_files_only=True)
-    except Exception as err:  # offline, the config must be found locally
-        raise ValueError(
-            f"cannot load single-file checkpoint {path!r} offline ({err}); convert it to a diffusers "
-            "folder (save_pretrained) and pass that folder"
-        ) from err
+    return load_single_file(path, torch_dtype)

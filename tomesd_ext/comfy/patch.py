@@ -20,6 +20,7 @@ from .patches import (
     Attn2Patch,
     DiffusionModelWrapper,
     MergedFeedForward,
+    StandIn,
     _StatePatch,
 )
 from .state import ComfyToMeState
@@ -52,9 +53,16 @@ def _strip(m) -> None:
                 patches[name] = kept
             else:
                 del patches[name]
+    post_cfg = m.model_options.get("sampler_post_cfg_function")
+    if post_cfg:
+        kept = [fn for fn in post_cfg if not isinstance(fn, _StatePatch)]
+        if kept:
+            m.model_options["sampler_post_cfg_function"] = kept
+        else:
+            del m.model_options["sampler_post_cfg_function"]
     m.remove_wrappers_with_key(_diffusion_model_wrapper_type(), WRAPPER_KEY)
     for key, obj in list(m.object_patches.items()):
-        if isinstance(obj, MergedFeedForward):
+        if isinstance(obj, StandIn):  # ToMe's MergedFeedForward, VidToMe's attention
             del m.object_patches[key]
 
 
@@ -76,18 +84,26 @@ def apply_tome_patch(
 
     opts: validated ``ToMeOptions``; a previous tomesd-ext patch on ``model`` is replaced.
     """
+    m, _state, reason = install_patch(model, opts, start_percent, end_percent)
+    return m, reason
+
+
+def install_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_percent: float = 1.0,
+                  state_type=ComfyToMeState):
+    """(patched clone, its state, None) or (``model``, None, reason): the block patches of every
+    merge node; ``state_type(opts, max_downsample, sigma_start, sigma_end)`` holds the policy."""
     unet = unet_of(model)
     if unet is None:
         inner = type(getattr(getattr(model, "model", None), "diffusion_model", None)).__name__
-        return model, f"tomesd-ext: token merging skipped, cannot patch {inner}: supported are {SUPPORTED}"
+        return model, None, f"tomesd-ext: token merging skipped, cannot patch {inner}: supported are {SUPPORTED}"
     if opts.max_downsample == "auto":
         max_ds = auto_max_downsample(unet)
         if max_ds is None:
-            return model, f"tomesd-ext: token merging skipped, {type(unet).__name__} has no spatial transformer blocks"
+            return model, None, f"tomesd-ext: token merging skipped, {type(unet).__name__} has no spatial transformer blocks"
     else:
         max_ds = opts.max_downsample
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
-    state = ComfyToMeState(opts, max_ds, sigma_start, sigma_end)
+    state = state_type(opts, max_ds, sigma_start, sigma_end)
 
     m = model.clone()
     _strip(m)
@@ -105,4 +121,4 @@ def apply_tome_patch(
             if isinstance(inner, MergedFeedForward):
                 inner = inner.inner
             m.add_object_patch(key, MergedFeedForward(inner, state))
-    return m, None
+    return m, state, None

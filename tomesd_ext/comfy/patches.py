@@ -37,7 +37,7 @@ class DiffusionModelWrapper(_StatePatch):
 
     def __call__(self, executor, x, timesteps=None, *args, **kwargs):
         options = args[3] if len(args) > 3 else kwargs.get("transformer_options") or {}
-        self.state.begin_call(x, timesteps, options.get("sigmas"))
+        self.state.begin_call(x, timesteps, options.get("sigmas"), options)
         try:
             return executor(x, timesteps, *args, **kwargs)
         finally:
@@ -101,14 +101,15 @@ def _same_grid(t, n) -> bool:
     return isinstance(t, torch.Tensor) and t.ndim == 3 and t.shape[:2] == n.shape[:2]
 
 
-class MergedFeedForward(torch.nn.Module):
-    """Stands in for a block's ``ff``: merge(norm3(x)) -> original ff -> unmerge.
+class StandIn(torch.nn.Module):
+    """Base of the modules a tomesd-ext node installs with ``ModelPatcher.add_object_patch``.
 
     The original module is kept unregistered in ``inner``; its children and parameters are
-    registered here under their own names, so parameter paths stay those of the original.
+    registered here under their own names, so parameter paths (LoRA keys, ``state_dict``,
+    low-VRAM casting) stay those of the original. ``_strip`` removes every StandIn.
     """
 
-    def __init__(self, inner: torch.nn.Module, state: ComfyToMeState):
+    def __init__(self, inner: torch.nn.Module, state):
         super().__init__()
         object.__setattr__(self, "inner", inner)
         object.__setattr__(self, "state", state)
@@ -121,6 +122,17 @@ class MergedFeedForward(torch.nn.Module):
 
     def __deepcopy__(self, memo):
         return self
+
+    @staticmethod
+    def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+        """The original module under any stand-ins."""
+        while isinstance(module, StandIn):
+            module = module.inner
+        return module
+
+
+class MergedFeedForward(StandIn):
+    """Stands in for a block's ``ff``: merge(norm3(x)) -> original ff -> unmerge."""
 
     def forward(self, x, *args, **kwargs):
         state = self.state

@@ -13,33 +13,31 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import MergePlan, ToMeOptions, level_plan, timestep_key
+from ..core import MergePlan, ToMeOptions, level_plan, timestep_key, tome_plan
 
 
-class ComfyToMeState:
-    """Options plus the per-call and per-block-call slots shared by every patch of one node.
+class SamplingWindow:
+    """Per-UNet-call facts every tomesd-ext patch needs, set by ``DiffusionModelWrapper``.
 
-    sigma_start >= sigma_end: merging is active while sigma_end <= sigma <= sigma_start (the
-    node's start/end percent mapped through ``model_sampling.percent_to_sigma``).
-    Deep copies (ComfyUI deep-copies ``model_options`` on every ``clone()``) return the same
-    object, so the patches, the wrapper and the feed-forward object patches keep sharing it.
+    latent_hw, step_key (the UNet's timestep, the key of every random draw) and ``active``:
+    sigma_end <= sigma <= sigma_start (the node's start/end percent mapped through
+    ``model_sampling.percent_to_sigma``). Deep copies (ComfyUI deep-copies ``model_options`` on
+    every ``clone()``) return the same object, so all patches of one node keep sharing it.
     """
 
-    def __init__(self, opts: ToMeOptions, max_downsample: int, sigma_start: float = float("inf"), sigma_end: float = 0.0):
-        self.opts = opts
-        self.max_downsample = max_downsample
+    def __init__(self, sigma_start: float = float("inf"), sigma_end: float = 0.0):
         self.sigma_start = sigma_start
         self.sigma_end = sigma_end
         self.latent_hw: Optional[Tuple[int, int]] = None
         self.step_key = 0.0
         self.active = False
-        self.begin_block()
 
     def __deepcopy__(self, memo):
         return self
 
-    def begin_call(self, x: torch.Tensor, timesteps, sigmas) -> None:
-        """x: (B, C, H, W) latent of this UNet call; timesteps: what the UNet receives."""
+    def begin_call(self, x: torch.Tensor, timesteps, sigmas, transformer_options=None) -> None:
+        """x: (B, C, H, W) latent of this UNet call; timesteps: what the UNet receives;
+        transformer_options: the call's (``cond_or_uncond``: the order of its batch chunks)."""
         self.latent_hw = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else None
         self.step_key = timestep_key(timesteps)
         if sigmas is None:
@@ -47,10 +45,33 @@ class ComfyToMeState:
         else:
             sigma = float(sigmas.flatten()[0].item()) if hasattr(sigmas, "flatten") else float(sigmas)
             self.active = self.latent_hw is not None and self.sigma_end <= sigma <= self.sigma_start
-        self.begin_block()
 
     def end_call(self) -> None:
         self.active = False
+
+
+class ComfyToMeState(SamplingWindow):
+    """Options plus the per-call and per-block-call slots shared by every patch of one node.
+
+    The sampling window, latent size and step come from ``SamplingWindow``; the patches, the
+    wrapper and the feed-forward object patches share one instance.
+    """
+
+    def __init__(self, opts: ToMeOptions, max_downsample: int, sigma_start: float = float("inf"), sigma_end: float = 0.0):
+        super().__init__(sigma_start, sigma_end)
+        self.opts = opts
+        self.max_downsample = max_downsample
+        # (metric, h, w, opts, seed) -> plan: the destination policy (importance mode: the
+        # ImportancePlanner's plan, tomesd_ext/comfy/importance.py)
+        self.planner = tome_plan
+        self.begin_block()
+
+    def begin_call(self, x: torch.Tensor, timesteps, sigmas, transformer_options=None) -> None:
+        super().begin_call(x, timesteps, sigmas, transformer_options)
+        self.begin_block()
+
+    def end_call(self) -> None:
+        super().end_call()
         self.begin_block()
 
     def begin_block(self) -> None:
@@ -63,7 +84,9 @@ class ComfyToMeState:
         if not self.ready:
             self.ready = True
             if self.active:
-                self.plan = level_plan(metric, self.latent_hw, self.step_key, self.opts, self.max_downsample)
+                self.plan = level_plan(
+                    metric, self.latent_hw, self.step_key, self.opts, self.max_downsample, planner=self.planner
+                )
         plan = self.plan
         if plan is None or metric.ndim != 3 or metric.shape[1] != plan.n_tokens:
             return None

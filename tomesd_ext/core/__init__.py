@@ -6,14 +6,22 @@ merge() averages each group, unmerge() copies the group's value back to its memb
 
 from .downsample import ToDoOptions, downsample_tokens, downsampled_size
 from .grid import level_grid, tokens_to_remove
-from .importance import importance_map, importance_partitions, importance_plan, max_importance_ratio, pool_to_grid
+from .importance import ImportancePlanner, importance_map, importance_partitions, importance_plan, max_importance_ratio, pool_to_grid
 from .matching import bipartite_plan, normalize_metric
 from .merge import merge, unmerge
 from .options import OptionError, ToMeOptions
 from .partition import derive_seed, timestep_key, window_partition
 from .plan import MergePlan
 from .plan_cache import PlanCache
-from .temporal import ChunkDraw, ReplacePlan, chunk_draw, chunk_frames, temporal_attention
+from .temporal import (
+    ChunkDraw,
+    ReplacePlan,
+    chunk_draw,
+    chunk_frames,
+    chunked_temporal_attention,
+    merges_level,
+    temporal_attention,
+)
 from .temporal_options import VidToMeOptions
 from .tome import level_plan, partition_seed, tome_plan
 
@@ -23,6 +31,8 @@ __all__ = [
     "VidToMeOptions",
     "chunk_draw",
     "chunk_frames",
+    "chunked_temporal_attention",
+    "merges_level",
     "temporal_attention",
     "MergePlan",
     "OptionError",
@@ -31,6 +41,7 @@ __all__ = [
     "ToMeOptions",
     "bipartite_plan",
     "derive_seed",
+    "ImportancePlanner",
     "importance_map",
     "importance_partitions",
     "importance_plan",

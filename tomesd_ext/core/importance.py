@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 
 from .matching import bipartite_plan
+from .partition import derive_seed, window_partition
 from .plan import MergePlan
+from .tome import tome_plan
 
 # Added to the similarity of tokens outside the pool. Cosine scores lie in [-1, 1], so any key
 # > 2 orders "unimportant first, then by similarity"; a small key keeps float32 resolution of
@@ -153,10 +155,14 @@ def importance_partitions(
     return [ImportancePartition(dst[b], src[b], priority[b], r, m) for b in range(B0)]
 
 
-def image_rows(batch: int, layout: str) -> list:
+def image_rows(batch: int, layout: str, images: Optional[int] = None) -> list:
     """Row indices of each image in a CFG batch of `batch` rows: halves -> [i, B0 + i],
-    interleaved -> [2i, 2i + 1] (CPU tensors; move them to the metric's device once)."""
-    b0 = batch // 2
+    interleaved -> [2i, 2i + 1] (CPU tensors; move them to the metric's device once).
+
+    images: B0 for a batch of k = batch / B0 chunks of B0 rows each ("halves" only: ComfyUI's
+    cond/uncond chunks, any k and order) -> image i = rows [i, B0 + i, 2*B0 + i, ...].
+    """
+    b0 = images or batch // 2
     rows = torch.arange(batch)
     image = rows % b0 if layout == "halves" else rows // 2
     return [rows[image == i] for i in range(b0)]
@@ -196,3 +202,79 @@ def with_prune_weights(plan: MergePlan, dst: torch.Tensor) -> MergePlan:
     dst = dst.expand(plan.batch, D)
     weight = (plan.group >= D).float().scatter_(1, dst, 1.0)
     return MergePlan(plan.group, plan.size, plan.n_tokens, plan.grid, weight)
+
+
+class ImportancePlanner:
+    """The importance-mode planner of one patched denoiser, shared by the diffusers and ComfyUI
+    adapters (they differ only in where the map comes from and how the CFG batch is laid out).
+
+    Per denoiser call the adapter calls ``advance(step_key)`` then ``use_map(rows, batch, hw)``;
+    after a CFG step it stores the map with ``set_map(hmap (B0, H, W), step_key)``. ``plan`` is the
+    ``planner`` argument of ``level_plan``: the importance partition of the map of the previous
+    step, or ToMe's window plan when there is none (step 0, no CFG, another batch or size); the
+    first ``opts.prune_steps`` steps of a run prune instead of merging. ``counts`` records which
+    policy planned each block call ("importance" or "tome").
+    """
+
+    def __init__(self):
+        self.hmap: Optional[torch.Tensor] = None  # (B0, H, W) of the last CFG step
+        self.hmap_step: Optional[float] = None
+        self.active: Optional[torch.Tensor] = None  # the map used by the call in progress
+        self.batch = 0
+        self.rows: list = []  # row indices of each image in the call's batch
+        self.parts = {}  # (h, w) -> partitions of the call in progress
+        self.counts = {"importance": 0, "tome": 0}
+        self.step_index = 0  # steps since the run started (prune phase)
+        self.step_key = 0.0
+        self.last_step: Optional[float] = None
+
+    def advance(self, step_key: float) -> None:
+        """Start a denoiser call at `step_key` (the timestep): a larger key than the last call's
+        starts a new run (step_index 0), a smaller one is the next step, an equal one is another
+        call of the same step (e.g. ComfyUI running cond and uncond separately)."""
+        if self.last_step is None or step_key > self.last_step:
+            self.step_index = 0
+        elif step_key < self.last_step:
+            self.step_index += 1
+        self.last_step = self.step_key = step_key
+        self.parts = {}
+        self.active = None
+
+    def use_map(self, rows: list, batch: int, hw) -> None:
+        """Use the stored map for this call if it fits: rows[i] (k,) are image i's rows of the
+        `batch`, hw = (H, W) the latent size; the map must have len(rows) images of that size and
+        come from this run (its step key not below the current one)."""
+        self.rows, self.batch = rows, batch
+        prev = self.hmap
+        if prev is not None and tuple(prev.shape) == (len(rows), *hw) and self.step_key <= self.hmap_step:
+            self.active = prev
+
+    def set_map(self, hmap: Optional[torch.Tensor], step_key: Optional[float] = None) -> None:
+        """Store the map of a finished CFG step (None drops it)."""
+        self.hmap = hmap
+        self.hmap_step = self.step_key if step_key is None else step_key
+
+    def plan(self, metric: torch.Tensor, h: int, w: int, opts, seed: int) -> Optional[MergePlan]:
+        """Planner for `level_plan`: metric (B, N, C) of a level with an h x w grid."""
+        prune = self.step_index < opts.prune_steps
+        if self.active is None or metric.shape[0] != self.batch:
+            self.counts["tome"] += 1
+            plan = tome_plan(metric, h, w, opts, seed)
+            if plan is not None and prune:
+                dst, _ = window_partition(h, w, opts.sx, opts.sy, seed, metric.device)
+                plan = with_prune_weights(plan, dst)
+            return plan
+        parts = self.parts.get((h, w))
+        if parts is None:
+            pooled = pool_to_grid(self.active, h, w)
+            key = derive_seed(opts.seed, "importance", self.step_key, h, w)
+            parts = importance_partitions(pooled, h, w, opts.ratio, opts.sx, opts.sy, opts.pool_factor, key)
+            self.parts[(h, w)] = parts
+        self.counts["importance"] += 1
+        plan = importance_plan(metric, parts, self.rows, (h, w))
+        if plan is not None and prune:
+            dst = torch.empty(metric.shape[0], parts[0].dst.numel(), dtype=torch.long, device=metric.device)
+            for p, idx in zip(parts, self.rows):
+                dst[idx] = p.dst
+            plan = with_prune_weights(plan, dst)
+        return plan

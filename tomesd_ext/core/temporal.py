@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .. import kernels
+from .grid import level_grid
 from .matching import normalize_metric
 from .partition import derive_seed
 from .plan import MergePlan
@@ -228,3 +229,42 @@ def temporal_attention(
     if local is not None:
         out = local.unmerge(out)
     return out.reshape(B, N, out.shape[-1]), new_global
+
+
+def merges_level(n_tokens: int, latent_hw: Optional[Tuple[int, int]], max_downsample: int) -> bool:
+    """True when a self-attention over n_tokens runs at a merged level of a latent of latent_hw
+    (downsample factor <= max_downsample); False for an unknown level or latent size."""
+    found = level_grid(n_tokens, latent_hw) if latent_hw is not None else None
+    return found is not None and found[0] <= max_downsample
+
+
+def chunked_temporal_attention(
+    x: torch.Tensor,
+    n_samples: int,
+    attn: Callable[[torch.Tensor], torch.Tensor],
+    opts: VidToMeOptions,
+    step_key,
+) -> torch.Tensor:
+    """Self-attention over every frame of a video at once, chunk by chunk, with VidToMe merging.
+
+    x: (S*F, N, C) sample-major (sample s holds its F frames in rows s*F .. s*F+F-1).
+    The frames are split by ``chunk_frames(F, opts.chunk_size, opts.seed, step_key)``; the chunks
+    run in that order through ``temporal_attention`` with one ``chunk_draw`` each, the global set
+    carried from chunk to chunk. This equals running the UNet once per chunk (as the video
+    pipeline does with the diffusers adapter): outside this attention a UNet mixes nothing
+    across frames, so block b of a chunk sees the same global set either way.
+    Returns (S*F, N, C') in the rows of x.
+    """
+    B = x.shape[0]
+    if n_samples <= 0 or B % n_samples:
+        raise ValueError(f"batch {B} is not a multiple of the number of samples {n_samples}")
+    S, F = n_samples, B // n_samples
+    out, global_tokens = None, None
+    for frames in chunk_frames(F, opts.chunk_size, opts.seed, step_key):
+        rows = torch.tensor([s * F + f for s in range(S) for f in frames], device=x.device)
+        draw = chunk_draw(opts.seed, step_key, tuple(frames), opts.global_rand)
+        y, global_tokens = temporal_attention(x.index_select(0, rows), S, attn, opts, draw, global_tokens)
+        if out is None:
+            out = y.new_empty((B,) + tuple(y.shape[1:]))
+        out[rows] = y
+    return out

@@ -19,15 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..core import derive_seed, tome_plan, window_partition
-from ..core.importance import (
-    image_rows,
-    importance_map,
-    importance_partitions,
-    importance_plan,
-    pool_to_grid,
-    with_prune_weights,
-)
+from ..core.importance import ImportancePlanner, image_rows, importance_map
 
 NO_CFG_WARNING = (
     "tomesd-ext importance mode: the denoiser batch is not a classifier-free-guidance pair "
@@ -53,29 +45,21 @@ def detect_layout(sample: torch.Tensor, setting: str = "auto") -> Optional[str]:
     return None
 
 
-class ImportanceTracker:
-    """Per patched denoiser: the map of the last call and the partitions of the current one.
+class ImportanceTracker(ImportancePlanner):
+    """Per patched denoiser: the core ``ImportancePlanner`` fed from diffusers forward hooks.
 
-    Installed as the ModelState's planner; `counts` records which policy planned each block
-    call ("importance" or "tome"), for tests and benchmarks.
+    Its ``plan`` is installed as the ModelState's planner; the pre-hook detects the CFG layout,
+    the post-hook stores the map of the call's output.
     """
 
     def __init__(self, state):
+        super().__init__()
         self.state = state
         self.opts = state.opts
-        self.hmap: Optional[torch.Tensor] = None  # (B0, H, W) of the last CFG call
-        self.hmap_step: Optional[float] = None
         self.layout: Optional[str] = None
-        self.active: Optional[torch.Tensor] = None  # map used by the call in progress
-        self.batch = 0
-        self.rows: list = []  # row indices of each image in the batch
         self._rows_cache = {}
         self.sample_channels = 0
-        self.parts = {}
         self.warned = False
-        self.counts = {"importance": 0, "tome": 0}
-        self.step_index = 0  # denoiser calls since the run started (prune phase)
-        self.last_step: Optional[float] = None
 
     def install(self, model) -> list:
         return [
@@ -85,66 +69,28 @@ class ImportanceTracker:
 
     def pre_hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
-        self.parts = {}
-        step = self.state.step_key
-        new_run = self.last_step is None or step > self.last_step
-        self.step_index = 0 if new_run else self.step_index + 1
-        self.last_step = step
+        self.advance(self.state.step_key)
         self.layout = detect_layout(sample, self.opts.cfg_layout)
-        self.active = None
         if self.layout is None:
             if not self.warned and self.opts.cfg_layout != "off":
                 warnings.warn(NO_CFG_WARNING, stacklevel=2)
             self.warned = True
-            self.hmap = None
+            self.set_map(None)
             return
         B, C, H, W = sample.shape
-        B0 = B // 2
-        self.batch, self.sample_channels = B, C
+        self.sample_channels = C
         key = (B, self.layout, sample.device)
         if key not in self._rows_cache:
             self._rows_cache = {key: [r.to(sample.device) for r in image_rows(B, self.layout)]}
-        self.rows = self._rows_cache[key]
-        prev = self.hmap
-        # the map of the previous call of the same run: same images and size, timestep not
-        # increasing (a larger timestep starts a new generation, which begins with ToMe windows)
-        if prev is not None and tuple(prev.shape) == (B0, H, W) and step <= self.hmap_step:
-            self.active = prev
+        self.use_map(self._rows_cache[key], B, (H, W))
 
     def post_hook(self, module, args, output):
         if self.layout is None:
             return
         out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
         if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != self.batch:
-            self.hmap = None
+            self.set_map(None)
             return
         if out.shape[1] == 2 * self.sample_channels:  # learned sigma: (prediction, variance)
             out = out[:, : self.sample_channels]
-        self.hmap = importance_map(out.detach(), self.layout)
-        self.hmap_step = self.state.step_key
-
-    def plan(self, metric, h, w, opts, seed):
-        """Planner of ModelState: importance partition when a map exists, else ToMe windows;
-        during the first opts.prune_steps calls of a run the plan prunes instead of merging."""
-        prune = self.step_index < opts.prune_steps
-        if self.active is None or metric.shape[0] != self.batch:
-            self.counts["tome"] += 1
-            plan = tome_plan(metric, h, w, opts, seed)
-            if plan is not None and prune:
-                dst, _ = window_partition(h, w, opts.sx, opts.sy, seed, metric.device)
-                plan = with_prune_weights(plan, dst)
-            return plan
-        parts = self.parts.get((h, w))
-        if parts is None:
-            pooled = pool_to_grid(self.active, h, w)
-            key = derive_seed(opts.seed, "importance", self.state.step_key, h, w)
-            parts = importance_partitions(pooled, h, w, opts.ratio, opts.sx, opts.sy, opts.pool_factor, key)
-            self.parts[(h, w)] = parts
-        self.counts["importance"] += 1
-        plan = importance_plan(metric, parts, self.rows, (h, w))
-        if plan is not None and prune:
-            dst = torch.empty(metric.shape[0], parts[0].dst.numel(), dtype=torch.long, device=metric.device)
-            for p, idx in zip(parts, self.rows):
-                dst[idx] = p.dst
-            plan = with_prune_weights(plan, dst)
-        return plan
+        self.set_map(importance_map(out.detach(), self.layout))

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..core import ChunkDraw, VidToMeOptions, chunk_draw, level_grid, temporal_attention
+from ..core import ChunkDraw, VidToMeOptions, chunk_draw, merges_level, temporal_attention
 from .patch import _denoiser, _Patch, _transformer_blocks
 from .processors import MergedAttnProcessor
 from .state import timestep_key
@@ -80,9 +80,7 @@ class VidToMeAttnProcessor(MergedAttnProcessor):
         self.block_id = block_id
 
     def _level_ok(self, n_tokens: int) -> bool:
-        hw = self.state.latent_hw
-        found = level_grid(n_tokens, hw) if hw is not None else None
-        return found is not None and found[0] <= self.state.opts.max_downsample
+        return merges_level(n_tokens, self.state.latent_hw, self.state.opts.max_downsample)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         st = self.state

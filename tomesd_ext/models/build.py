@@ -65,14 +65,19 @@ def build_vae(name, seed=0, dtype=torch.float32, device="cpu"):
     return build_seeded(lambda: AutoencoderKL(**config), seed, dtype, device)
 
 
-def _text_encoder(config, tokenizer, with_projection, seed, dtype, device):
+def text_config(config, tokenizer) -> CLIPTextConfig:
+    """The CLIPTextConfig of a text tower config, with the vocabulary and ids of ``tokenizer``."""
     ids = {
         "vocab_size": config["vocab_size"] or len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    clip_config = CLIPTextConfig(**{**config, **ids})
+    return CLIPTextConfig(**{**config, **ids})
+
+
+def _text_encoder(config, tokenizer, with_projection, seed, dtype, device):
+    clip_config = text_config(config, tokenizer)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return build_seeded(lambda: cls(clip_config), seed, dtype, device)
 

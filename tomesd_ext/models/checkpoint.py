@@ -145,8 +145,11 @@ def vae_state_dict(vae) -> Dict[str, torch.Tensor]:
 
 
 def clip_state_dict(text_encoder) -> Dict[str, torch.Tensor]:
-    """HF CLIPTextModel keys under ``cond_stage_model.transformer.`` (SD1.x layout)."""
-    return {"cond_stage_model.transformer." + k: v for k, v in text_encoder.state_dict().items()}
+    """HF CLIPTextModel keys under ``cond_stage_model.transformer.text_model.`` (the SD1.5 release
+    layout, which ComfyUI and diffusers' single-file loader both detect). Some transformers
+    versions name the keys with a ``text_model.`` prefix, others without: both map alike."""
+    prefix = "cond_stage_model.transformer.text_model."
+    return {prefix + k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
 
 
 def checkpoint_state_dict(unet, vae, text_encoder, dtype=torch.float16) -> Dict[str, torch.Tensor]:
@@ -162,7 +165,8 @@ def write_checkpoint(path, name: str = "sd15", seed: int = 0, dtype=torch.float1
     ``seed + 1``, text encoder ``seed + 2``) and save it as a ``.safetensors`` single file.
 
     The same (name, seed) gives the same UNet as ``build_unet(name, seed)`` rounded to ``dtype``.
-    Returns ``path``. Only SD1.x-shaped names ("sd15") are supported.
+    Returns ``path``. Only SD1.x-shaped names are supported ("sd15", and "tiny", whose CLIP
+    text tower has the same key layout; ComfyUI detects only the full-size one).
     """
     from safetensors.torch import save_file
 
@@ -170,7 +174,7 @@ def write_checkpoint(path, name: str = "sd15", seed: int = 0, dtype=torch.float1
     from .configs import get_config
 
     config = get_config(name)
-    if config["family"] != "sd" or config["unet"].get("cross_attention_dim") != 768:
+    if config["family"] != "sd" or (config["unet"].get("cross_attention_dim") != 768 and name != "tiny"):
         raise ValueError(f"write_checkpoint supports SD1.x-shaped models (e.g. 'sd15'), not {name!r}")
     sd = checkpoint_state_dict(
         build_unet(name, seed),

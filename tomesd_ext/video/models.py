@@ -59,7 +59,11 @@ def load_pipeline(model: str, seed: int = 0, dtype=None, sharpen: float = 0.0):
         if p.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
         else:
-            pipe = StableDiffusionPipeline.from_single_file(str(p), torch_dtype=dtype)
+            from ..models.single_file import load_single_file
+
+            pipe = load_single_file(str(p), dtype)
+            if not isinstance(pipe, StableDiffusionPipeline):
+                raise ValueError(f"model {model!r} is an SDXL checkpoint; video editing supports SD1.x/2.x")
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     else:
         from ..models import MODEL_NAMES, build_pipeline
