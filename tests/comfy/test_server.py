@@ -221,3 +221,47 @@ def test_render_workflow_grid(sd15_server):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     grid.save(out)
     assert os.path.getsize(out) > 0
+
+
+@pytest.mark.skipif(not os.environ.get("TOMESD_EXT_WORKFLOW_GRID"), reason="set TOMESD_EXT_WORKFLOW_GRID=out.png to render the README grid")
+def test_render_vid2vid_strip(sd15_server):
+    """The video workflow as ComfyUI runs it, beside the README grid (comfyui_vid2vid.png):
+    rows = input frames, nothing merged (chunk 1, ratios 0), VidToMe defaults; 4 frames each."""
+    import av
+    from PIL import Image, ImageDraw
+
+    from tomesd_ext.video.io import write_mp4
+    from tomesd_ext.video.synthetic import moving_shapes
+
+    comfy_server = sd15_server
+    size, steps = int(os.environ.get("TOMESD_EXT_GRID_SIZE", "256")), int(os.environ.get("TOMESD_EXT_GRID_STEPS", "8"))
+    clip = moving_shapes(n_frames=8, size=size, seed=1)
+    write_mp4(clip, os.path.join(comfy_server.base, "input", "tomesd_ext_strip.mp4"), fps=8)
+    base = _small(json.load(open(os.path.join(WORKFLOWS, "sd15_vid2vid_vidtome.api.json"))), "grid/vid2vid")
+    vid = next(k for k, v in base.items() if v["class_type"] == "TomesdExtVidToMe")
+    rows = [("input (synthetic moving shapes)", [Image.fromarray(f) for f in clip[:4]])]
+    for label, settings in (("nothing merged (chunk 1, ratios 0)", {"chunk_size": 1, "local_ratio": 0.0, "global_ratio": 0.0}),
+                            ("VidToMe defaults", {})):
+        prompt = json.loads(json.dumps(base))
+        prompt[vid]["inputs"].update(settings)
+        for node in prompt.values():
+            if node["class_type"] == "LoadVideo":
+                node["inputs"]["file"] = "tomesd_ext_strip.mp4"
+            if node["class_type"] == "ImageScale":
+                node["inputs"]["width"] = node["inputs"]["height"] = size
+            if "steps" in node["inputs"]:
+                node["inputs"]["steps"] = steps
+        (path,) = comfy_server.output_files(comfy_server.run_prompt(prompt))
+        with av.open(path) as container:
+            frames = [f.to_image().convert("RGB") for f in container.decode(video=0)]
+        rows.append((label, frames[:4]))
+    pad = 24
+    strip = Image.new("RGB", (4 * size, len(rows) * (size + pad)), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (label, frames) in enumerate(rows):
+        draw.text((4, i * (size + pad) + 6), label, fill="black")
+        for j, img in enumerate(frames):
+            strip.paste(img.resize((size, size)), (j * size, i * (size + pad) + pad))
+    out = os.path.join(os.path.dirname(os.path.abspath(os.environ["TOMESD_EXT_WORKFLOW_GRID"])), "comfyui_vid2vid.png")
+    strip.save(out)
+    assert os.path.getsize(out) > 0
