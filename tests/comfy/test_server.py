@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from comfy_env import REPO, ui_to_api
 from conftest import CKPT_NAME
@@ -144,42 +145,47 @@ def test_merge_mlp_object_patches_are_undone_between_runs(sd15_server):
 
 
 def test_vid2vid_vidtome_merges_and_nothing_merged_equals_no_node(sd15_server):
-    """In the served video workflow VidToMe changes the frames; with chunk_size 1 and both
-    ratios 0 (plain per-frame attention) the video matches the one made without the node."""
-    import numpy as np
+    """In the served video workflow VidToMe changes the result; with chunk_size 1 and both
+    ratios 0 (plain per-frame attention) the sampled latents equal those made without the node.
+
+    Compared on the KSampler's latents (a SaveLatent node is added), not on the mp4: ComfyUI
+    sizes VAEDecode's batches by free memory, so which frames are decoded together (and the
+    float rounding that an mp4 encoder then amplifies) varies from run to run with the machine's
+    memory, independently of any model patch.
+    """
+    from safetensors.torch import load_file
 
     comfy_server = sd15_server
     _provide_input_clip(comfy_server)
     base = json.load(open(os.path.join(WORKFLOWS, "sd15_vid2vid_vidtome.api.json")))
     vid = next(k for k, v in base.items() if v["class_type"] == "TomesdExtVidToMe")
+    sampler = next(k for k, v in base.items() if v["class_type"] == "KSampler")
 
     def run(settings, prefix):
         prompt = _small(base, prefix)
         if settings is None:
-            sampler = next(v for v in prompt.values() if v["class_type"] == "KSampler")
-            sampler["inputs"]["model"] = prompt[vid]["inputs"]["model"]
+            prompt[sampler]["inputs"]["model"] = prompt[vid]["inputs"]["model"]
             del prompt[vid]
         else:
             prompt[vid]["inputs"].update(settings)
-        (path,) = comfy_server.output_files(comfy_server.run_prompt(prompt))
-        import av
-
-        with av.open(path) as container:
-            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        prompt["tomesd_ext_save_latent"] = {"class_type": "SaveLatent",
+                                            "inputs": {"samples": [sampler, 0], "filename_prefix": prefix}}
+        entry = comfy_server.run_prompt(prompt)
+        (video,) = comfy_server.output_files(entry)
+        assert _frames_and_size(video) == (CLIP_FRAMES, (SIZE, SIZE))
+        (saved,) = [f for out in entry["outputs"].values() for f in out.get("latents", [])]
+        path = os.path.join(comfy_server.base, "output", saved.get("subfolder", ""), saved["filename"])
+        return load_file(path)["latent_tensor"]
 
     off = run({"chunk_size": 1, "local_ratio": 0.0, "global_ratio": 0.0}, "tests/vid_off")
     merged = run({"chunk_size": 4, "local_ratio": 0.9, "global_ratio": 0.8}, "tests/vid_merged")
     plain = run(None, "tests/vid_plain")
-    assert off.shape == merged.shape == (CLIP_FRAMES, SIZE, SIZE, 3)
-    diff = np.abs(off.astype(int) - plain.astype(int))
-    merged_diff = np.abs(merged.astype(int) - plain.astype(int))
-    print(f"VIDTOME nothing-merged vs no node: mean {diff.mean():.4f} max {diff.max()}; merged vs no node: "
-          f"mean {merged_diff.mean():.4f} max {merged_diff.max()}")
-    # Usually bit-identical (the in-process test asserts exactness); one server run out of three
-    # gave a slightly different mp4, probably ComfyUI splitting cond/uncond by free memory (other
-    # batch shapes, other float rounding), so the check here is "far closer than merging".
-    assert merged_diff.mean() > 1.0
-    assert diff.mean() < 0.05 * merged_diff.mean(), f"nothing merged vs no node: mean |diff| {diff.mean():.4f}"
+    assert off.shape == merged.shape == plain.shape == (CLIP_FRAMES, 4, SIZE // 8, SIZE // 8)
+    change = (merged - plain).abs().mean() / plain.abs().mean()
+    print(f"VIDTOME latents: nothing merged vs no node max |diff| {(off - plain).abs().max():.3g}; "
+          f"merged vs no node relative mean |diff| {change:.4f}")
+    assert torch.equal(off, plain)
+    assert change > 1e-3
 
 
 @pytest.mark.skipif(not os.environ.get("TOMESD_EXT_WORKFLOW_GRID"), reason="set TOMESD_EXT_WORKFLOW_GRID=out.png to render the README grid")
