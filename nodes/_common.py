@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 
+from ._imports import comfy_adapter
+
+window_error = comfy_adapter.window_error  # the adapter's own check of a sampling part (start <= end)
+
 CATEGORY = "model_patches/token_merging"
 log = logging.getLogger("tomesd_ext")
 
@@ -19,13 +23,6 @@ WINDOW_INPUTS = {
         "tooltip": "Sampling progress at which merging stops (1 = last step).",
     }),
 }
-
-
-def window_error(start_percent, end_percent):
-    """The VALIDATE_INPUTS message for a start after the end, else None."""
-    if start_percent > end_percent:
-        return f"start_percent={start_percent} must not exceed end_percent={end_percent}"
-    return None
 
 
 def range_error(cls, **values):

@@ -70,8 +70,9 @@ class TomesdExtTokenMerging(ModelPatchNode):
         # No **kwargs: ComfyUI skips its own min/max check for every input a VALIDATE_INPUTS
         # receives (all of them with **kwargs), so the inputs named here are range-checked here.
         error = range_error(cls, start_percent=start_percent, end_percent=end_percent, sx=sx, sy=sy)
-        if error or window_error(start_percent, end_percent):
-            return error or window_error(start_percent, end_percent)
+        error = error or window_error(start_percent, end_percent)
+        if error:
+            return error
         if sx * sy < 2:
             return f"sx*sy must be >= 2 (one destination per window), got sx={sx}, sy={sy}"
         return True

@@ -8,11 +8,11 @@ package imports without ComfyUI (CI tests the patch functions on plain tensors).
 """
 
 from .importance import ComfyImportanceState, apply_importance_patch
-from .patch import SUPPORTED, apply_tome_patch, remove_tome_patch, sigma_range
+from .patch import SUPPORTED, apply_tome_patch, remove_tome_patch, sigma_range, window_error
 from .state import ComfyToMeState
 from .vidtome import apply_vidtome_patch
 
 __all__ = [
     "SUPPORTED", "ComfyImportanceState", "ComfyToMeState", "apply_importance_patch", "apply_tome_patch",
-    "apply_vidtome_patch", "remove_tome_patch", "sigma_range",
+    "apply_vidtome_patch", "remove_tome_patch", "sigma_range", "window_error",
 ]

@@ -66,13 +66,36 @@ def _strip(m) -> None:
             del m.object_patches[key]
 
 
-def sigma_range(model, start_percent: float, end_percent: float) -> Tuple[float, float]:
-    """(sigma_start, sigma_end) of the sampling part [start_percent, end_percent]."""
+def unsupported_reason(model, what: str = "") -> str:
+    """The one console warning of a node whose model has no UNet to patch."""
+    inner = type(getattr(getattr(model, "model", None), "diffusion_model", None)).__name__
+    return f"tomesd-ext: token merging skipped{what}, cannot patch {inner}: supported are {SUPPORTED}"
+
+
+def patched_clone(model, state):
+    """A clone of ``model`` without earlier tomesd-ext patches, with the diffusion-model wrapper
+    that feeds ``state`` the latent size, step key and sigma of every call."""
+    m = model.clone()
+    _strip(m)
+    m.add_wrapper_with_key(_diffusion_model_wrapper_type(), WRAPPER_KEY, DiffusionModelWrapper(state))
+    return m
+
+
+def window_error(start_percent: float, end_percent: float) -> Optional[str]:
+    """What is wrong with a sampling part [start_percent, end_percent], or None."""
     for name, v in (("start_percent", start_percent), ("end_percent", end_percent)):
         if not (0.0 <= float(v) <= 1.0):
-            raise ValueError(f"{name}={v} is out of range: allowed [0, 1]")
+            return f"{name}={v} is out of range: allowed [0, 1]"
     if start_percent > end_percent:
-        raise ValueError(f"start_percent={start_percent} must not exceed end_percent={end_percent}")
+        return f"start_percent={start_percent} must not exceed end_percent={end_percent}"
+    return None
+
+
+def sigma_range(model, start_percent: float, end_percent: float) -> Tuple[float, float]:
+    """(sigma_start, sigma_end) of the sampling part [start_percent, end_percent]."""
+    error = window_error(start_percent, end_percent)
+    if error:
+        raise ValueError(error)
     sampling = model.get_model_object("model_sampling")
     return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
 
@@ -94,8 +117,7 @@ def install_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_perc
     merge node; ``state_type(opts, max_downsample, sigma_start, sigma_end)`` holds the policy."""
     unet = unet_of(model)
     if unet is None:
-        inner = type(getattr(getattr(model, "model", None), "diffusion_model", None)).__name__
-        return model, None, f"tomesd-ext: token merging skipped, cannot patch {inner}: supported are {SUPPORTED}"
+        return model, None, unsupported_reason(model)
     if opts.max_downsample == "auto":
         max_ds = auto_max_downsample(unet)
         if max_ds is None:
@@ -105,9 +127,7 @@ def install_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_perc
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
     state = state_type(opts, max_ds, sigma_start, sigma_end)
 
-    m = model.clone()
-    _strip(m)
-    m.add_wrapper_with_key(_diffusion_model_wrapper_type(), WRAPPER_KEY, DiffusionModelWrapper(state))
+    m = patched_clone(model, state)
     m.set_model_attn1_patch(Attn1Patch(state))  # always: it marks the start of every block call
     if opts.merge_attn:
         m.set_model_attn1_output_patch(Attn1OutputPatch(state))
@@ -117,8 +137,5 @@ def install_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_perc
     if opts.merge_mlp:
         for path, _block in transformer_blocks(unet):
             key = path + ".ff"
-            inner = m.get_model_object(key)
-            if isinstance(inner, MergedFeedForward):
-                inner = inner.inner
-            m.add_object_patch(key, MergedFeedForward(inner, state))
+            m.add_object_patch(key, MergedFeedForward(StandIn.unwrap(m.get_model_object(key)), state))
     return m, state, None

@@ -20,8 +20,8 @@ from typing import Optional, Tuple
 
 from ..core import VidToMeOptions, chunked_temporal_attention, merges_level
 from .geometry import transformer_blocks, unet_of
-from .patch import SUPPORTED, WRAPPER_KEY, _diffusion_model_wrapper_type, _strip, sigma_range
-from .patches import DiffusionModelWrapper, StandIn
+from .patch import patched_clone, sigma_range, unsupported_reason
+from .patches import StandIn
 from .state import SamplingWindow
 
 
@@ -71,17 +71,14 @@ def apply_vidtome_patch(
     """
     unet = unet_of(model)
     if unet is None:
-        inner = type(getattr(getattr(model, "model", None), "diffusion_model", None)).__name__
-        return model, f"tomesd-ext: token merging skipped (VidToMe), cannot patch {inner}: supported are {SUPPORTED}"
+        return model, unsupported_reason(model, " (VidToMe)")
     blocks = [(path, block) for path, block in transformer_blocks(unet) if not getattr(block, "disable_self_attn", False)]
     if not blocks:
         return model, f"tomesd-ext: token merging skipped (VidToMe), {type(unet).__name__} has no self-attention blocks"
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
     state = ComfyVidToMeState(opts, sigma_start, sigma_end)
 
-    m = model.clone()
-    _strip(m)
-    m.add_wrapper_with_key(_diffusion_model_wrapper_type(), WRAPPER_KEY, DiffusionModelWrapper(state))
+    m = patched_clone(model, state)
     for path, _block in blocks:
         key = path + ".attn1"
         m.add_object_patch(key, VidToMeAttention(StandIn.unwrap(m.get_model_object(key)), state))
