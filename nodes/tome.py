@@ -6,13 +6,22 @@ imports ComfyUI at module level, so the schema and the option validation are tes
 
 from __future__ import annotations
 
-from ._common import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, range_error, window_error
-from ._imports import comfy_adapter, core
+from .base import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, range_error, widget, window_error
+from .library import comfy_adapter, core
 
 ToMeOptions = core.ToMeOptions
 OptionError = core.OptionError
+OPTIONS = core.TOME_OPTIONS
+WIDGETS = ("ratio", "max_downsample", "sx", "sy", "use_rand", "seed", "merge_attn", "merge_crossattn", "merge_mlp",
+           "min_tokens")
 
-MAX_DOWNSAMPLE = ["auto", "1", "2", "4", "8"]
+
+def tome_widgets(names=WIDGETS) -> dict:
+    """The widget inputs of the named ToMe options, in order (min_tokens shows its default)."""
+    return {
+        name: widget(OPTIONS[name], default=core.options.MIN_TOKENS_DEFAULT if name == "min_tokens" else None)
+        for name in names
+    }
 
 
 class TomesdExtTokenMerging(ModelPatchNode):
@@ -29,41 +38,7 @@ class TomesdExtTokenMerging(ModelPatchNode):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": MODEL_INPUT,
-                "ratio": ("FLOAT", {
-                    "default": 0.5, "min": 0.0, "max": 0.99, "step": 0.01,
-                    "tooltip": "Fraction of a merged level's tokens merged away. 0 = off. At most "
-                               "1 - 1/(sx*sy) (0.75 for 2x2 windows); larger values are clamped.",
-                }),
-                "max_downsample": (MAX_DOWNSAMPLE, {
-                    "default": "auto",
-                    "tooltip": "Deepest level merged, as a downsample factor. auto = the highest-resolution "
-                               "level that has attention (SD1.5: 1, SDXL: 2). 2 also merges the next level.",
-                }),
-                "sx": ("INT", {"default": 2, "min": 1, "max": 8, "tooltip": "Window width: one destination token per sx x sy window."}),
-                "sy": ("INT", {"default": 2, "min": 1, "max": 8, "tooltip": "Window height: one destination token per sx x sy window."}),
-                "use_rand": ("BOOLEAN", {"default": True, "tooltip": "Random destination inside each window (seeded); off = the top-left token."}),
-                "seed": ("INT", {
-                    "default": 0, "min": 0, "max": 2**62,
-                    "tooltip": "Seed of the random destinations (same seed and step -> same partition; not the noise seed).",
-                }),
-                "merge_attn": ("BOOLEAN", {"default": True, "tooltip": "Merge around self-attention (Q, K and V): the main saving."}),
-                "merge_crossattn": ("BOOLEAN", {"default": False, "tooltip": "Merge the queries of cross-attention (text) too."}),
-                "merge_mlp": ("BOOLEAN", {
-                    "default": False,
-                    "tooltip": "Merge around the feed-forward too (via an object patch of each block's ff; "
-                               "costs more detail).",
-                }),
-                "min_tokens": ("INT", {
-                    "default": 2048, "min": 0, "max": 1 << 20,
-                    "tooltip": "Levels whose grid has fewer tokens are not merged (merging cannot pay there; "
-                               "2048 is the measured break-even, see docs/benchmarks.md). 0 = always merge.",
-                }),
-                **WINDOW_INPUTS,
-            }
-        }
+        return {"required": {"model": MODEL_INPUT, **tome_widgets(), **WINDOW_INPUTS}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2):
@@ -79,13 +54,13 @@ class TomesdExtTokenMerging(ModelPatchNode):
 
     @staticmethod
     def options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
-                min_tokens=2048) -> "ToMeOptions":
+                min_tokens=None) -> "ToMeOptions":
         """Validated ToMeOptions from the widget values (raises OptionError with the limit)."""
         md = max_downsample if max_downsample == "auto" else int(max_downsample)
         return ToMeOptions.create(
             ratio=float(ratio), max_downsample=md, sx=int(sx), sy=int(sy), use_rand=bool(use_rand),
             seed=int(seed), merge_attn=bool(merge_attn), merge_crossattn=bool(merge_crossattn),
-            merge_mlp=bool(merge_mlp), min_tokens=int(min_tokens),
+            merge_mlp=bool(merge_mlp), min_tokens=None if min_tokens is None else int(min_tokens),
         )
 
     @staticmethod

@@ -8,11 +8,12 @@ adapter. Nothing here imports ComfyUI at module level.
 
 from __future__ import annotations
 
-from ._common import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, range_error, window_error
-from ._imports import comfy_adapter, core
+from .base import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, range_error, widget, window_error
+from .library import comfy_adapter, core
 
 VidToMeOptions = core.VidToMeOptions
-MAX_DOWNSAMPLE = ["1", "2", "4", "8"]
+OPTIONS = core.VIDTOME_OPTIONS
+WIDGETS = ("chunk_size", "local_ratio", "global_ratio", "max_downsample", "seed", "global_rand", "align_batch")
 
 
 class TomesdExtVidToMe(ModelPatchNode):
@@ -31,48 +32,8 @@ class TomesdExtVidToMe(ModelPatchNode):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": MODEL_INPUT,
-                "chunk_size": ("INT", {
-                    "default": 4, "min": 1, "max": 64,
-                    "tooltip": "Frames merged together (VidToMe's chunk). Every step the first chunk gets a random "
-                               "length in [1, chunk_size] and the chunks run in random order, so seams move.",
-                }),
-                "local_ratio": ("FLOAT", {
-                    "default": 0.9, "min": 0.0, "max": 0.99, "step": 0.01,
-                    "tooltip": "Fraction of the other frames' tokens merged into the chunk's target frame "
-                               "(they take the target token's value). 0 = no merging inside a chunk.",
-                }),
-                "global_ratio": ("FLOAT", {
-                    "default": 0.8, "min": 0.0, "max": 0.99, "step": 0.01,
-                    "tooltip": "Fraction merged with the token set carried from chunk to chunk within a step "
-                               "(consistency across chunks). 0 = no global set.",
-                }),
-                "max_downsample": (MAX_DOWNSAMPLE, {
-                    "default": "2",
-                    "tooltip": "Merge in self-attention at levels with this downsample factor or less "
-                               "(2: SD1.5's two highest-resolution levels).",
-                }),
-                "seed": ("INT", {
-                    "default": 0, "min": 0, "max": 2**62,
-                    "tooltip": "Seed of VidToMe's draws (chunk borders and order, target frame, global roles); "
-                               "not the noise seed. Same seed -> same result.",
-                }),
-                "global_rand": ("FLOAT", {
-                    "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Probability that the carried global set is the source side of the global merge "
-                               "(else the chunk's tokens are).",
-                }),
-                "align_batch": ("BOOLEAN", {
-                    "default": True,
-                    "tooltip": "cond and uncond share one match map (each token's best match over both). "
-                               "Needs cond and uncond in one batch, which ComfyUI does when memory allows; "
-                               "when it splits them each half is matched on its own.",
-                }),
-                **WINDOW_INPUTS,
-            }
-        }
+        widgets = {name: widget(OPTIONS[name]) for name in WIDGETS}
+        return {"required": {"model": MODEL_INPUT, **widgets, **WINDOW_INPUTS}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):

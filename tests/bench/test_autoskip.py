@@ -6,7 +6,13 @@ import torch
 from tomesd_ext.core import OptionError, ToMeOptions
 from tomesd_ext.core.options import MIN_TOKENS_DEFAULT
 from tomesd_ext.diffusers import apply_tome, remove_tome
-from tomesd_ext.diffusers.state import ModelState
+from tomesd_ext.core import MergeRuntime, TomePolicy
+
+
+def runtime(opts, max_downsample, latent_hw):
+    rt = MergeRuntime(TomePolicy(opts), max_downsample)
+    rt.begin_call(latent_hw, 0.0)
+    return rt
 
 
 def test_min_tokens_is_validated():
@@ -18,19 +24,16 @@ def test_min_tokens_is_validated():
 
 def test_plan_for_skips_small_grids():
     metric = torch.randn(2, 16 * 16, 8)
-    state = ModelState(ToMeOptions.create(seed=0, min_tokens=256), max_downsample=1)
-    state.latent_hw = (16, 16)
+    state = runtime(ToMeOptions.create(seed=0, min_tokens=256), 1, (16, 16))
     assert state.plan_for(metric) is not None  # 256 tokens >= 256
-    state = ModelState(ToMeOptions.create(seed=0, min_tokens=257), max_downsample=1)
-    state.latent_hw = (16, 16)
+    state = runtime(ToMeOptions.create(seed=0, min_tokens=257), 1, (16, 16))
     assert state.plan_for(metric) is None
 
 
 def test_default_rule_skips_below_and_merges_at_sd15_512():
-    state = ModelState(ToMeOptions.create(seed=0), max_downsample=8)
-    state.latent_hw = (64, 64)  # SD1.5 at 512 px: d=1 has 4096 tokens
+    state = runtime(ToMeOptions.create(seed=0), 8, (64, 64))  # SD1.5 at 512 px: d=1 has 4096 tokens
     assert state.plan_for(torch.randn(1, 4096, 4)) is not None
-    state.latent_hw = (32, 32)  # SD1.5 at 256 px: 1024 tokens, below the measured threshold
+    state.begin_call((32, 32), 0.0)  # SD1.5 at 256 px: 1024 tokens, below the measured threshold
     assert MIN_TOKENS_DEFAULT > 1024
     assert state.plan_for(torch.randn(1, 1024, 4)) is None
 

@@ -5,8 +5,7 @@ import torch
 
 from tomesd_ext.core import OptionError, ToDoOptions, downsample_tokens, downsampled_size
 from tomesd_ext.diffusers import apply_query_merge, apply_todo, apply_tome, remove_todo, remove_tome
-from tomesd_ext.diffusers.queries import QueryMergedAttnProcessor
-from tomesd_ext.diffusers.todo import ToDoAttnProcessor
+from tomesd_ext.diffusers.processors import MergedAttnProcessor, ToDoAttnProcessor
 
 
 def _run(unet, inputs):
@@ -27,8 +26,12 @@ class _Recorder:
         return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kw)
 
 
+def _wrappers(unet, cls):
+    return [m.processor for m in unet.modules() if isinstance(getattr(m, "processor", None), cls)]
+
+
 def _record(unet, cls):
-    log, wrappers = [], [m.processor for m in unet.modules() if isinstance(getattr(m, "processor", None), cls)]
+    log, wrappers = [], _wrappers(unet, cls)
     assert wrappers
     for w in wrappers:
         w.inner = _Recorder(w.inner, log)
@@ -62,7 +65,8 @@ def test_todo_options_are_validated(kwargs, match):
 def test_query_merge_merges_only_queries(tiny_unet, tiny_inputs):
     ref = _run(tiny_unet, tiny_inputs)
     apply_query_merge(tiny_unet, 0.5, seed=0)
-    log = _record(tiny_unet, QueryMergedAttnProcessor)
+    log = _record(tiny_unet, MergedAttnProcessor)
+    assert all(p.queries_only for p in _wrappers(tiny_unet, MergedAttnProcessor))
     out = _run(tiny_unet, tiny_inputs)
     remove_tome(tiny_unet)
     n = 16 * 16
@@ -111,6 +115,6 @@ def test_query_merge_and_tome_replace_each_other(tiny_unet, tiny_inputs):
     ref = _run(tiny_unet, tiny_inputs)
     apply_query_merge(tiny_unet, 0.5, seed=0)
     apply_tome(tiny_unet, 0.0, seed=0)
-    assert not any(isinstance(getattr(m, "processor", None), QueryMergedAttnProcessor) for m in tiny_unet.modules())
+    assert not any(getattr(getattr(m, "processor", None), "queries_only", False) for m in tiny_unet.modules())
     assert torch.equal(_run(tiny_unet, tiny_inputs), ref)
     remove_tome(tiny_unet)

@@ -320,3 +320,21 @@ def fake_dit_model():
         model = FakeBase()
 
     return FakePatcher()
+
+
+def patch_state(opts, max_downsample, sigma_start=float("inf"), sigma_end=0.0, policy=None):
+    """The PatchState a node builds, without ComfyUI: a MergeRuntime with the ToMe policy (or
+    ``policy``) behind it."""
+    from tomesd_ext.comfy import PatchState
+    from tomesd_ext.core import MergeRuntime, TomePolicy
+
+    return PatchState(MergeRuntime(policy or TomePolicy(opts), max_downsample, sigma_start, sigma_end))
+
+
+def runtime_plan(metric, latent_hw, step_key, opts, max_downsample, policy=None):
+    """The plan a fresh runtime computes for ``metric`` in a call at (latent_hw, step_key)."""
+    from tomesd_ext.core import MergeRuntime, TomePolicy
+
+    runtime = MergeRuntime(policy or TomePolicy(opts), max_downsample)
+    runtime.begin_call(latent_hw, step_key)
+    return runtime.plan_for(metric)

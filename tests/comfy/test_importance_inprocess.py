@@ -79,11 +79,11 @@ def test_map_from_comfy_sampler_drives_later_steps(tiny, conds):
     ref = _sample(base, conds)
     model = importance_node(base, ratio=0.5, seed=5)
     out = _sample(model, conds)
-    counts = _state(model).importance.counts
+    counts = _state(model).policy.counts
     # 3 steps x 3 merged levels of the tiny model (d = 1, 2, 4 at 16 px; min_tokens 0):
     # step 0 plans with ToMe windows, steps 1 and 2 from the map of the step before
     assert counts == {"tome": 5, "importance": 10}
-    assert _state(model).importance.hmap.shape == (2, 16, 16)
+    assert _state(model).policy.hmap.shape == (2, 16, 16)
     assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-3)
     # a different map gives a different merge than ToMe windows from step 1 on
     assert not torch.allclose(out, _sample(tome_node(base, ratio=0.5, seed=5), conds), atol=1e-4)
@@ -97,7 +97,7 @@ def test_cfg1_falls_back_to_tome_exactly_with_one_warning(tiny, conds, caplog):
         again = _sample(model, conds, cfg=1.0)
     warnings = [r for r in caplog.records if r.name == "tomesd_ext"]
     assert len(warnings) == 1 and "cfg = 1" in warnings[0].getMessage()
-    assert _state(model).importance.counts["importance"] == 0
+    assert _state(model).policy.counts["importance"] == 0
     tome = _sample(tome_node(base, ratio=0.5, seed=5, max_downsample="2"), conds, cfg=1.0)
     assert torch.equal(out, tome) and torch.equal(again, tome)
 
@@ -113,9 +113,9 @@ def test_batch_order_from_cond_or_uncond(tiny, conds, order):
     out_other = _sample(other, conds)
     assert all(seen == [0, 1] for seen in wrapper.seen) and (order == "split" or wrapper.seen)  # cond first
     calls = 2 if order == "split" else 1  # split: both calls of a step use the previous map
-    expected = {k: v * calls for k, v in _state(default).importance.counts.items()}
-    assert _state(other).importance.counts == expected
-    mine, ref = _state(other).importance, _state(default).importance
+    expected = {k: v * calls for k, v in _state(default).policy.counts.items()}
+    assert _state(other).policy.counts == expected
+    mine, ref = _state(other).policy, _state(default).policy
     if order == "reversed":  # the same batch, other chunk order: bit-identical
         assert torch.equal(mine.hmap, ref.hmap) and torch.equal(out_other, out_default)
         return
@@ -153,7 +153,7 @@ def test_parity_with_diffusers_importance_adapter(tiny):
     map from its UNet output (epsilon), ComfyUI from the post-CFG x0 predictions / sigma. The
     maps agree to float noise; with the same map the second (importance-planned) call agrees."""
     from tomesd_ext import apply_tome, remove_tome
-    from tomesd_ext.diffusers.patch import PATCH_ATTR
+    from tomesd_ext.diffusers.tome import PATCH_ATTR
 
     unet, base = tiny
     g = torch.Generator().manual_seed(3)
@@ -164,7 +164,7 @@ def test_parity_with_diffusers_importance_adapter(tiny):
     kw = dict(ratio=0.5, seed=5, merge_crossattn=True)
     with torch.no_grad():
         apply_tome(unet, mode="importance", min_tokens=0, **kw)
-        tracker = unet.__dict__[PATCH_ATTR].tracker
+        tracker = unet.__dict__[PATCH_ATTR].policy
         unet(torch.cat([x1, x1]), t1, encoder_hidden_states=ctx)
         d_map = tracker.hmap.clone()
         d_out = unet(torch.cat([x2, x2]), t2, encoder_hidden_states=ctx).sample
@@ -180,11 +180,11 @@ def test_parity_with_diffusers_importance_adapter(tiny):
     denoised = lambda e: x1 - e * s1  # noqa: E731  (ComfyUI's epsilon calculate_denoised)
     hook({"denoised": denoised(eps_c), "cond_denoised": denoised(eps_c), "uncond_denoised": denoised(eps_u),
           "cond_scale": 7.0, "sigma": torch.full((2,), s1), "uncond": [{}], "cond": [{}], "input": x1})
-    torch.testing.assert_close(state.importance.hmap, d_map, rtol=1e-4, atol=1e-5)
-    state.importance.set_map(d_map.clone())  # exactly the same map -> exactly the same partition
+    torch.testing.assert_close(state.policy.hmap, d_map, rtol=1e-4, atol=1e-5)
+    state.policy.set_map(d_map.clone())  # exactly the same map -> exactly the same partition
     c_out = run_unet(model, torch.cat([x2, x2]), t2, ctx, sigma=s2, cond_or_uncond=[1, 0])
     c_ref = run_unet(base, torch.cat([x2, x2]), t2, ctx, sigma=s2)
-    assert state.importance.counts["importance"] > 0
+    assert state.policy.counts["importance"] > 0
     torch.testing.assert_close(c_out, d_out, rtol=1e-4, atol=1e-4)
     delta_c, delta_d = c_out - c_ref, d_out - d_ref
     assert delta_d.norm() > 1e-3

@@ -10,9 +10,11 @@ import nodes
 from comfy_env import node_defaults
 from nodes.importance import TomesdExtImportanceMerging
 from nodes.tome import TomesdExtTokenMerging
-from tomesd_ext.comfy.importance import NO_CFG_WARNING, ComfyImportanceState, ImportanceMapHook
-from tomesd_ext.comfy.patches import Attn1Patch, DiffusionModelWrapper
-from tomesd_ext.core import OptionError, ToMeOptions, derive_seed, importance_partitions, level_plan, merge, pool_to_grid
+from comfy_env import runtime_plan
+from tomesd_ext.comfy.importance import NO_CFG_WARNING, ImportanceMapHook, importance_state
+from tomesd_ext.comfy.patching import DiffusionModelWrapper
+from tomesd_ext.comfy.tome import Attn1Patch
+from tomesd_ext.core import OptionError, ToMeOptions, derive_seed, importance_partitions, merge, pool_to_grid
 
 
 def _widgets(**over):
@@ -57,7 +59,7 @@ def test_options_from_widgets_and_errors():
     with pytest.raises(OptionError, match="pool_factor"):
         TomesdExtImportanceMerging.options(**bad)
     assert "must not exceed" in TomesdExtImportanceMerging.VALIDATE_INPUTS(start_percent=0.9, end_percent=0.1)
-    assert "out of range" in TomesdExtImportanceMerging.VALIDATE_INPUTS(sx=9)
+    assert "out of range" in TomesdExtImportanceMerging.VALIDATE_INPUTS(sx=65)
 
 
 def test_validate_inputs_leaves_comfyui_range_checks_on():
@@ -72,7 +74,7 @@ def test_validate_inputs_leaves_comfyui_range_checks_on():
 
 def _state(**kw):
     opts = ToMeOptions.create(**{"ratio": 0.5, "seed": 3, "min_tokens": 0, "mode": "importance", **kw})
-    return opts, ComfyImportanceState(opts, max_downsample=1)
+    return opts, importance_state(opts, max_downsample=1)
 
 
 def _call(state, x, t, order):
@@ -94,7 +96,7 @@ def test_post_cfg_map_is_x0_difference_over_sigma():
     _call(state, torch.cat([x, x]), 700, [1, 0])
     cond = x - 3.0 * eps_c
     assert hook(_hook_args(cond, x - 3.0 * eps_u, sigma)) is cond  # denoised passes through
-    torch.testing.assert_close(state.importance.hmap, (eps_c - eps_u).abs().mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.policy.hmap, (eps_c - eps_u).abs().mean(1), rtol=1e-5, atol=1e-5)
 
 
 def test_map_drives_the_next_step_with_rows_of_each_image_in_any_chunk_order():
@@ -102,15 +104,15 @@ def test_map_drives_the_next_step_with_rows_of_each_image_in_any_chunk_order():
     g = torch.Generator().manual_seed(1)
     hmap = torch.rand(2, 8, 8, generator=g)
     _call(state, torch.zeros(4, 4, 8, 8), 700, [1, 0])
-    state.importance.set_map(hmap)
+    state.policy.set_map(hmap)
     n = torch.randn(4, 64, 16, generator=g)
     plans = {}
     for order in ([1, 0], [0, 1]):
         _call(state, torch.zeros(4, 4, 8, 8), 500, order)
-        assert state.importance.active is hmap
-        plans[tuple(order)] = level_plan(n, (8, 8), state.step_key, opts, 1, planner=state.planner)
+        assert state.policy.active is hmap
+        plans[tuple(order)] = state.runtime.plan_for(n)
     # image i = rows i and 2 + i whatever the order; both rows share image i's destinations
-    parts = importance_partitions(pool_to_grid(hmap, 8, 8), 8, 8, 0.5, 2, 2, 1.4, derive_seed(3, "importance", state.step_key, 8, 8))
+    parts = importance_partitions(pool_to_grid(hmap, 8, 8), 8, 8, 0.5, 2, 2, 1.4, derive_seed(3, "importance", state.runtime.step_key, 8, 8))
     for plan in plans.values():
         for i in range(2):
             for row in (i, 2 + i):
@@ -118,22 +120,22 @@ def test_map_drives_the_next_step_with_rows_of_each_image_in_any_chunk_order():
     assert torch.equal(plans[(1, 0)].group, plans[(0, 1)].group)
     # separate calls (one chunk each) use the same map and the same rows per image
     _call(state, torch.zeros(2, 4, 8, 8), 500, [0])
-    single = level_plan(n[:2], (8, 8), state.step_key, opts, 1, planner=state.planner)
+    single = state.runtime.plan_for(n[:2])
     assert torch.equal(single.group, plans[(1, 0)].group[:2])
-    assert state.importance.counts == {"importance": 3, "tome": 0}
+    assert state.policy.counts == {"importance": 3, "tome": 0}
 
 
 def test_map_of_another_run_or_size_is_not_used():
     _opts, state = _state()
     _call(state, torch.zeros(2, 4, 8, 8), 500, [1, 0])
-    state.importance.set_map(torch.rand(1, 8, 8))
+    state.policy.set_map(torch.rand(1, 8, 8))
     _call(state, torch.zeros(2, 4, 8, 8), 900, [1, 0])  # timestep went up: a new run
-    assert state.importance.active is None
-    state.importance.set_map(torch.rand(1, 8, 8))
+    assert state.policy.active is None
+    state.policy.set_map(torch.rand(1, 8, 8))
     _call(state, torch.zeros(2, 4, 16, 16), 800, [1, 0])  # other latent size
-    assert state.importance.active is None
+    assert state.policy.active is None
     _call(state, torch.zeros(3, 4, 8, 8), 700, [1, 0])  # batch not made of the chunks
-    assert state.importance.active is None
+    assert state.policy.active is None
 
 
 def test_cfg1_drops_the_map_and_warns_once(caplog):
@@ -144,24 +146,24 @@ def test_cfg1_drops_the_map_and_warns_once(caplog):
         for _ in range(3):
             _call(state, x, 500, [0])
             hook(_hook_args(x, torch.zeros_like(x), torch.tensor([2.0]), cond_scale=1.0, has_uncond=False))
-            assert state.importance.hmap is None
+            assert state.policy.hmap is None
     assert [r.getMessage() for r in caplog.records if r.name == "tomesd_ext"] == [NO_CFG_WARNING]
     # without a map the planner is ToMe's: the same plan as the ToMe node's state
     _call(state, x, 400, [0])
     n = torch.randn(1, 64, 8)
     ours = Attn1Patch(state)(n, n, n, {})[0]
     tome_opts = ToMeOptions.create(ratio=0.5, seed=3, min_tokens=0)
-    assert torch.equal(ours, merge(n, level_plan(n, (8, 8), state.step_key, tome_opts, 1)))
+    assert torch.equal(ours, merge(n, runtime_plan(n, (8, 8), state.runtime.step_key, tome_opts, 1)))
 
 
 def test_wrapper_passes_cond_or_uncond_to_the_state():
     _opts, state = _state()
-    state.importance.set_map(torch.rand(1, 8, 8))
-    state.importance.hmap_step = 1000.0
+    state.policy.set_map(torch.rand(1, 8, 8))
+    state.policy.hmap_step = 1000.0
     seen = {}
 
     def executor(x, timesteps, *args, **kwargs):
-        seen["rows"] = [r.tolist() for r in state.importance.rows]
+        seen["rows"] = [r.tolist() for r in state.policy.rows]
         return x
 
     DiffusionModelWrapper(state)(executor, torch.zeros(3, 4, 8, 8), torch.tensor([500.0] * 3), None, None, None,

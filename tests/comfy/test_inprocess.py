@@ -54,8 +54,8 @@ def _ours(patcher):
     return {k: len(v) for k, v in patches.items()}
 
 
-def test_geometry_auto_levels(tiny, tiny_xl):
-    from tomesd_ext.comfy.geometry import attention_levels, unet_of
+def test_discovery_auto_levels(tiny, tiny_xl):
+    from tomesd_ext.comfy.discovery import attention_levels, unet_of
 
     assert attention_levels(unet_of(tiny[1])) == [1, 2, 4]  # the middle block has attention too
     assert attention_levels(unet_of(tiny_xl[1])) == [2, 4]

@@ -9,16 +9,10 @@ import torch
 
 import nodes
 from nodes.tome import TomesdExtTokenMerging
-from tomesd_ext.comfy.patches import (
-    Attn1OutputPatch,
-    Attn1Patch,
-    Attn2OutputPatch,
-    Attn2Patch,
-    DiffusionModelWrapper,
-    MergedFeedForward,
-)
-from tomesd_ext.comfy.state import ComfyToMeState
-from tomesd_ext.core import OptionError, ToMeOptions, level_plan, merge, timestep_key, unmerge
+from comfy_env import patch_state, runtime_plan
+from tomesd_ext.comfy.patching import DiffusionModelWrapper
+from tomesd_ext.comfy.tome import Attn1OutputPatch, Attn1Patch, Attn2OutputPatch, Attn2Patch, MergedFeedForward
+from tomesd_ext.core import OptionError, ToMeOptions, merge, timestep_key, unmerge
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKFLOWS = os.path.join(REPO, "workflows")
@@ -42,7 +36,7 @@ def test_schema_inputs_have_tooltips_defaults_and_limits():
         assert spec.get("tooltip"), name
         if kind in ("INT", "FLOAT"):
             assert spec["min"] <= spec["default"] <= spec["max"], name
-    assert required["max_downsample"][0] == ["auto", "1", "2", "4", "8"]
+    assert required["max_downsample"][0] == ["auto", "1", "2", "4", "8", "16", "32", "64"]  # core.TOME_OPTIONS
     assert required["ratio"][1]["max"] < 1.0
 
 
@@ -74,7 +68,7 @@ def test_validate_inputs():
 
 def _state(ratio=0.5, **kw):
     opts = ToMeOptions.create(ratio=ratio, seed=3, min_tokens=0, **kw)
-    state = ComfyToMeState(opts, max_downsample=1)
+    state = patch_state(opts, max_downsample=1)
     return opts, state
 
 
@@ -84,11 +78,11 @@ def _call(state, x_latent, t=500.0):
     seen = {}
 
     def executor(x, timesteps, *args, **kwargs):
-        seen["active"] = state.active
+        seen["active"] = state.runtime.active
         return "out"
 
     assert wrapper(executor, x_latent, torch.tensor([t]), None, None, None, {"sigmas": torch.tensor([5.0])}) == "out"
-    assert state.active is False  # end of the call resets
+    assert state.runtime.active is False  # end of the call resets
     return seen["active"]
 
 
@@ -98,7 +92,7 @@ def test_attn1_merges_q_k_v_and_output_unmerges():
     state.begin_call(torch.zeros(2, 4, 8, 8), torch.tensor([500.0]), None)
     n = torch.randn(2, 64, 16)
     q, k, v = Attn1Patch(state)(n, n, n, {})
-    expected = level_plan(n, (8, 8), timestep_key(500.0), opts, 1)
+    expected = runtime_plan(n, (8, 8), timestep_key(500.0), opts, 1)
     assert q.shape == (2, 64 - 32, 16) and k is q and v is q
     torch.testing.assert_close(q, merge(n, expected), rtol=0, atol=0)
     out = Attn1OutputPatch(state)(q * 2, {})
@@ -126,7 +120,7 @@ def test_cross_attention_attn1_keeps_text_context_and_crossattn_merges_queries_o
 
 def test_inactive_outside_sigma_range_and_other_levels():
     opts = ToMeOptions.create(ratio=0.5, seed=1, min_tokens=0)
-    state = ComfyToMeState(opts, 1, sigma_start=2.0, sigma_end=1.0)
+    state = patch_state(opts, 1, sigma_start=2.0, sigma_end=1.0)
     state.begin_call(torch.zeros(1, 4, 8, 8), 10.0, torch.tensor([5.0]))
     n = torch.randn(1, 64, 8)
     assert Attn1Patch(state)(n, n, n, {})[0] is n
@@ -139,7 +133,7 @@ def test_inactive_outside_sigma_range_and_other_levels():
 
 def test_min_tokens_skips_small_grids():
     opts = ToMeOptions.create(ratio=0.5, seed=1, min_tokens=100)
-    state = ComfyToMeState(opts, 1)
+    state = patch_state(opts, 1)
     state.begin_call(torch.zeros(1, 4, 8, 8), 1.0, None)
     n = torch.randn(1, 64, 8)
     assert Attn1Patch(state)(n, n, n, {})[0] is n
@@ -170,7 +164,7 @@ def test_merged_feed_forward_keeps_parameter_names_and_merges():
     x = torch.randn(1, 64, 8)
     torch.testing.assert_close(wrapped(x), holder.net(x))  # no call in progress -> not merged
     state.begin_call(torch.zeros(1, 4, 8, 8), 1.0, None)
-    plan = state.plan_for(x)
+    plan = state.slot.get(x)
     torch.testing.assert_close(wrapped(x), unmerge(holder.net(merge(x, plan)), plan))
 
 

@@ -9,7 +9,7 @@ import torch
 
 import nodes
 from nodes.vidtome import TomesdExtVidToMe
-from tomesd_ext.comfy.vidtome import ComfyVidToMeState, VidToMeAttention
+from tomesd_ext.comfy.vidtome import VidToMeAttention, vidtome_state
 from tomesd_ext.core import OptionError, VidToMeOptions, chunk_draw, chunk_frames, chunked_temporal_attention, temporal_attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,7 +35,7 @@ def test_registered_with_display_name_and_schema():
         if kind in ("INT", "FLOAT"):
             assert spec["min"] <= spec["default"] <= spec["max"], name
     assert required["local_ratio"][1]["max"] < 1.0 and required["global_ratio"][1]["max"] < 1.0
-    assert required["max_downsample"][0] == ["1", "2", "4", "8"]
+    assert required["max_downsample"][0] == ["1", "2", "4", "8", "16", "32", "64"]  # core.VIDTOME_OPTIONS
     assert TomesdExtVidToMe.CATEGORY == "model_patches/token_merging"
 
 
@@ -81,7 +81,7 @@ class FakeAttention(torch.nn.Module):
 
 
 def _state(opts, frames=5, samples=2, hw=(4, 4), t=500.0):
-    st = ComfyVidToMeState(opts)
+    st = vidtome_state(opts)
     st.begin_call(torch.zeros(samples * frames, 4, *hw), torch.full((samples * frames,), t), None)
     return st
 

@@ -134,7 +134,7 @@ def test_sdxl_merges_with_auto_and_not_at_full_resolution(tiny_sdxl_unet):
     apply_tome(unet, 0.5, seed=0, max_downsample=1)
     assert torch.equal(run(unet, inputs), base)  # SDXL has no attention at d=1
     apply_tome(unet, 0.5, seed=0)
-    assert unet._tomesd_ext_patch.state.max_downsample == 2
+    assert unet._tomesd_ext_patch.runtime.max_downsample == 2
     out = run(unet, inputs)
     remove_tome(unet)
     assert not torch.equal(out, base) and _rel(out, base) < 1

@@ -5,12 +5,12 @@ import warnings
 import pytest
 import torch
 
-from tomesd_ext.core import ToMeOptions
+from tomesd_ext.core import NO_CFG_WARNING, ImportancePolicy, ToMeOptions
+from tomesd_ext.core import detect_cfg_layout as detect_layout
 from tomesd_ext.core.importance import importance_map
 from tomesd_ext.diffusers import apply_tome, remove_tome
-from tomesd_ext.diffusers.importance import NO_CFG_WARNING, ImportanceTracker, detect_layout
-from tomesd_ext.diffusers.patch import PATCH_ATTR
-from tomesd_ext.diffusers.state import ModelState
+from tomesd_ext.diffusers.importance import ImportanceHooks
+from tomesd_ext.diffusers.tome import PATCH_ATTR
 from tomesd_ext.models import build_pipeline
 
 
@@ -34,8 +34,12 @@ def run(pipe, prompt="a photo of a cat", steps=3, guidance=7.5, seed=0, size=(64
     ).images
 
 
-def tracker_of(pipe) -> ImportanceTracker:
-    return pipe.unet.__dict__[PATCH_ATTR].tracker
+def tracker_of(pipe) -> ImportancePolicy:
+    return pipe.unet.__dict__[PATCH_ATTR].policy
+
+
+def layout_of(unet):
+    return unet.__dict__[PATCH_ATTR].importance.layout
 
 
 def importance_warnings(record):
@@ -55,7 +59,7 @@ def test_txt2img_cfg_uses_the_map_from_step_one(pipe):
             a = run(pipe)
         assert not importance_warnings(record)
         tr = tracker_of(pipe)
-        assert tr.layout == "halves"
+        assert layout_of(pipe.unet) == "halves"
         assert tr.hmap.shape == (1, 8, 8)
         per_step = n_merged_blocks(pipe)
         # step 0 has no map (ToMe windows), steps 1 and 2 draw from the map
@@ -75,13 +79,13 @@ def test_several_prompts_negative_prompts_odd_latent(pipe):
     tr = tracker_of(pipe)
     original = tr.plan
 
-    def recording(metric, h, w, opts, seed):
-        plan = original(metric, h, w, opts, seed)
+    def recording(metric, h, w, seed):
+        plan = original(metric, h, w, seed)
         if tr.active is not None:
             seen.append((plan, tr.parts[(h, w)]))
         return plan
 
-    pipe.unet.__dict__[PATCH_ATTR].state.planner = recording
+    tr.plan = recording
     try:
         out = run(
             pipe,
@@ -151,13 +155,13 @@ def test_interleaved_batch_on_the_unet_and_a_new_run(pipe):
     unet = pipe.unet
     apply_tome(unet, 0.5, mode="importance", seed=0)
     try:
-        tr = unet.__dict__[PATCH_ATTR].tracker
+        tr = unet.__dict__[PATCH_ATTR].policy
         torch.manual_seed(0)
         sample = torch.randn(2, 4, 8, 8).repeat_interleave(2, 0)  # u0 c0 u1 c1
         text = torch.randn(4, 77, unet.config.cross_attention_dim)
         with torch.no_grad():
             out = unet(sample, 900, encoder_hidden_states=text).sample
-            assert tr.layout == "interleaved"
+            assert layout_of(unet) == "interleaved"
             torch.testing.assert_close(tr.hmap, importance_map(out, "interleaved"))
             assert tr.counts["importance"] == 0
             unet(sample, 800, encoder_hidden_states=text)
@@ -171,12 +175,12 @@ def test_interleaved_batch_on_the_unet_and_a_new_run(pipe):
 
 def test_tracker_slices_learned_sigma_output():
     opts = ToMeOptions.create(mode="importance", seed=0)
-    state = ModelState(opts, 1)
-    tr = ImportanceTracker(state)
+    tr = ImportancePolicy(opts)
+    hooks = ImportanceHooks(tr)
     sample = torch.randn(1, 3, 4, 4).repeat(2, 1, 1, 1)
-    tr.pre_hook(None, (sample,), {})
+    hooks.before(sample, 500)
     out = torch.randn(2, 6, 4, 4)  # (prediction, variance) channels
-    tr.post_hook(None, (sample,), out)
+    hooks.post_hook(None, (sample,), out)
     torch.testing.assert_close(tr.hmap, (out[1, :3] - out[0, :3]).abs().mean(0, keepdim=True))
 
 
@@ -186,7 +190,7 @@ def test_v_prediction_and_sdxl(name):
     apply_tome(p, 0.5, mode="importance", seed=0)
     out = run(p, steps=2)
     tr = tracker_of(p)
-    assert tr.counts["importance"] > 0 and tr.layout == "halves"
+    assert tr.counts["importance"] > 0 and layout_of(p.unet) == "halves"
     assert torch.isfinite(out).all()
 
 
@@ -194,17 +198,16 @@ def test_prune_phase_covers_the_first_calls_of_each_run(pipe):
     apply_tome(pipe, 0.5, mode="importance", seed=0)
     merged = run(pipe)
     apply_tome(pipe, 0.5, mode="importance", seed=0, prune_steps=2)
-    state = pipe.unet.__dict__[PATCH_ATTR].state
     tr = tracker_of(pipe)
-    original = state.planner
+    original = tr.plan
     seen = []
 
-    def recording(metric, h, w, opts, seed):
-        plan = original(metric, h, w, opts, seed)
+    def recording(metric, h, w, seed):
+        plan = original(metric, h, w, seed)
         seen.append((tr.step_index, plan.weight is not None))
         return plan
 
-    state.planner = recording
+    tr.plan = recording
     try:
         for _ in range(2):  # the phase restarts with every run
             pruned = run(pipe)

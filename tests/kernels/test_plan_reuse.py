@@ -6,7 +6,8 @@ import torch
 from tomesd_ext.core import OptionError, PlanCache, ToMeOptions
 from tomesd_ext.core import tome as tome_module
 from tomesd_ext.diffusers import apply_tome, remove_tome
-from tomesd_ext.diffusers import patch as patch_module
+from tomesd_ext.diffusers import discovery
+from tomesd_ext.diffusers import tome as patch_module
 
 pytest.importorskip("diffusers")
 
@@ -47,14 +48,14 @@ def counted(monkeypatch):
         calls.append(plan)
         return plan
 
-    monkeypatch.setattr("tomesd_ext.diffusers.state.tome_plan", counting)
+    monkeypatch.setattr("tomesd_ext.core.tome.tome_plan", counting)
     return calls
 
 
 def level_blocks(unet):
     """Transformer blocks at full resolution (the level merged with max_downsample="auto")."""
-    return len(list(patch_module._transformer_blocks(unet.down_blocks[0]))) + len(
-        list(patch_module._transformer_blocks(unet.up_blocks[-1]))
+    return len(list(discovery.transformer_blocks(unet.down_blocks[0]))) + len(
+        list(discovery.transformer_blocks(unet.up_blocks[-1]))
     )
 
 
@@ -127,7 +128,7 @@ def test_reuse_off_is_identical_to_default(unet):
     apply_tome(unet, ratio=0.5, seed=4, min_tokens=0, reuse="block", reuse_steps=1)
     assert apply_tome.__module__  # same patch path, no cache object
     assert patch_module.tome_options(unet).reuses_plans is False
-    assert unet.__dict__[patch_module.PATCH_ATTR].state.cache is None
+    assert unet.__dict__[patch_module.PATCH_ATTR].runtime.cache is None
     b = run(unet)
     remove_tome(unet)
     assert torch.equal(a, b)

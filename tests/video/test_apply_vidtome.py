@@ -100,19 +100,19 @@ def test_cond_and_uncond_share_matches(unet):
     from tomesd_ext.core import temporal
 
     maps = []
-    orig = temporal._plan_from_matches
+    orig = temporal._replace_from_matches
 
     def spy(*a, **k):
         plan = orig(*a, **k)
         maps.append(plan.rep.shape[0])
         return plan
 
-    temporal._plan_from_matches = spy
+    temporal._replace_from_matches = spy
     apply_vidtome(unet, seed=0)
     try:
         out = _run(unet, sample, text)
     finally:
-        temporal._plan_from_matches = orig
+        temporal._replace_from_matches = orig
         remove_vidtome(unet)
     assert maps and set(maps) == {1}
     assert torch.equal(out[:4], out[4:])

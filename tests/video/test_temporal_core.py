@@ -36,13 +36,12 @@ def test_replace_plan_equals_core_merge_with_zero_weights():
     dst, src = torch.arange(10), torch.arange(10, 40)
     for align in (True, False):
         plan = replace_plan(x, dst, src, 20, align_batch=align)
-        core = plan.as_merge_plan()
         w = plan.replace_weights().expand(2, -1) if plan.rep.shape[0] == 1 else plan.replace_weights()
-        y = plan.merge(x)
-        assert torch.equal(y, merge(x, core, token_size=w))  # exact: replace = copy, not average
-        assert torch.equal(plan.unmerge(y), unmerge(y, core))
+        y = merge(x, plan)  # gathers the representatives
+        assert torch.equal(y, merge(x, plan, token_size=w))  # exact: replace = copy, not average
+        assert torch.equal(unmerge(y, plan), y.gather(1, plan.group.expand(2, -1).unsqueeze(-1).expand(-1, -1, 8)))
         assert y.shape == (2, 20, 8)
-        assert int(core.size.sum()) == 40 * core.batch
+        assert int(plan.size.sum()) == 40 * plan.batch
 
 
 def test_align_batch_shares_one_map_with_best_over_samples():
@@ -71,8 +70,8 @@ def test_local_merge_counts_and_target_values():
     r = int(0.9 * (F - 1) * N)
     assert plan.n_groups == F * N - r
     assert torch.equal(plan.rep[0, :N], torch.arange(2 * N, 3 * N))  # target frame = destinations
-    y = plan.merge(joined)
-    back = plan.unmerge(y)
+    y = merge(joined, plan)
+    back = unmerge(y, plan)
     assert torch.equal(back[:, 2 * N : 3 * N], joined[:, 2 * N : 3 * N])  # target frame untouched
     # every token now holds the value of one token of the chunk (copy, never an average)
     flat = joined.reshape(S, -1, C)

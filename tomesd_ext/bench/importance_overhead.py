@@ -19,7 +19,7 @@ import torch
 
 from ..core import ToMeOptions, derive_seed, tome_plan
 from ..core.importance import image_rows, importance_map, importance_partitions, importance_plan, pool_to_grid
-from ..diffusers.importance import detect_layout
+from ..core import detect_cfg_layout as detect_layout
 
 
 def measure(side: int = 64, width: int = 320, ratio: float = 0.5, repeats: int = 30, seed: int = 0) -> dict:

@@ -100,7 +100,7 @@ def run_bench(
     """Measure every configuration at every resolution; returns the JSON document and images."""
     from tqdm.auto import tqdm
 
-    from ..diffusers.patch import resolve_max_downsample
+    from ..diffusers.discovery import resolve_max_downsample
 
     unet = subject.unet
     doc = {"header": header(subject, settings.as_header(), attention_backend(unet)), "rows": []}

@@ -5,32 +5,27 @@
 ComfyUI denoises every frame in one UNet call (batch S*F: S = ``len(cond_or_uncond)`` CFG
 halves, each holding the F frames, in the order ``cond_or_uncond`` gives). Each block's
 self-attention module (``attn1``) is replaced, through ``ModelPatcher.add_object_patch`` on a
-clone, by ``VidToMeAttention``, which runs ``core.chunked_temporal_attention``: the frames are
-split into VidToMe's random chunks of this step and every chunk goes through
-``core.temporal_attention`` (the function the diffusers adapter calls per chunk UNet call), with
-the original attention module as the attention and the global token set carried across chunks.
+clone, by ``VidToMeAttention``, which runs ``core.chunked_temporal_attention``: the chunks of
+``core.step_schedule`` (the schedule the diffusers adapter runs one UNet call per chunk) go
+through ``core.temporal_attention`` with the original attention module as the attention and the
+global token set carried across chunks.
 Its input is norm1(x), the tensor the diffusers adapter's processor wrapper receives, so both
 adapters merge the same tokens. The step key (the UNet's timestep), the latent size and the
-sigma window come from the same ``DiffusionModelWrapper`` as the ToMe node's.
+sigma window come from the same ``DiffusionModelWrapper`` and ``MergeRuntime`` as the ToMe node's.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from ..core import VidToMeOptions, chunked_temporal_attention, merges_level
-from .geometry import transformer_blocks, unet_of
-from .patch import patched_clone, sigma_range, unsupported_reason
-from .patches import StandIn
-from .state import SamplingWindow
+from ..core import MergeRuntime, VidToMeOptions, VidToMePolicy
+from .discovery import transformer_blocks, unet_of
+from .patching import PatchState, StandIn, patched_clone, sigma_range, unsupported_reason
 
 
-class ComfyVidToMeState(SamplingWindow):
-    """VidToMeOptions plus the per-call facts (latent size, step key, sigma window)."""
-
-    def __init__(self, opts: VidToMeOptions, sigma_start: float = float("inf"), sigma_end: float = 0.0):
-        super().__init__(sigma_start, sigma_end)
-        self.opts = opts
+def vidtome_state(opts: VidToMeOptions, sigma_start: float = float("inf"), sigma_end: float = 0.0) -> PatchState:
+    """The shared state of a VidToMe patch: a MergeRuntime with the VidToMe policy."""
+    return PatchState(MergeRuntime(VidToMePolicy(opts), opts.max_downsample, sigma_start, sigma_end))
 
 
 class VidToMeAttention(StandIn):
@@ -42,23 +37,23 @@ class VidToMeAttention(StandIn):
     """
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006 (ComfyUI's signature)
-        st = self.state
+        rt = self.state.runtime
         self_attention = (context is None or context is x) and (value is None or value is x)
         samples = len(transformer_options.get("cond_or_uncond") or ()) or 1
         if (
-            not st.active
+            not rt.active
             or not self_attention
             or mask is not None
             or x.ndim != 3
             or x.shape[0] % samples
-            or not merges_level(x.shape[1], st.latent_hw, st.opts.max_downsample)
+            or rt.level(x.shape[1]) is None
         ):
             return self.inner(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
 
         def attention(tokens):
             return self.inner(tokens, transformer_options=transformer_options)
 
-        return chunked_temporal_attention(x, samples, attention, st.opts, st.step_key)
+        return rt.policy.chunked_attention(x, samples, attention, rt.step_key)
 
 
 def apply_vidtome_patch(
@@ -75,8 +70,7 @@ def apply_vidtome_patch(
     blocks = [(path, block) for path, block in transformer_blocks(unet) if not getattr(block, "disable_self_attn", False)]
     if not blocks:
         return model, f"tomesd-ext: token merging skipped (VidToMe), {type(unet).__name__} has no self-attention blocks"
-    sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
-    state = ComfyVidToMeState(opts, sigma_start, sigma_end)
+    state = vidtome_state(opts, *sigma_range(model, start_percent, end_percent))
 
     m = patched_clone(model, state)
     for path, _block in blocks:

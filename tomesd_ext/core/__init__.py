@@ -1,59 +1,83 @@
-"""Core algorithms: pure tensor functions, no diffusers or ComfyUI imports.
+"""Core algorithms: pure tensor functions and the runtime, no diffusers or ComfyUI imports.
 
 x: (B, N, C) tokens of an h x w grid (row-major). A MergePlan maps N tokens to N - r groups;
-merge() averages each group, unmerge() copies the group's value back to its members.
+merge() averages each group (or copies its representative), unmerge() copies the group's value
+back to its members. ``MergeRuntime`` (runtime.py) holds the call state, plan cache and policy of
+one patched denoiser: ``TomePolicy``, ``ImportancePolicy``, ``VidToMePolicy`` or ``ToDoPolicy``.
 """
 
-from .downsample import ToDoOptions, downsample_tokens, downsampled_size
+from .downsample import TODO_OPTIONS, ToDoOptions, ToDoPolicy, downsample_tokens, downsampled_size
 from .grid import level_grid, tokens_to_remove
-from .importance import ImportancePlanner, importance_map, importance_partitions, importance_plan, max_importance_ratio, pool_to_grid
-from .matching import bipartite_plan, normalize_metric
+from .importance import (
+    NO_CFG_WARNING,
+    ImportancePolicy,
+    detect_cfg_layout,
+    importance_map,
+    importance_map_from_x0,
+    importance_partitions,
+    importance_plan,
+    max_importance_ratio,
+    pool_to_grid,
+)
+from .matching import bipartite_plan, normalize_metric, plan_from_matches
 from .merge import merge, unmerge
-from .options import OptionError, ToMeOptions
+from .options import TOME_OPTIONS, Option, OptionError, ToMeOptions
 from .partition import derive_seed, timestep_key, window_partition
 from .plan import MergePlan
 from .plan_cache import PlanCache
+from .runtime import BlockSlot, MergeRuntime
 from .temporal import (
     ChunkDraw,
-    ReplacePlan,
+    VidToMePolicy,
     chunk_draw,
     chunk_frames,
     chunked_temporal_attention,
-    merges_level,
+    step_schedule,
     temporal_attention,
 )
-from .temporal_options import VidToMeOptions
-from .tome import level_plan, partition_seed, tome_plan
+from .temporal_options import VIDTOME_OPTIONS, VidToMeOptions
+from .tome import TomePolicy, partition_seed, tome_plan
 
 __all__ = [
+    "NO_CFG_WARNING",
+    "TODO_OPTIONS",
+    "TOME_OPTIONS",
+    "VIDTOME_OPTIONS",
+    "BlockSlot",
     "ChunkDraw",
-    "ReplacePlan",
-    "VidToMeOptions",
-    "chunk_draw",
-    "chunk_frames",
-    "chunked_temporal_attention",
-    "merges_level",
-    "temporal_attention",
+    "ImportancePolicy",
     "MergePlan",
+    "MergeRuntime",
+    "Option",
     "OptionError",
     "PlanCache",
     "ToDoOptions",
+    "ToDoPolicy",
     "ToMeOptions",
+    "TomePolicy",
+    "VidToMeOptions",
+    "VidToMePolicy",
     "bipartite_plan",
+    "chunk_draw",
+    "chunk_frames",
+    "chunked_temporal_attention",
     "derive_seed",
-    "ImportancePlanner",
-    "importance_map",
-    "importance_partitions",
-    "importance_plan",
+    "detect_cfg_layout",
     "downsample_tokens",
     "downsampled_size",
+    "importance_map",
+    "importance_map_from_x0",
+    "importance_partitions",
+    "importance_plan",
     "level_grid",
-    "level_plan",
     "max_importance_ratio",
     "merge",
     "normalize_metric",
     "partition_seed",
+    "plan_from_matches",
     "pool_to_grid",
+    "step_schedule",
+    "temporal_attention",
     "timestep_key",
     "tokens_to_remove",
     "tome_plan",

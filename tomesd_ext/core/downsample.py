@@ -13,9 +13,18 @@ from typing import Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .options import MAX_DOWNSAMPLE_CHOICES, OptionError, check_int, check_known
+from .options import MAX_DOWNSAMPLE_CHOICES, Option, _table, check_known, check_max_downsample, check_option
 
 MODES = ("nearest", "nearest-exact")
+
+TODO_OPTIONS = _table(
+    Option("factor", "int", 2, "int in [1, 8]", "Downsampling of the key/value grid per axis (1 = off).", lo=1, hi=8),
+    Option("max_downsample", "choice", "auto", "`\"auto\"`, " + ", ".join(str(d) for d in MAX_DOWNSAMPLE_CHOICES),
+           "Levels with a larger downsample factor are left alone; auto = the highest-resolution level with attention.",
+           choices=("auto",) + MAX_DOWNSAMPLE_CHOICES),
+    Option("mode", "choice", "nearest", "`\"nearest\"`, `\"nearest-exact\"`",
+           "Interpolation of the key/value grid: nearest (ComfyUI port) or nearest-exact (reference code).", choices=MODES),
+)
 
 
 def downsampled_size(h: int, w: int, factor: int) -> Tuple[int, int]:
@@ -57,10 +66,19 @@ class ToDoOptions:
     def create(cls, **kwargs) -> "ToDoOptions":
         check_known(cls, kwargs)
         o = cls(**kwargs)
-        check_int("factor", o.factor, 1, 8)
-        md = o.max_downsample
-        if md != "auto" and (isinstance(md, bool) or md not in MAX_DOWNSAMPLE_CHOICES):
-            raise OptionError(f"max_downsample={md!r} is not allowed: use 'auto' or one of {MAX_DOWNSAMPLE_CHOICES}")
-        if o.mode not in MODES:
-            raise OptionError(f"mode={o.mode!r} is not allowed: use one of {MODES}")
+        check_option(TODO_OPTIONS["factor"], o.factor)
+        check_max_downsample(o.max_downsample)
+        check_option(TODO_OPTIONS["mode"], o.mode)
         return replace(o)
+
+
+class ToDoPolicy:
+    """ToDo for ``MergeRuntime``: self-attention at a merged level takes its keys and values from
+    ``downsample_tokens`` of its input; queries and output keep all N tokens."""
+
+    def __init__(self, opts: ToDoOptions):
+        self.opts = opts
+
+    def keys_values(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """x: (B, h*w, C) -> (B, h2*w2, C) for grid (h, w)."""
+        return downsample_tokens(x, grid[0], grid[1], self.opts.factor, self.opts.mode)

@@ -204,19 +204,59 @@ def with_prune_weights(plan: MergePlan, dst: torch.Tensor) -> MergePlan:
     return MergePlan(plan.group, plan.size, plan.n_tokens, plan.grid, weight)
 
 
-class ImportancePlanner:
-    """The importance-mode planner of one patched denoiser, shared by the diffusers and ComfyUI
-    adapters (they differ only in where the map comes from and how the CFG batch is laid out).
+NO_CFG_WARNING = (
+    "tomesd-ext importance mode: the denoiser batch is not a classifier-free-guidance pair "
+    "(cfg = 1 or guidance_scale <= 1, a guidance-distilled model, or another batch layout), so there is no "
+    "importance map; merging with ToMe's random window partition instead"
+)
 
-    Per denoiser call the adapter calls ``advance(step_key)`` then ``use_map(rows, batch, hw)``;
-    after a CFG step it stores the map with ``set_map(hmap (B0, H, W), step_key)``. ``plan`` is the
-    ``planner`` argument of ``level_plan``: the importance partition of the map of the previous
-    step, or ToMe's window plan when there is none (step 0, no CFG, another batch or size); the
-    first ``opts.prune_steps`` steps of a run prune instead of merging. ``counts`` records which
-    policy planned each block call ("importance" or "tome").
+
+def detect_cfg_layout(sample: torch.Tensor, setting: str = "auto") -> Optional[str]:
+    """The CFG layout of a denoiser input (B, C, H, W): "halves", "interleaved" or None.
+
+    CFG pipelines call the denoiser on the latents twice over, so the two rows of an image are
+    bit-identical: halves equal -> "halves"; rows 2i, 2i+1 equal -> "interleaved"; neither -> no
+    CFG batch. setting: "auto" (detect), "halves"/"interleaved" (forced for an even batch), "off".
+    """
+    if setting == "off" or sample is None or sample.ndim != 4:
+        return None
+    B = sample.shape[0]
+    if B < 2 or B % 2:
+        return None
+    if setting != "auto":
+        return setting
+    a, b = sample.chunk(2)
+    if torch.equal(a, b):
+        return "halves"
+    if torch.equal(sample[0::2], sample[1::2]):
+        return "interleaved"
+    return None
+
+
+def importance_map_from_x0(cond: torch.Tensor, uncond: torch.Tensor, sigma) -> torch.Tensor:
+    """The map from x0 predictions (B0, C, H, W) of the cond and uncond passes at noise level sigma
+    ((B0,) or a number > 0): for an epsilon model x0 = x - sigma * eps, so
+    mean_c |cond - uncond| / sigma = mean_c |eps_cond - eps_uncond| (for v/flow models a per-step
+    multiple of the prediction difference: the same ranking). Returns (B0, H, W) float32."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=cond.device).flatten()
+    return importance_map(torch.cat([uncond, cond]), "halves") / sigma.view(-1, 1, 1)
+
+
+class ImportancePolicy:
+    """The importance-mode policy of one patched denoiser (``MergeRuntime``), shared by the
+    diffusers and ComfyUI adapters (they differ only in where the map comes from and how the CFG
+    batch is laid out).
+
+    Per denoiser call the runtime calls ``on_call(step_key)`` and the adapter ``use_map(rows, batch,
+    hw)``; after a CFG step the adapter stores the map with ``set_map(hmap (B0, H, W), step_key)``
+    (``importance_map`` / ``importance_map_from_x0``) or drops it with ``no_map(warn)``. ``plan`` is
+    the importance partition of the map of the previous step, or ToMe's window plan when there is
+    none (step 0, no CFG, another batch or size); the first ``opts.prune_steps`` steps of a run
+    prune instead of merging. ``counts`` records which policy planned each block call.
     """
 
-    def __init__(self):
+    def __init__(self, opts):
+        self.opts = opts
         self.hmap: Optional[torch.Tensor] = None  # (B0, H, W) of the last CFG step
         self.hmap_step: Optional[float] = None
         self.active: Optional[torch.Tensor] = None  # the map used by the call in progress
@@ -227,6 +267,11 @@ class ImportancePlanner:
         self.step_index = 0  # steps since the run started (prune phase)
         self.step_key = 0.0
         self.last_step: Optional[float] = None
+        self.warned = False
+        self._rows_cache = {}
+
+    def on_call(self, step_key: float) -> None:
+        self.advance(step_key)
 
     def advance(self, step_key: float) -> None:
         """Start a denoiser call at `step_key` (the timestep): a larger key than the last call's
@@ -254,8 +299,23 @@ class ImportancePlanner:
         self.hmap = hmap
         self.hmap_step = self.step_key if step_key is None else step_key
 
-    def plan(self, metric: torch.Tensor, h: int, w: int, opts, seed: int) -> Optional[MergePlan]:
-        """Planner for `level_plan`: metric (B, N, C) of a level with an h x w grid."""
+    def no_map(self, warn) -> None:
+        """Drop the map of a call that was no CFG pair; ``warn(NO_CFG_WARNING)`` the first time."""
+        if not self.warned:
+            warn(NO_CFG_WARNING)
+            self.warned = True
+        self.set_map(None)
+
+    def image_rows(self, batch: int, layout: str, device, images: Optional[int] = None) -> list:
+        """``image_rows(batch, layout, images)`` on `device`, cached for the last batch layout."""
+        key = (batch, layout, images, device)
+        if key not in self._rows_cache:
+            self._rows_cache = {key: [r.to(device) for r in image_rows(batch, layout, images)]}
+        return self._rows_cache[key]
+
+    def plan(self, metric: torch.Tensor, h: int, w: int, seed: int) -> Optional[MergePlan]:
+        """metric (B, N, C) of a level with an h x w grid -> the block call's plan."""
+        opts = self.opts
         prune = self.step_index < opts.prune_steps
         if self.active is None or metric.shape[0] != self.batch:
             self.counts["tome"] += 1

@@ -45,25 +45,46 @@ def bipartite_plan(
     first), e.g. a large constant for unimportant tokens (importance-based merging).
     Returns a plan with groups [destinations (D) | kept sources (S - r), by descending score].
     """
-    B, N, _ = metric.shape
-    D, S = dst_idx.numel(), src_idx.numel()
+    S = src_idx.numel()
     if not 0 <= r <= S:
         raise ValueError(f"r={r} must be in [0, {S}] (number of sources)")
-    device = metric.device
     m = normalize_metric(metric)
     score, target = kernels.best_match(m[:, src_idx], m[:, dst_idx])
     if priority is not None:
         score = score + priority
+    return plan_from_matches(score, target, dst_idx, src_idx, r, metric.shape[1], grid)
+
+
+def plan_from_matches(
+    score: torch.Tensor,
+    target: torch.Tensor,
+    dst_idx: torch.Tensor,
+    src_idx: torch.Tensor,
+    r: int,
+    n_tokens: int,
+    grid: Optional[Tuple[int, int]] = None,
+    replace: bool = False,
+) -> MergePlan:
+    """The plan of a bipartite match: the r sources with the highest score merge into their target.
+
+    score, target: (P, S) ranking key and best destination (a position in dst_idx) of every
+    source; dst_idx (D,), src_idx (S,) disjoint raster indices of the n_tokens. Groups are
+    [destinations (D) | kept sources (S - r), by descending score]; sizes count the members.
+    replace: also record each group's representative token (MergePlan.rep), so merging copies the
+    destination's value instead of averaging (VidToMe).
+    """
+    P, D, S = score.shape[0], dst_idx.numel(), src_idx.numel()
+    device = score.device
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices
     merged, kept = order[:, :r], order[:, r:]
-
-    group = torch.empty(B, N, dtype=torch.long, device=device)
+    src_full = src_idx.expand(P, S)
+    kept_idx = src_full.gather(1, kept)
+    group = torch.empty(P, n_tokens, dtype=torch.long, device=device)
     group[:, dst_idx] = torch.arange(D, device=device)
-    src_full = src_idx.expand(B, S)
-    group.scatter_(1, src_full.gather(1, kept), torch.arange(D, D + S - r, device=device).expand(B, S - r))
+    group.scatter_(1, kept_idx, torch.arange(D, D + S - r, device=device).expand(P, S - r))
     merged_target = target.gather(1, merged)
     group.scatter_(1, src_full.gather(1, merged), merged_target)
-
-    size = torch.ones(B, D + S - r, device=device)
-    size[:, :D].scatter_add_(1, merged_target, torch.ones(B, r, device=device))
-    return MergePlan(group, size, N, grid)
+    size = torch.ones(P, D + S - r, device=device)
+    size[:, :D].scatter_add_(1, merged_target, torch.ones(P, r, device=device))
+    rep = torch.cat([dst_idx.expand(P, D), kept_idx], dim=1) if replace else None
+    return MergePlan(group, size, n_tokens, grid, rep=rep)

@@ -53,6 +53,35 @@ def check_known(cls, kwargs: dict) -> None:
         raise OptionError(f"unknown option(s) {sorted(unknown)}; allowed: {allowed}")
 
 
+def check_max_downsample(value, allow_auto: bool = True):
+    """A downsample factor of MAX_DOWNSAMPLE_CHOICES (or "auto" when allowed)."""
+    if allow_auto and value == "auto":
+        return value
+    if isinstance(value, bool) or value not in MAX_DOWNSAMPLE_CHOICES:
+        auto = "'auto' or " if allow_auto else ""
+        raise OptionError(f"max_downsample={value!r} is not allowed: use {auto}one of {MAX_DOWNSAMPLE_CHOICES}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise OptionError(f"{name}={value!r} is not allowed: use one of {tuple(choices)}")
+
+
+def check_option(option, value):
+    """Check value against an Option of a table (kinds int, bool, choice, seed); returns it."""
+    if option.kind == "int":
+        return check_int(option.name, value, option.lo, option.hi)
+    if option.kind == "bool":
+        return check_bool(option.name, value)
+    if option.kind == "choice":
+        check_choice(option.name, value, option.choices)
+        return value
+    if option.kind == "seed":
+        return resolve_seed(value)
+    raise ValueError(f"check_option does not check {option.kind} options ({option.name})")
+
+
 def resolve_seed(seed) -> int:
     """An int >= 0 as given, or (None) one drawn once from torch's global RNG."""
     if seed is None:
@@ -67,11 +96,82 @@ def resolve_seed(seed) -> int:
 MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 MODES = ("tome", "importance")
 CFG_LAYOUTS = ("auto", "halves", "interleaved", "off")
-POOL_FACTOR_RANGE = (0.5, 4.0)
 REUSE_CHOICES = ("block", "level")
 
 # Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
 MIN_TOKENS_DEFAULT = 2048
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method, as every front end shows it.
+
+    kind: "float" (lo <= x <= hi, or lo <= x < hi when hi_open), "int" (lo..hi, hi None =
+    unbounded), "bool", "choice" (one of choices) or "seed" (None or an int >= 0).
+    allowed: the allowed values as the README states them; help: one line, the README's meaning
+    column and the ComfyUI tooltip.
+    """
+
+    name: str
+    kind: str
+    default: object
+    allowed: str
+    help: str
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    hi_open: bool = False
+    choices: tuple = ()
+    step: Optional[float] = None  # ComfyUI widget step of a float
+
+
+def _table(*options: Option) -> dict:
+    return {o.name: o for o in options}
+
+
+_MD = ", ".join(str(d) for d in MAX_DOWNSAMPLE_CHOICES)
+
+TOME_OPTIONS = _table(
+    Option("ratio", "float", 0.5, "[0, 1); clamped with one warning above `1 - 1/(sx*sy)` (0.75 for 2×2)",
+           "Fraction of a merged level's tokens merged away; 0 = bit-identical to the unpatched model. At most "
+           "1 - 1/(sx*sy) (0.75 for 2x2 windows; importance mode: also 1 - 1/(sx*sy*pool_factor)); larger values "
+           "are clamped with a warning.",
+           lo=0.0, hi=1.0, hi_open=True, step=0.01),
+    Option("max_downsample", "choice", "auto", f"`\"auto\"`, {_MD}",
+           "Merge levels with downsample factor <= this; auto = the highest-resolution level that has "
+           "attention (SD1.x/2.x: 1, SDXL: 2).", choices=("auto",) + MAX_DOWNSAMPLE_CHOICES),
+    Option("sx", "int", 2, "int in [1, 64], `sx*sy ≥ 2`", "Window width: one destination token per sx x sy window.",
+           lo=1, hi=64),
+    Option("sy", "int", 2, "int in [1, 64], `sx*sy ≥ 2`", "Window height: one destination token per sx x sy window.",
+           lo=1, hi=64),
+    Option("use_rand", "bool", True, "bool", "Random destination inside each window (seeded); off = the top-left token."),
+    Option("seed", "seed", None, "None or int ≥ 0",
+           "Seed of the merge pattern, not the noise: partitions are a hash of (seed, step, grid), so the same "
+           "seed gives the same image; None draws one once, when the options are created."),
+    Option("merge_attn", "bool", True, "bool", "Merge around self-attention (queries, keys and values): the main saving."),
+    Option("merge_crossattn", "bool", False, "bool", "Merge the queries of cross-attention (text) too."),
+    Option("merge_mlp", "bool", False, "bool", "Merge around the feed-forward too (more speed, less detail)."),
+    Option("min_tokens", "int", None, f"None (= {MIN_TOKENS_DEFAULT}) or int ≥ 0",
+           f"Auto-skip: levels with fewer tokens are not merged, where merging cannot pay (measured on CPU, "
+           f"docs/benchmarks.md); None = {MIN_TOKENS_DEFAULT}, 0 = merge always.", lo=0),
+    Option("reuse", "choice", "block", "`\"block\"`, `\"level\"`",
+           "block: every block matches on its own tokens; level: the first block of a level computes the plan "
+           "and the level's other blocks reuse it.", choices=REUSE_CHOICES),
+    Option("reuse_steps", "int", 1, "int in [1, 1000]", "Keep merge plans for this many consecutive steps (1 = recompute every step).",
+           lo=1, hi=1000),
+    Option("mode", "choice", "tome", "`\"tome\"`, `\"importance\"`",
+           "importance: destinations drawn from the tokens with the largest CFG difference |cond - uncond| of the "
+           "previous step, unimportant tokens merged first (Wu et al., arXiv 2411.16720; docs/importance.md).",
+           choices=MODES),
+    Option("pool_factor", "float", 1.4, "[0.5, 4]",
+           "Importance mode: size of the pool of important tokens the destinations are drawn from, "
+           "(1 - ratio) * pool_factor of the tokens; 1.4 = the paper's SD value.", lo=0.5, hi=4.0, step=0.05),
+    Option("cfg_layout", "choice", "auto", "`\"auto\"`, `\"halves\"`, `\"interleaved\"`, `\"off\"`",
+           "Importance mode: how cond/uncond rows pair up in the batch (auto: detected from the duplicated latents).",
+           choices=CFG_LAYOUTS),
+    Option("prune_steps", "int", 0, "int in [0, 10000]",
+           "Importance mode: the first steps drop merged tokens instead of averaging them (the paper's prune "
+           "phase; its SD demo uses 2). 0 = off.", lo=0, hi=10000),
+)
 
 
 @dataclass(frozen=True)
@@ -123,22 +223,18 @@ class ToMeOptions:
     def create(cls, **kwargs) -> "ToMeOptions":
         check_known(cls, kwargs)
         o = cls(**kwargs)
-        sx = check_int("sx", o.sx, 1, 64)
-        sy = check_int("sy", o.sy, 1, 64)
+        table = TOME_OPTIONS
+        sx = check_option(table["sx"], o.sx)
+        sy = check_option(table["sy"], o.sy)
         if sx * sy < 2:
             raise OptionError(f"sx*sy must be >= 2 (one destination per window), got sx={sx}, sy={sy}")
-        md = o.max_downsample
-        if md != "auto" and (isinstance(md, bool) or md not in MAX_DOWNSAMPLE_CHOICES):
-            raise OptionError(
-                f"max_downsample={md!r} is not allowed: use 'auto' or one of {MAX_DOWNSAMPLE_CHOICES}"
-            )
-        if o.mode not in MODES:
-            raise OptionError(f"mode={o.mode!r} is not allowed: use one of {MODES}")
+        check_max_downsample(o.max_downsample)
+        check_option(table["mode"], o.mode)
         maximum = 1.0 - 1.0 / (sx * sy)
         why = f"one destination per {sx}x{sy} window"
         pool_factor = o.pool_factor
         if o.mode == "importance":
-            lo, hi = POOL_FACTOR_RANGE
+            lo, hi = table["pool_factor"].lo, table["pool_factor"].hi
             if isinstance(pool_factor, bool) or not isinstance(pool_factor, (int, float)):
                 raise OptionError(f"pool_factor must be a number in [{lo}, {hi}], got {pool_factor!r}")
             pool_factor = float(pool_factor)
@@ -148,20 +244,18 @@ class ToMeOptions:
             if pool_max < maximum:
                 maximum = pool_max
                 why = f"the importance pool of (1 - ratio) * pool_factor={pool_factor} must hold the 1/{sx * sy} destinations"
-            check_int("prune_steps", o.prune_steps, 0, 10000)
-            if o.cfg_layout not in CFG_LAYOUTS:
-                raise OptionError(f"cfg_layout={o.cfg_layout!r} is not allowed: use one of {CFG_LAYOUTS}")
+            check_option(table["prune_steps"], o.prune_steps)
+            check_option(table["cfg_layout"], o.cfg_layout)
         elif o.prune_steps != 0:
             raise OptionError(f"prune_steps={o.prune_steps!r} applies to mode='importance' only (mode={o.mode!r})")
         ratio = check_ratio("ratio", o.ratio, maximum, why)
-        min_tokens = MIN_TOKENS_DEFAULT if o.min_tokens is None else check_int("min_tokens", o.min_tokens, 0)
+        min_tokens = MIN_TOKENS_DEFAULT if o.min_tokens is None else check_option(table["min_tokens"], o.min_tokens)
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
-            check_bool(name, getattr(o, name))
+            check_option(table[name], getattr(o, name))
         if not (o.merge_attn or o.merge_crossattn or o.merge_mlp):
             raise OptionError("merge_attn, merge_crossattn and merge_mlp are all False: nothing to merge")
-        if o.reuse not in REUSE_CHOICES:
-            raise OptionError(f"reuse={o.reuse!r} is not allowed: use one of {REUSE_CHOICES}")
-        check_int("reuse_steps", o.reuse_steps, 1, 1000)
+        check_option(table["reuse"], o.reuse)
+        check_option(table["reuse_steps"], o.reuse_steps)
         seed = resolve_seed(o.seed)
         return replace(o, ratio=ratio, seed=seed, pool_factor=pool_factor, min_tokens=min_tokens)
 

@@ -17,6 +17,10 @@ class MergePlan:
     n_tokens: N; grid: (h, w) of the token grid the plan was computed on, if any;
     weight: optional (B, N) float32 token weights merge() uses when it is given none: 0 for a
         source that is dropped instead of averaged ("prune" merges, importance mode).
+    rep: optional (B, M) long, the representative token of each group when every group takes
+        that token's value instead of a mean ("replace" merges, VidToMe): merge() gathers x at
+        rep, which equals the weighted mean with weight 1 for representatives and 0 otherwise.
+    B may be 1 for a plan shared by every sample of a batch.
     """
 
     group: torch.Tensor
@@ -24,6 +28,7 @@ class MergePlan:
     n_tokens: int
     grid: Optional[Tuple[int, int]] = None
     weight: Optional[torch.Tensor] = None
+    rep: Optional[torch.Tensor] = None
 
     @property
     def n_groups(self) -> int:
@@ -35,11 +40,17 @@ class MergePlan:
 
     def compose(self, after: "MergePlan") -> "MergePlan":
         """Plan of applying self then `after` (which acts on self's M groups)."""
-        if self.weight is not None or after.weight is not None:
-            raise ValueError("plans with token weights (prune plans) do not compose")
+        if any(p.weight is not None or p.rep is not None for p in (self, after)):
+            raise ValueError("prune and replace plans do not compose")
         group = after.group.gather(1, self.group)
         size = torch.zeros_like(after.size).scatter_add_(1, after.group, self.size)
         return MergePlan(group, size, self.n_tokens, self.grid)
+
+    def replace_weights(self) -> torch.Tensor:
+        """(B, N) token weights of a replace plan: 1 for representatives, 0 for merged tokens."""
+        if self.rep is None:
+            raise ValueError("replace_weights needs a replace plan (rep set)")
+        return torch.zeros(self.group.shape, device=self.group.device).scatter_(1, self.rep, 1.0)
 
     @staticmethod
     def identity(batch: int, n_tokens: int, device=None, grid=None) -> "MergePlan":

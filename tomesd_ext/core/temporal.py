@@ -13,13 +13,13 @@ Shapes: x (S*F, N, C) with N = h*w tokens of one frame; joined (S, F*N, C).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 
 from .. import kernels
-from .grid import level_grid
-from .matching import normalize_metric
+from .matching import normalize_metric, plan_from_matches
+from .merge import merge, unmerge
 from .partition import derive_seed
 from .plan import MergePlan
 from .temporal_options import VidToMeOptions
@@ -70,61 +70,9 @@ def chunk_draw(seed: int, step_key, frames: Tuple[int, ...], global_rand: float)
     return ChunkDraw(target, global_is_src)
 
 
-@dataclass
-class ReplacePlan:
-    """A "replace" merge as data: every group takes the value of one representative token.
-
-    rep: (P, M) long, the representative token of each group (destinations, then kept sources);
-    group: (P, N) long, the group of every token; P is 1 (one map shared by all samples) or the
-    batch. merge(x) = x gathered at rep; unmerge(y) = y gathered at group (copy back).
-    Equals core.merge(x, plan, token_size) with weight 1 for representatives and 0 for merged
-    sources (see as_merge_plan / replace_weights).
-    """
-
-    rep: torch.Tensor
-    group: torch.Tensor
-
-    @property
-    def n_tokens(self) -> int:
-        return self.group.shape[1]
-
-    @property
-    def n_groups(self) -> int:
-        return self.rep.shape[1]
-
-    def merge(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, C) -> (B, M, C)."""
-        return _gather_rows(x, self.rep)
-
-    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
-        """y: (B, M, C) -> (B, N, C)."""
-        return _gather_rows(y, self.group)
-
-    def as_merge_plan(self) -> MergePlan:
-        """The same merge as a core MergePlan (group sizes = members per group)."""
-        P, M = self.rep.shape
-        size = torch.zeros(P, M, device=self.group.device).scatter_add_(
-            1, self.group, torch.ones(self.group.shape, device=self.group.device)
-        )
-        return MergePlan(self.group, size, self.n_tokens)
-
-    def replace_weights(self) -> torch.Tensor:
-        """(P, N) token weights: 1 for representatives, 0 for merged sources."""
-        w = torch.zeros(self.group.shape, device=self.group.device)
-        return w.scatter_(1, self.rep, 1.0)
-
-
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    if index.shape[0] == 1:
-        return x.index_select(1, index[0])
-    if x.shape[0] != index.shape[0]:
-        raise ValueError(f"batch {x.shape[0]} does not match the plan's batch {index.shape[0]}")
-    return kernels.unmerge_gather(x, index)
-
-
 def replace_plan(
     metric: torch.Tensor, dst_idx: torch.Tensor, src_idx: torch.Tensor, r: int, align_batch: bool = True
-) -> ReplacePlan:
+) -> MergePlan:
     """Match each source to its most similar destination (cosine); the r best sources merge.
 
     metric: (S, N, C); dst_idx (D,), src_idx (Ns,) disjoint raster indices covering [0, N).
@@ -135,30 +83,19 @@ def replace_plan(
         raise ValueError(f"r={r} must be in [0, {src_idx.numel()}] (number of sources)")
     m = normalize_metric(metric)
     score, target = kernels.best_match(m[:, src_idx], m[:, dst_idx])  # (S, Ns)
-    return _plan_from_matches(score, target, dst_idx, src_idx, r, metric.shape[1], align_batch)
+    return _replace_from_matches(score, target, dst_idx, src_idx, r, metric.shape[1], align_batch)
 
 
-def _plan_from_matches(score, target, dst_idx, src_idx, r, n_tokens, align_batch) -> ReplacePlan:
-    """score, target: (S, Ns) best similarity and destination position (in dst_idx) per source."""
-    D, Ns = dst_idx.numel(), src_idx.numel()
-    device = score.device
+def _replace_from_matches(score, target, dst_idx, src_idx, r, n_tokens, align_batch) -> MergePlan:
+    """score, target: (S, Ns) best similarity and destination position (in dst_idx) per source;
+    align_batch: one map for all S samples, each source ranked by its best score over them."""
     if align_batch and score.shape[0] > 1:
         score, which = score.max(dim=0, keepdim=True)
         target = target.gather(0, which)
-    P = score.shape[0]
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    merged, kept = order[:, :r], order[:, r:]
-    src_full = src_idx.expand(P, Ns)
-    kept_idx = src_full.gather(1, kept)
-    rep = torch.cat([dst_idx.expand(P, D), kept_idx], dim=1)
-    group = torch.empty(P, n_tokens, dtype=torch.long, device=device)
-    group[:, dst_idx] = torch.arange(D, device=device)
-    group.scatter_(1, kept_idx, torch.arange(D, D + Ns - r, device=device).expand(P, Ns - r))
-    group.scatter_(1, src_full.gather(1, merged), target.gather(1, merged))
-    return ReplacePlan(rep, group)
+    return plan_from_matches(score, target, dst_idx, src_idx, r, n_tokens, replace=True)
 
 
-def local_plan(joined: torch.Tensor, n_frames: int, target: int, ratio: float, align_batch: bool = True) -> ReplacePlan:
+def local_plan(joined: torch.Tensor, n_frames: int, target: int, ratio: float, align_batch: bool = True) -> MergePlan:
     """Local merge of one chunk: other frames' tokens into the target frame.
 
     joined: (S, F*N, C) frames joined along tokens; r = floor(ratio * (F-1) * N).
@@ -175,10 +112,10 @@ def local_plan(joined: torch.Tensor, n_frames: int, target: int, ratio: float, a
     parts = [kernels.best_match(m[:, a:b], m[:, lo:hi]) for a, b in ((0, lo), (hi, FN)) if b > a]
     score = torch.cat([p[0] for p in parts], 1)
     tgt = torch.cat([p[1] for p in parts], 1)
-    return _plan_from_matches(score, tgt, dst, src, r, FN, align_batch)
+    return _replace_from_matches(score, tgt, dst, src, r, FN, align_batch)
 
 
-def global_plan(local: torch.Tensor, glob: torch.Tensor, ratio: float, global_is_src: bool, align_batch: bool = True) -> ReplacePlan:
+def global_plan(local: torch.Tensor, glob: torch.Tensor, ratio: float, global_is_src: bool, align_batch: bool = True) -> MergePlan:
     """Global merge of the chunk's local tokens (S, Ml, C) with the carried set (S, Mg, C).
 
     Acts on cat([local, glob], 1); r = floor(ratio * |source side|).
@@ -214,28 +151,31 @@ def temporal_attention(
         raise ValueError(f"target frame {draw.target} is outside the chunk's {F} frames")
     joined = x.reshape(S, F * N, C)
     local = local_plan(joined, F, draw.target, opts.local_ratio, opts.align_batch) if F > 1 else None
-    tokens = local.merge(joined) if local is not None else joined
+    tokens = merge(joined, local) if local is not None else joined
     use_global = opts.global_ratio > 0 and global_tokens is not None and global_tokens.shape[0] == S
     if use_global:
         gplan = global_plan(tokens, global_tokens, opts.global_ratio, draw.global_is_src, opts.align_batch)
-        merged = gplan.merge(torch.cat([tokens, global_tokens.to(tokens.dtype)], 1))
+        merged = merge(torch.cat([tokens, global_tokens.to(tokens.dtype)], 1), gplan)
         ml = tokens.shape[1]
-        local_part = ReplacePlan(gplan.rep, gplan.group[:, :ml])  # unmerge only the local tokens
-        new_global = local_part.unmerge(merged)
-        out = local_part.unmerge(attn(merged))
+        local_part = MergePlan(gplan.group[:, :ml], gplan.size, ml, rep=gplan.rep)  # unmerge the local tokens only
+        new_global = unmerge(merged, local_part)
+        out = unmerge(attn(merged), local_part)
     else:
         new_global = tokens if opts.global_ratio > 0 else None
         out = attn(tokens)
     if local is not None:
-        out = local.unmerge(out)
+        out = unmerge(out, local)
     return out.reshape(B, N, out.shape[-1]), new_global
 
 
-def merges_level(n_tokens: int, latent_hw: Optional[Tuple[int, int]], max_downsample: int) -> bool:
-    """True when a self-attention over n_tokens runs at a merged level of a latent of latent_hw
-    (downsample factor <= max_downsample); False for an unknown level or latent size."""
-    found = level_grid(n_tokens, latent_hw) if latent_hw is not None else None
-    return found is not None and found[0] <= max_downsample
+def step_schedule(n_frames: int, opts: VidToMeOptions, step_key) -> List[Tuple[Tuple[int, ...], ChunkDraw]]:
+    """The chunks of one step in the order they run, each with its draw:
+    [(frames, chunk_draw(opts.seed, step_key, frames, opts.global_rand)), ...] over
+    chunk_frames(n_frames, opts.chunk_size, opts.seed, step_key). Both adapters run this schedule."""
+    return [
+        (tuple(frames), chunk_draw(opts.seed, step_key, tuple(frames), opts.global_rand))
+        for frames in chunk_frames(n_frames, opts.chunk_size, opts.seed, step_key)
+    ]
 
 
 def chunked_temporal_attention(
@@ -248,23 +188,90 @@ def chunked_temporal_attention(
     """Self-attention over every frame of a video at once, chunk by chunk, with VidToMe merging.
 
     x: (S*F, N, C) sample-major (sample s holds its F frames in rows s*F .. s*F+F-1).
-    The frames are split by ``chunk_frames(F, opts.chunk_size, opts.seed, step_key)``; the chunks
-    run in that order through ``temporal_attention`` with one ``chunk_draw`` each, the global set
-    carried from chunk to chunk. This equals running the UNet once per chunk (as the video
-    pipeline does with the diffusers adapter): outside this attention a UNet mixes nothing
-    across frames, so block b of a chunk sees the same global set either way.
-    Returns (S*F, N, C') in the rows of x.
+    The chunks of ``step_schedule(F, opts, step_key)`` run in order through ``temporal_attention``,
+    the global set carried from chunk to chunk. This equals running the denoiser once per chunk
+    (``VidToMePolicy.run_step``): outside this attention a UNet mixes nothing across frames, so
+    block b of a chunk sees the same global set either way. Returns (S*F, N, C') in the rows of x.
     """
     B = x.shape[0]
     if n_samples <= 0 or B % n_samples:
         raise ValueError(f"batch {B} is not a multiple of the number of samples {n_samples}")
     S, F = n_samples, B // n_samples
     out, global_tokens = None, None
-    for frames in chunk_frames(F, opts.chunk_size, opts.seed, step_key):
+    for frames, draw in step_schedule(F, opts, step_key):
         rows = torch.tensor([s * F + f for s in range(S) for f in frames], device=x.device)
-        draw = chunk_draw(opts.seed, step_key, tuple(frames), opts.global_rand)
         y, global_tokens = temporal_attention(x.index_select(0, rows), S, attn, opts, draw, global_tokens)
         if out is None:
             out = y.new_empty((B,) + tuple(y.shape[1:]))
         out[rows] = y
     return out
+
+
+class VidToMePolicy:
+    """VidToMe for ``MergeRuntime``. A denoiser call holds either every frame (the ComfyUI adapter:
+    ``chunked_attention`` runs the step's chunks inside each attention) or one chunk (the
+    diffusers adapter, below).
+
+    ``run_step(n_frames, n_samples, step_key, call)`` runs the step's schedule: for every chunk it
+    records the chunk (frames, CFG samples S, draw) and calls ``call(frames)``, which runs the
+    denoiser on those frames (batch S*F, sample-major). Inside that call ``attention(block, x,
+    attn)`` merges with the chunk's draw and the block's global token set, which is carried from
+    chunk to chunk and dropped when the step changes. A call made outside ``run_step`` is one
+    chunk of frames 0..F-1 (S = 2 for an even batch, else 1) keyed by the call's own step key.
+    """
+
+    def __init__(self, opts: VidToMeOptions):
+        self.opts = opts
+        self.globals: Dict[Hashable, torch.Tensor] = {}
+        self._globals_step = None
+        self._declared: Optional[Tuple[Tuple[int, ...], int, object]] = None  # (frames, S, step)
+        self.draw: Optional[ChunkDraw] = None
+        self.call_samples = 1
+        self.merged_calls: Dict[int, int] = {}  # tokens per frame -> attention calls merged
+
+    def run_step(self, n_frames: int, n_samples: int, step_key, call: Callable[[Tuple[int, ...]], None]) -> None:
+        """Run ``call(frames)`` for every chunk of ``step_schedule(n_frames, opts, step_key)``."""
+        try:
+            for frames, _draw in step_schedule(n_frames, self.opts, step_key):
+                self.set_chunk(frames, n_samples, step_key)
+                call(frames)
+        finally:
+            self._declared = None
+
+    def set_chunk(self, frames, n_samples: int, step=None) -> None:
+        """Declare the next denoiser call by hand: its frames (indices in the video), CFG samples S
+        and step key (None: the call's own)."""
+        self._declared = (tuple(int(f) for f in frames), int(n_samples), step)
+
+    def begin_call(self, batch: int, step_key) -> None:
+        """A denoiser call with `batch` rows at `step_key` starts (from the adapter's pre-hook)."""
+        frames, samples, step = self._declared or (None, None, None)
+        step = step_key if step is None else step
+        if step != self._globals_step:
+            self.globals.clear()
+            self._globals_step = step
+        samples = samples if samples is not None else (2 if batch % 2 == 0 else 1)
+        if batch % samples:
+            raise ValueError(f"VidToMe: denoiser batch {batch} is not a multiple of the CFG samples {samples}")
+        n_frames = batch // samples
+        frames = frames if frames is not None and len(frames) == n_frames else tuple(range(n_frames))
+        self.call_samples = samples
+        self.draw = chunk_draw(self.opts.seed, step, frames, self.opts.global_rand)
+
+    def attention(self, block: Hashable, x: torch.Tensor, attn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Merged self-attention of one block in the current chunk call; x: (S*F, N, C)."""
+        out, new_global = temporal_attention(x, self.call_samples, attn, self.opts, self.draw, self.globals.get(block))
+        if new_global is not None:
+            self.globals[block] = new_global
+        self.merged_calls[x.shape[1]] = self.merged_calls.get(x.shape[1], 0) + 1
+        return out
+
+    def chunked_attention(self, x: torch.Tensor, n_samples: int, attn, step_key) -> torch.Tensor:
+        """Every frame in one denoiser call (the ComfyUI adapter): ``chunked_temporal_attention``."""
+        return chunked_temporal_attention(x, n_samples, attn, self.opts, step_key)
+
+    def reset(self) -> None:
+        """Forget the global token sets (e.g. between videos)."""
+        self.globals.clear()
+        self._globals_step = None
+        self.draw = None

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .grid import level_grid, tokens_to_remove
+from .grid import tokens_to_remove
 from .matching import bipartite_plan
 from .options import ToMeOptions
 from .partition import derive_seed, window_partition
@@ -44,32 +44,16 @@ def tome_plan(metric: torch.Tensor, h: int, w: int, opts: ToMeOptions, seed: Opt
     return bipartite_plan(metric, dst, src, r, grid=(h, w))
 
 
-def level_plan(
-    metric: torch.Tensor, latent_hw, step_key, opts: ToMeOptions, max_downsample: int, cache=None, scope=None,
-    planner=None,
-) -> Optional[MergePlan]:
-    """The plan of one block call inside a UNet, or None when its level is not merged.
+class TomePolicy:
+    """The ToMe-SD policy for ``MergeRuntime``: random window destinations, bipartite matching.
 
-    metric: (B, N, C) normed hidden states; latent_hw: (H, W) of the denoiser's input latent;
-    step_key: the denoiser's timestep (see `timestep_key`). The grid comes from N and (H, W);
-    levels with downsample factor above `max_downsample`, grids below `opts.min_tokens` (or tokens
-    that are no grid, e.g. a temporal block) are not merged. One partition per (seed, step, level): every block of a
-    level draws the same destinations in a step (matching stays per block), so the diffusers
-    and ComfyUI adapters, which both call this, agree exactly. cache: an optional `PlanCache`
-    (plan reuse across blocks/steps), keyed by (scope, h, w, batch, device). planner:
-    (metric, h, w, opts, seed) -> plan, the destination policy (default `tome_plan`).
+    queries_only: the adapter merges only the queries of self-attention (keys and values keep
+    every token), as ComfyUI's built-in ToMe node does; the plan is the same.
     """
-    if latent_hw is None or metric.ndim != 3:
-        return None
-    found = level_grid(metric.shape[1], latent_hw)
-    if found is None or found[0] > max_downsample:
-        return None
-    _, h, w = found
-    if h * w < opts.min_tokens:
-        return None  # auto-skip: merging cannot pay at this token count (ToMeOptions.min_tokens)
-    seed = partition_seed(opts, step_key, h, w)
-    planner = planner or tome_plan
-    if cache is None:
-        return planner(metric, h, w, opts, seed)
-    key = (scope, h, w, metric.shape[0], metric.device)
-    return cache.get(key, lambda: planner(metric, h, w, opts, seed))
+
+    def __init__(self, opts: ToMeOptions, queries_only: bool = False):
+        self.opts = opts
+        self.queries_only = queries_only
+
+    def plan(self, metric: torch.Tensor, h: int, w: int, seed: Optional[int]) -> Optional[MergePlan]:
+        return tome_plan(metric, h, w, self.opts, seed)

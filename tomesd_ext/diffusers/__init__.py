@@ -1,10 +1,11 @@
-"""diffusers adapter: apply_tome / remove_tome, and the peer policies on the same engine
-(apply_todo / remove_todo: ToDo K/V downsampling; apply_query_merge: ComfyUI-style
-queries-only merging, removed with remove_tome; apply_vidtome / remove_vidtome: VidToMe
-temporal merging for video)."""
+"""diffusers adapter: apply_tome / remove_tome, and the peer policies on the same runtime
+(apply_todo / remove_todo: ToDo K/V downsampling; apply_query_merge: ComfyUI-style queries-only
+merging, removed with remove_tome; apply_vidtome / remove_vidtome: VidToMe temporal merging).
 
-from .patch import apply_tome, remove_tome, tome_options
-from .queries import apply_query_merge
+Modules: discovery (what to attach to), patching (how, reversibly), processors (the attention
+wrappers), and one module per method (tome, importance, todo, vidtome)."""
+
+from .tome import apply_query_merge, apply_tome, remove_tome, tome_options
 from .todo import apply_todo, remove_todo
 from .vidtome import apply_vidtome, remove_vidtome, vidtome_state
 

@@ -11,7 +11,8 @@ Optional ControlNet conditioning on Canny edges of the input frames (OpenCV).
 Every UNet call is one chunk of at most chunk_size frames (batch S*F, sample-major: uncond frames
 then cond frames), so memory is bounded by the chunk, not by the video length. With VidToMe the
 chunks have random borders and order per step (core.chunk_frames) and the UNet's self-attention
-merges tokens across the chunk's frames (diffusers.vidtome); per-frame editing uses the same
+merges tokens across the chunk's frames (diffusers.vidtome, which runs the core's schedule of each
+step); per-frame editing uses the same
 chunked calls with plain attention.
 """
 
@@ -27,7 +28,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..core import VidToMeOptions, chunk_frames
+from ..core import VidToMeOptions
 from ..diffusers.vidtome import apply_vidtome, remove_vidtome, vidtome_state
 
 MODES = ("invert", "sdedit")
@@ -150,13 +151,20 @@ class VideoEditor:
             return u + guidance * (c - u)
         return out
 
-    def _step_eps(self, x, t, emb, chunks, control=None, scale=1.0, guidance=1.0, on_chunk=None):
+    def _step_eps(self, x, t, emb, chunks, control=None, scale=1.0, guidance=1.0, vidtome=None, step=0):
+        """Guided noise prediction of every frame, one denoiser call per chunk: the given chunks, or
+        with VidToMe the chunks of the policy's schedule of this step."""
         eps = torch.empty_like(x)
-        for i, frames in enumerate(chunks):
-            if on_chunk is not None:
-                on_chunk(frames, emb.shape[0])
+
+        def call(frames):
             idx = torch.tensor(frames)
             eps[idx] = self._eps(x[idx], t, emb, idx, control, scale, guidance).to(x.dtype)
+
+        if vidtome is not None:
+            vidtome.run_step(x.shape[0], emb.shape[0], step, call)
+        else:
+            for frames in chunks:
+                call(frames)
         return eps
 
     # -- inversion ---------------------------------------------------------------------------
@@ -214,14 +222,9 @@ class VideoEditor:
             st = vidtome_state(self.unet)
         try:
             x = start
+            chunks = [list(range(j, min(j + s.chunk_size, n))) for j in range(0, n, s.chunk_size)]
             for i, t in enumerate(timesteps):
-                if st is not None:
-                    chunks = chunk_frames(n, st.opts.chunk_size, st.opts.seed, i)
-                    on_chunk = lambda frames, S, i=i: st.set_chunk(frames, S, step=i)  # noqa: E731
-                else:
-                    chunks = [list(range(j, min(j + s.chunk_size, n))) for j in range(0, n, s.chunk_size)]
-                    on_chunk = None
-                eps = self._step_eps(x, t, emb, chunks, control, s.control_scale, s.guidance, on_chunk)
+                eps = self._step_eps(x, t, emb, chunks, control, s.control_scale, s.guidance, st, i)
                 if on_eps is not None:
                     on_eps(i, eps)
                 x = sched.step(eps, t, x).prev_sample

@@ -1,16 +1,24 @@
-"""What every tomesd-ext node shares: category, MODEL in/out, the sampling-window inputs and
-their check, and how a patch result is returned (one console warning when it passed through)."""
+"""What every tomesd-ext node shares: category, MODEL in/out, widgets built from the core's option
+tables (``core.TOME_OPTIONS``, ``core.VIDTOME_OPTIONS``: the same defaults, ranges and help text
+as ``apply_tome`` / ``apply_vidtome`` and the README), the sampling-window inputs, and how a patch
+result is returned (one console warning when the model passed through)."""
 
 from __future__ import annotations
 
 import logging
 
-from ._imports import comfy_adapter
+from .library import comfy_adapter
 
 window_error = comfy_adapter.window_error  # the adapter's own check of a sampling part (start <= end)
 
 CATEGORY = "model_patches/token_merging"
 log = logging.getLogger("tomesd_ext")
+
+# Widget bounds where an option's range is open or unbounded: a float in [lo, hi) shows max
+# hi - step; an unbounded int (seed, min_tokens) shows this max.
+INT_MAX = 2**62
+# A node's seed is a fixed widget value (the same seed, the same image), never None.
+NODE_SEED_DEFAULT = 0
 
 MODEL_INPUT = ("MODEL", {"tooltip": "The diffusion model to patch (a UNet: SD 1.x, SD 2.x, SDXL)."})
 WINDOW_INPUTS = {
@@ -23,6 +31,28 @@ WINDOW_INPUTS = {
         "tooltip": "Sampling progress at which merging stops (1 = last step).",
     }),
 }
+
+
+def widget(option, default=None, choices=None):
+    """The ComfyUI input spec of a core ``Option`` (its help text is the tooltip).
+
+    default: a node default where the library's is not a widget value (min_tokens None -> 2048).
+    choices: the combo entries (strings) of a "choice" option, when a node offers fewer.
+    """
+    value = option.default if default is None else default
+    spec = {"tooltip": option.help}
+    if option.kind == "choice":
+        entries = [str(c) for c in (choices or option.choices)]
+        return (entries, {"default": str(value), **spec})
+    if option.kind == "bool":
+        return ("BOOLEAN", {"default": value, **spec})
+    if option.kind == "seed":
+        return ("INT", {"default": NODE_SEED_DEFAULT if default is None else default, "min": 0, "max": INT_MAX, **spec})
+    if option.kind == "int":
+        hi = INT_MAX if option.hi is None else option.hi
+        return ("INT", {"default": value, "min": option.lo, "max": hi, **spec})
+    hi = round(option.hi - option.step, 10) if option.hi_open else option.hi
+    return ("FLOAT", {"default": value, "min": option.lo, "max": hi, "step": option.step, **spec})
 
 
 def range_error(cls, **values):

@@ -1,4 +1,4 @@
-"""Import the shared library whether the pack is loaded by ComfyUI or used as a plain package.
+"""The shared library, whether the pack is loaded by ComfyUI or used as a plain package.
 
 ComfyUI imports the repository folder as a package, so the library is the sibling subpackage
 ``<folder>.tomesd_ext``; tests and a pip install import ``nodes`` top-level and ``tomesd_ext``

@@ -1,0 +1,180 @@
+"""Patch mechanics on a ComfyUI MODEL: clone, drop any earlier tomesd-ext patch, attach ours.
+
+Everything goes through ModelPatcher's own extension points (attn1/attn2 patches, a
+DIFFUSION_MODEL wrapper, object patches, sampler post-CFG functions), on a clone, so the input
+MODEL, its other patches (LoRA weights, ControlNet, other nodes' attention patches) and ComfyUI's
+caching are left alone, and ComfyUI itself undoes the object patches when another model is
+loaded. ComfyUI is imported lazily, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..core import MergeRuntime, timestep_key
+
+WRAPPER_KEY = "tomesd_ext"
+PATCH_NAMES = ("attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch")
+SUPPORTED = "UNet models (SD 1.x, SD 2.x, SDXL and their variants)"
+
+
+class PatchState:
+    """What every callable of one tomesd-ext patch shares: the ``MergeRuntime`` and the slot of
+    the block call in progress. ``on_call(x, transformer_options)``: a policy's own per-call step.
+    Deep copies (ComfyUI deep-copies ``model_options`` on every ``clone()``) return the same
+    object, so all callables of one node keep sharing it."""
+
+    def __init__(self, runtime: MergeRuntime, on_call=None):
+        self.runtime = runtime
+        self.slot = runtime.new_slot()
+        self.on_call = on_call
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def opts(self):
+        return self.runtime.opts
+
+    @property
+    def policy(self):
+        return self.runtime.policy
+
+    def begin_call(self, x: torch.Tensor, timesteps, sigmas, transformer_options=None) -> None:
+        """x: (B, C, H, W) latent of this UNet call; timesteps: what the UNet receives (the key of
+        every random draw); sigmas: its noise level (the sampling window); transformer_options:
+        the call's (``cond_or_uncond``: the order of its batch chunks)."""
+        latent_hw = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else None
+        self.runtime.begin_call(latent_hw, timestep_key(timesteps), sigmas)
+        self.slot.reset()
+        if self.on_call is not None:
+            self.on_call(x, transformer_options or {})
+
+    def end_call(self) -> None:
+        self.runtime.end_call()
+        self.slot.reset()
+
+
+class SharedPatch:
+    """Base of our patch callables: holds the shared PatchState; deep copy keeps identity."""
+
+    def __init__(self, state: PatchState):
+        self.state = state
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class DiffusionModelWrapper(SharedPatch):
+    """wrapper(executor, x, timesteps, context, y, control, transformer_options, **kw): tells the
+    state the latent size, step key and sigma of every UNet call."""
+
+    def __call__(self, executor, x, timesteps=None, *args, **kwargs):
+        options = args[3] if len(args) > 3 else kwargs.get("transformer_options") or {}
+        self.state.begin_call(x, timesteps, options.get("sigmas"), options)
+        try:
+            return executor(x, timesteps, *args, **kwargs)
+        finally:
+            self.state.end_call()
+
+
+class StandIn(torch.nn.Module):
+    """Base of the modules a tomesd-ext node installs with ``ModelPatcher.add_object_patch``.
+
+    The original module is kept unregistered in ``inner``; its children and parameters are
+    registered here under their own names, so parameter paths (LoRA keys, ``state_dict``,
+    low-VRAM casting) stay those of the original. ``strip`` removes every StandIn.
+    """
+
+    def __init__(self, inner: torch.nn.Module, state: PatchState):
+        super().__init__()
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "state", state)
+        for name, child in inner.named_children():
+            self.add_module(name, child)
+        for name, param in inner.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in inner.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @staticmethod
+    def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+        """The original module under any stand-ins."""
+        while isinstance(module, StandIn):
+            module = module.inner
+        return module
+
+
+def _diffusion_model_wrapper_type():
+    from comfy.patcher_extension import WrappersMP
+
+    return WrappersMP.DIFFUSION_MODEL
+
+
+def strip(m) -> None:
+    """Remove every tomesd-ext patch from the ModelPatcher ``m`` (a clone), keeping the others."""
+    patches = m.model_options.get("transformer_options", {}).get("patches", {})
+    for name in PATCH_NAMES:
+        if name in patches:
+            kept = [p for p in patches[name] if not isinstance(p, SharedPatch)]
+            if kept:
+                patches[name] = kept
+            else:
+                del patches[name]
+    post_cfg = m.model_options.get("sampler_post_cfg_function")
+    if post_cfg:
+        kept = [fn for fn in post_cfg if not isinstance(fn, SharedPatch)]
+        if kept:
+            m.model_options["sampler_post_cfg_function"] = kept
+        else:
+            del m.model_options["sampler_post_cfg_function"]
+    m.remove_wrappers_with_key(_diffusion_model_wrapper_type(), WRAPPER_KEY)
+    for key, obj in list(m.object_patches.items()):
+        if isinstance(obj, StandIn):
+            del m.object_patches[key]
+
+
+def remove_tome_patch(model):
+    """A clone of ``model`` without any tomesd-ext patch (other patches are kept)."""
+    m = model.clone()
+    strip(m)
+    return m
+
+
+def patched_clone(model, state: PatchState):
+    """A clone of ``model`` without earlier tomesd-ext patches, with the diffusion-model wrapper
+    that feeds ``state`` every call."""
+    m = model.clone()
+    strip(m)
+    m.add_wrapper_with_key(_diffusion_model_wrapper_type(), WRAPPER_KEY, DiffusionModelWrapper(state))
+    return m
+
+
+def unsupported_reason(model, what: str = "") -> str:
+    """The one console warning of a node whose model has no UNet to patch."""
+    inner = type(getattr(getattr(model, "model", None), "diffusion_model", None)).__name__
+    return f"tomesd-ext: token merging skipped{what}, cannot patch {inner}: supported are {SUPPORTED}"
+
+
+def window_error(start_percent: float, end_percent: float) -> Optional[str]:
+    """What is wrong with a sampling part [start_percent, end_percent], or None."""
+    for name, v in (("start_percent", start_percent), ("end_percent", end_percent)):
+        if not (0.0 <= float(v) <= 1.0):
+            return f"{name}={v} is out of range: allowed [0, 1]"
+    if start_percent > end_percent:
+        return f"start_percent={start_percent} must not exceed end_percent={end_percent}"
+    return None
+
+
+def sigma_range(model, start_percent: float, end_percent: float) -> Tuple[float, float]:
+    """(sigma_start, sigma_end) of the sampling part [start_percent, end_percent]."""
+    error = window_error(start_percent, end_percent)
+    if error:
+        raise ValueError(error)
+    sampling = model.get_model_object("model_sampling")
+    return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))

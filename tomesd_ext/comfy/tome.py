@@ -1,0 +1,142 @@
+"""ToMe (and importance mode) on a ComfyUI UNet: ``apply_tome_patch(model, ToMeOptions, start, end)``.
+
+ComfyUI runs a UNet call as: the diffusion-model wrapper (``PatchState.begin_call``), then for
+every BasicTransformerBlock: attn1_patch, attn1, attn1_output_patch, attn2_patch, attn2,
+attn2_output_patch, ff. The plan of a block call is computed once, lazily, by the first merged
+operator from its own normed input (the runtime's ``BlockSlot``), exactly as in the diffusers
+adapter, and reused by the other operators of that block.
+
+- ``Attn1Patch`` / ``Attn1OutputPatch``: self-attention. ComfyUI hands attn1_patch the normed
+  hidden states n = norm1(x) as (n, context, value), all (B, N, C) before projection; returning
+  merged versions of all three merges Q, K and V. The output patch unmerges back to N tokens.
+- ``Attn2Patch`` / ``Attn2OutputPatch``: cross-attention, queries only (K/V are the text).
+- ``MergedFeedForward``: ComfyUI has no feed-forward patch point, so ``merge_mlp`` replaces each
+  block's ``ff`` through ``ModelPatcher.add_object_patch`` (applied when the model loads, undone
+  on unload) with this stand-in, which shares the original's parameters under the same names.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..core import MergeRuntime, TomePolicy, ToMeOptions, merge, unmerge
+from .discovery import auto_max_downsample, transformer_blocks, unet_of
+from .patching import PatchState, SharedPatch, StandIn, patched_clone, sigma_range, unsupported_reason
+
+
+class Attn1Patch(SharedPatch):
+    """attn1_patch(n, context, value, extra_options) -> merged (n, context, value)."""
+
+    def __call__(self, n, context, value, extra_options):
+        slot = self.state.slot
+        slot.reset(scope=(extra_options.get("block"), extra_options.get("block_index")))  # a block call starts
+        if not self.state.opts.merge_attn:
+            return n, context, value
+        plan = slot.get(n)
+        if plan is None:
+            return n, context, value
+        slot.merged.add("attn1")
+        merged = merge(n, plan)
+        # Self-attention: K/V inputs are n itself (or a same-length stand-in) -> merge them too.
+        # A cross-attention attn1 (disable_self_attn) keeps its text context.
+        context = merged if context is n else (merge(context, plan) if _same_grid(context, n) else context)
+        value = merged if value is n else (merge(value, plan) if _same_grid(value, n) else value)
+        return merged, context, value
+
+
+class Attn2Patch(SharedPatch):
+    """attn2_patch: merges the queries only."""
+
+    def __call__(self, n, context, value, extra_options):
+        slot = self.state.slot
+        if not self.state.opts.merge_crossattn:
+            return n, context, value
+        plan = slot.get(n)
+        if plan is None:
+            return n, context, value
+        slot.merged.add("attn2")
+        return merge(n, plan), context, value
+
+
+class _OutputPatch(SharedPatch):
+    which = ""
+
+    def __call__(self, n, extra_options):
+        slot = self.state.slot
+        if self.which not in slot.merged:
+            return n
+        slot.merged.discard(self.which)
+        return unmerge(n, slot.plan)
+
+
+class Attn1OutputPatch(_OutputPatch):
+    which = "attn1"
+
+
+class Attn2OutputPatch(_OutputPatch):
+    which = "attn2"
+
+
+def _same_grid(t, n) -> bool:
+    return isinstance(t, torch.Tensor) and t.ndim == 3 and t.shape[:2] == n.shape[:2]
+
+
+class MergedFeedForward(StandIn):
+    """Stands in for a block's ``ff``: merge(norm3(x)) -> original ff -> unmerge."""
+
+    def forward(self, x, *args, **kwargs):
+        plan = self.state.slot.get(x) if self.state.opts.merge_mlp else None
+        if plan is None:
+            return self.inner(x, *args, **kwargs)
+        return unmerge(self.inner(merge(x, plan), *args, **kwargs), plan)
+
+
+def tome_state(opts: ToMeOptions, max_downsample: int, sigma_start: float = float("inf"), sigma_end: float = 0.0) -> PatchState:
+    """The shared state of a ToMe patch: a MergeRuntime with the ToMe policy."""
+    return PatchState(MergeRuntime(TomePolicy(opts), max_downsample, sigma_start, sigma_end))
+
+
+def install_merge_patch(model, opts: ToMeOptions, start_percent: float, end_percent: float, make_state=tome_state):
+    """(patched clone, its PatchState, None) or (``model``, None, reason): the block patches of
+    every plan-based node; ``make_state(opts, max_downsample, sigma_start, sigma_end)`` builds the
+    PatchState with the method's policy."""
+    unet = unet_of(model)
+    if unet is None:
+        return model, None, unsupported_reason(model)
+    if opts.max_downsample == "auto":
+        max_ds = auto_max_downsample(unet)
+        if max_ds is None:
+            return model, None, f"tomesd-ext: token merging skipped, {type(unet).__name__} has no spatial transformer blocks"
+    else:
+        max_ds = opts.max_downsample
+    sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
+    state = make_state(opts, max_ds, sigma_start, sigma_end)
+
+    m = patched_clone(model, state)
+    m.set_model_attn1_patch(Attn1Patch(state))  # always: it marks the start of every block call
+    if opts.merge_attn:
+        m.set_model_attn1_output_patch(Attn1OutputPatch(state))
+    if opts.merge_crossattn:
+        m.set_model_attn2_patch(Attn2Patch(state))
+        m.set_model_attn2_output_patch(Attn2OutputPatch(state))
+    if opts.merge_mlp:
+        for path, _block in transformer_blocks(unet):
+            key = path + ".ff"
+            m.add_object_patch(key, MergedFeedForward(StandIn.unwrap(m.get_model_object(key)), state))
+    return m, state, None
+
+
+def apply_tome_patch(
+    model, opts: ToMeOptions, start_percent: float = 0.0, end_percent: float = 1.0
+) -> Tuple[object, Optional[str]]:
+    """Return (patched clone, None), or (``model`` unchanged, reason) when it cannot be patched.
+
+    opts: validated ``ToMeOptions`` (mode "tome"); a previous tomesd-ext patch on ``model`` is
+    replaced. Plan reuse (``reuse``, ``reuse_steps``) works as in the diffusers adapter.
+    """
+    if opts.mode != "tome":
+        raise ValueError(f"opts.mode={opts.mode!r}: use apply_importance_patch for mode='importance'")
+    m, _state, reason = install_merge_patch(model, opts, start_percent, end_percent)
+    return m, reason

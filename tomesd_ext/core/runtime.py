@@ -1,0 +1,144 @@
+"""The runtime of one patched denoiser, shared by every adapter (diffusers, ComfyUI).
+
+An adapter builds one ``MergeRuntime`` per patch with the policy of its method and calls it at
+its attachment points:
+
+- ``begin_call(latent_hw, step_key, sigma)`` before the denoiser's blocks run (a forward
+  pre-hook, a ComfyUI diffusion-model wrapper): the latent size, the step key every random draw
+  is keyed on, and whether sigma lies inside the sampling window; ``end_call()`` after it;
+- ``level(n_tokens)``: the (h, w) grid of a token sequence at a merged level, or None;
+- ``BlockSlot.get(metric)``: the merge plan of the block call in progress, computed once by the
+  first merged operator of the block from its own normed input and shared by the others
+  (plan-based policies: ToMe, importance, queries-only).
+
+Policies (given at construction): ``TomePolicy`` (core/tome.py), ``ImportancePolicy``
+(core/importance.py), ``VidToMePolicy`` (core/temporal.py), ``ToDoPolicy`` (core/downsample.py).
+A plan-based policy has ``plan(metric, h, w, seed) -> MergePlan | None``; the runtime adds the
+level check, the auto-skip of small grids, the keyed seed and plan reuse (``PlanCache``). A
+policy with ``on_call(step_key)`` hears of every denoiser call (importance: the step count).
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Optional, Tuple
+
+import torch
+
+from .grid import level_grid
+from .plan import MergePlan
+from .plan_cache import PlanCache
+from .tome import partition_seed
+
+
+class MergeRuntime:
+    """Call state, plan cache and policy of one patch.
+
+    max_downsample: levels with a larger downsample factor are left alone (an int: the adapter
+    resolves "auto" from the model). sigma_start >= sigma_end: the sampling window (ComfyUI's
+    start/end percent); calls outside it merge nothing.
+    """
+
+    def __init__(self, policy, max_downsample: int, sigma_start: float = float("inf"), sigma_end: float = 0.0):
+        self.policy = policy
+        self.opts = policy.opts
+        self.max_downsample = max_downsample
+        self.sigma_start = sigma_start
+        self.sigma_end = sigma_end
+        self.latent_hw: Optional[Tuple[int, int]] = None
+        self.step_key = 0.0
+        self.active = False
+        reuses = getattr(self.opts, "reuses_plans", False)
+        self.cache: Optional[PlanCache] = PlanCache(self.opts.reuse_steps) if reuses else None
+        self._slots = 0
+
+    def begin_call(self, latent_hw: Optional[Tuple[int, int]], step_key: float, sigma=None) -> None:
+        """A denoiser call starts: latent (H, W), its step key (``timestep_key``), its sigma (a
+        number, a tensor whose first entry is used, or None: no window)."""
+        self.latent_hw = latent_hw
+        self.step_key = step_key
+        if sigma is not None and hasattr(sigma, "flatten"):
+            sigma = float(sigma.flatten()[0].item())
+        in_window = sigma is None or self.sigma_end <= float(sigma) <= self.sigma_start
+        self.active = latent_hw is not None and in_window
+        if self.cache is not None:
+            self.cache.begin_call(step_key)
+        on_call = getattr(self.policy, "on_call", None)
+        if on_call is not None:
+            on_call(step_key)
+
+    def end_call(self) -> None:
+        self.active = False
+
+    def level(self, n_tokens: int) -> Optional[Tuple[int, int]]:
+        """(h, w) when a sequence of n_tokens is the grid of a merged level of this call, else None
+        (an unknown latent size, a level deeper than max_downsample, tokens that are no grid)."""
+        if self.latent_hw is None:
+            return None
+        found = level_grid(n_tokens, self.latent_hw)
+        if found is None or found[0] > self.max_downsample:
+            return None
+        return found[1], found[2]
+
+    def plan_for(self, metric: torch.Tensor, scope: Hashable = None) -> Optional[MergePlan]:
+        """The plan for metric (B, N, C) of one block call, or None when its level is not merged.
+
+        One partition per (seed, step, level): every block of a level draws the same destinations
+        in a step (matching stays per block), so both adapters agree exactly. Grids below
+        ``opts.min_tokens`` are not merged (auto-skip). With plan reuse the plan comes from the
+        cache, keyed by level (reuse="level") or by the block's scope, and by batch and device.
+        """
+        if metric.ndim != 3:
+            return None
+        grid = self.level(metric.shape[1])
+        if grid is None:
+            return None
+        h, w = grid
+        opts = self.opts
+        if h * w < opts.min_tokens:
+            return None  # auto-skip: merging cannot pay at this token count
+        seed = partition_seed(opts, self.step_key, h, w)
+        if self.cache is None:
+            return self.policy.plan(metric, h, w, seed)
+        key = (None if opts.reuse == "level" else scope, h, w, metric.shape[0], metric.device)
+        return self.cache.get(key, lambda: self.policy.plan(metric, h, w, seed))
+
+    def new_slot(self, scope: Hashable = None) -> "BlockSlot":
+        """A slot for one block (scope: its cache key; default a fresh number)."""
+        if scope is None:
+            self._slots += 1
+            scope = self._slots
+        return BlockSlot(self, scope)
+
+
+class BlockSlot:
+    """The plan of the block call in progress, shared by the operators merged in that block.
+
+    ``reset()`` at the start (and end) of every block call; ``get(metric)`` computes the plan from
+    the first metric asked for while the call is active, and returns it to every operator whose
+    input has the plan's token count (None otherwise). ``merged`` names the operators whose
+    output must be unmerged.
+    """
+
+    __slots__ = ("runtime", "scope", "plan", "ready", "merged")
+
+    def __init__(self, runtime: MergeRuntime, scope: Hashable = None):
+        self.runtime = runtime
+        self.scope = scope
+        self.reset()
+
+    def reset(self, scope: Hashable = None) -> None:
+        if scope is not None:
+            self.scope = scope
+        self.plan: Optional[MergePlan] = None
+        self.ready = False
+        self.merged = set()
+
+    def get(self, metric: torch.Tensor) -> Optional[MergePlan]:
+        if not self.ready:
+            self.ready = True
+            if self.runtime.active:
+                self.plan = self.runtime.plan_for(metric, self.scope)
+        plan = self.plan
+        if plan is None or metric.ndim != 3 or metric.shape[1] != plan.n_tokens:
+            return None
+        return plan

@@ -1,0 +1,66 @@
+"""Where a diffusers denoiser has what token merging attaches to (SD 1.x, SD 2.x, SDXL UNets and
+ControlNets): the denoiser of a pipeline, its spatial transformer blocks and their levels."""
+
+from __future__ import annotations
+
+from typing import List
+
+SUPPORTED = "UNet2DConditionModel (SD 1.x, SD 2.x, SDXL and their img2img/inpaint/ControlNet pipelines) and ControlNetModel"
+
+
+def denoiser_of(obj):
+    """The UNet to patch: obj itself, or a pipeline's `unet`; TypeError naming what is supported."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    if isinstance(obj, (UNet2DConditionModel, ControlNetModel)):
+        return obj
+    unet = getattr(obj, "unet", None)
+    if isinstance(unet, (UNet2DConditionModel, ControlNetModel)):
+        return unet
+    inner = getattr(obj, "transformer", None) or unet
+    what = type(obj).__name__ + (f" (denoiser {type(inner).__name__})" if inner is not None else "")
+    raise TypeError(f"tomesd-ext cannot patch {what}: supported are {SUPPORTED}")
+
+
+def attention_levels(model) -> List[int]:
+    """Downsample factors d of the levels that hold transformer blocks (down block i runs at 2**i)."""
+    levels = set()
+    n = len(model.down_blocks)
+    for i, block in enumerate(model.down_blocks):
+        if getattr(block, "attentions", None):
+            levels.add(2**i)
+    mid = getattr(model, "mid_block", None)
+    if mid is not None and getattr(mid, "attentions", None):
+        levels.add(2 ** (n - 1))
+    for i, block in enumerate(getattr(model, "up_blocks", None) or []):
+        if getattr(block, "attentions", None):
+            levels.add(2 ** (n - 1 - i))
+    return sorted(levels)
+
+
+def resolve_max_downsample(model, max_downsample) -> int:
+    """max_downsample as an int: "auto" is the highest-resolution level with transformer blocks."""
+    levels = attention_levels(model)
+    if not levels:
+        raise TypeError(f"{type(model).__name__} has no transformer blocks to merge")
+    return levels[0] if max_downsample == "auto" else max_downsample
+
+
+def transformer_blocks(model):
+    """The spatial BasicTransformerBlocks inside the model's Transformer2DModels."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    for module in model.modules():
+        if isinstance(module, Transformer2DModel):
+            for block in module.transformer_blocks:
+                if isinstance(block, BasicTransformerBlock):
+                    yield block
+
+
+def self_attentions(model):
+    """(index, attn1) of every block whose attn1 is self-attention."""
+    for i, block in enumerate(transformer_blocks(model)):
+        attn = getattr(block, "attn1", None)
+        if attn is not None and not block.only_cross_attention:
+            yield i, attn

@@ -1,0 +1,134 @@
+"""apply_tome / remove_tome (ToMe-SD and importance mode) and apply_query_merge (queries only,
+ComfyUI's built-in style) on diffusers UNets: a ``MergeRuntime`` with the method's policy, the
+attention processors of every transformer block wrapped, feed-forward hooks for ``merge_mlp``.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from ..core import ImportancePolicy, MergeRuntime, TomePolicy, ToMeOptions, merge, unmerge
+from .discovery import resolve_max_downsample, transformer_blocks
+from .importance import track_importance
+from .patching import ModelPatch, building, install_patch, installed_patch, uninstall_patch
+from .processors import MergedAttnProcessor
+
+PATCH_ATTR = "_tomesd_ext_patch"
+
+
+def _attach(patch: ModelPatch) -> None:
+    """Wrap every transformer block of the denoiser for the runtime's ToMe-family policy."""
+    runtime, opts = patch.runtime, patch.opts
+    queries_only = getattr(runtime.policy, "queries_only", False)
+    if isinstance(runtime.policy, ImportancePolicy):
+        patch.importance = track_importance(patch)
+    else:
+        patch.track_calls()
+    for block in transformer_blocks(patch.model):
+        slot = runtime.new_slot()
+        patch.hook(block.register_forward_pre_hook(_reset_hook(slot)))
+        patch.hook(block.register_forward_hook(_reset_hook(slot)))
+        if opts.merge_attn and getattr(block, "attn1", None) is not None:
+            self_attention = not block.only_cross_attention
+            patch.wrap(block.attn1, MergedAttnProcessor(block.attn1.processor, slot, self_attention, queries_only))
+        if opts.merge_crossattn and getattr(block, "attn2", None) is not None:
+            patch.wrap(block.attn2, MergedAttnProcessor(block.attn2.processor, slot, False, queries_only))
+        if opts.merge_mlp and getattr(block, "ff", None) is not None:
+            patch.hook(block.ff.register_forward_pre_hook(_ff_pre_hook(slot), with_kwargs=True))
+            patch.hook(block.ff.register_forward_hook(_ff_post_hook(slot)))
+
+
+def _reset_hook(slot):
+    """Before and after each block call: forget the plan (it is per call; frees memory)."""
+
+    def hook(module, args, *output):
+        slot.reset()
+
+    return hook
+
+
+def _ff_pre_hook(slot):
+    def hook(module, args, kwargs):
+        x = args[0] if args else None
+        plan = slot.get(x) if x is not None else None
+        if plan is not None:
+            slot.merged.add("ff")
+            return (merge(args[0], plan),) + tuple(args[1:]), kwargs
+
+    return hook
+
+
+def _ff_post_hook(slot):
+    def hook(module, args, output):
+        if "ff" in slot.merged:
+            slot.merged.discard("ff")
+            return unmerge(output, slot.plan)
+
+    return hook
+
+
+def _install(pipe_or_model, opts: ToMeOptions, queries_only: bool = False):
+    def build(model):
+        policy = ImportancePolicy(opts) if opts.mode == "importance" else TomePolicy(opts, queries_only)
+        runtime = MergeRuntime(policy, resolve_max_downsample(model, opts.max_downsample))
+        return building(ModelPatch(model, runtime), _attach)
+
+    return install_patch(pipe_or_model, PATCH_ATTR, build)
+
+
+def apply_tome(
+    pipe_or_model,
+    ratio: float = 0.5,
+    *,
+    max_downsample: Union[int, str] = "auto",
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    seed=None,
+    merge_attn: bool = True,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+    mode: str = "tome",
+    pool_factor: float = 1.4,
+    cfg_layout: str = "auto",
+    prune_steps: int = 0,
+    reuse: str = "block",
+    reuse_steps: int = 1,
+    min_tokens=None,
+):
+    """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
+
+    mode="importance" draws destinations from the tokens with the largest CFG difference of the
+    previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
+    Applying again replaces the earlier settings. Options and ranges: README "Options"
+    (``tomesd_ext.core.TOME_OPTIONS``).
+    """
+    opts = ToMeOptions.create(
+        ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, seed=seed,
+        merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, mode=mode,
+        pool_factor=pool_factor, cfg_layout=cfg_layout, prune_steps=prune_steps, reuse=reuse,
+        reuse_steps=reuse_steps, min_tokens=min_tokens,
+    )
+    return _install(pipe_or_model, opts)
+
+
+def apply_query_merge(pipe_or_model, ratio: float = 0.3, *, seed=None, max_downsample=1, min_tokens=0):
+    """Patch in place with queries-only merging (ComfyUI built-in style); returns the argument.
+
+    The same plan as apply_tome (window partition, cosine matching on norm1(x)), but keys and
+    values keep all N tokens. ratio in [0, 0.75]; max_downsample 1 as in ComfyUI (SDXL then merges
+    nothing, like the original). Stored as an apply_tome patch: ``remove_tome`` undoes it.
+    """
+    opts = ToMeOptions.create(ratio=ratio, seed=seed, max_downsample=max_downsample, min_tokens=min_tokens)
+    return _install(pipe_or_model, opts, queries_only=True)
+
+
+def remove_tome(pipe_or_model):
+    """Undo apply_tome / apply_query_merge (a no-op on an unpatched model); returns the argument."""
+    return uninstall_patch(pipe_or_model, PATCH_ATTR)
+
+
+def tome_options(pipe_or_model):
+    """The ToMeOptions in effect on a patched model, or None."""
+    patch = installed_patch(pipe_or_model, PATCH_ATTR)
+    return patch.opts if patch is not None else None
