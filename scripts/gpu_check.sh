@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the CUDA kernels, in one run of under 8 minutes on an H200:
 #   1. install the carried wheels if diffusers is missing (diffusers, importlib_metadata, tomesd),
-#   2. build the CUDA extension (tomesd-ext kernels --build),
+#   2. build the CUDA extension (tomesd-ext kernels --build) from the package's sources,
+#      tomesd_ext/kernels/cuda/ (the kernels report after the build prints the path),
 #   3. CUDA-vs-torch parity tests (tests/kernels, TOMESD_EXT_KERNELS=cuda: no silent fallback),
 #   4. the GPU bench: SD1.5 at 512/1024/2048 and SDXL at 1024, fp16, batch 2:
 #      baseline (SDPA) vs tomesd vs ours (torch kernels, CUDA kernels, reuse="level", reuse k=2),
