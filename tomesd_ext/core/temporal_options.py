@@ -16,7 +16,7 @@ def _check_probability(name: str, value) -> float:
 
 @dataclass(frozen=True)
 class VidToMeOptions:
-    """Options of VidToMe temporal merging (methods.md sec. 6).
+    """Options of VidToMe temporal merging (Li et al., VidToMe, CVPR 2024).
 
     chunk_size: frames per UNet call (B of the paper), 1..64; the first chunk of every step has a
         random length in [1, chunk_size] and chunks run in random order.

@@ -1,4 +1,4 @@
-"""Queries-only token merging, as ComfyUI's built-in TomePatchModel node does it (methods.md §3).
+"""Queries-only token merging, as ComfyUI's built-in TomePatchModel node (comfy_extras/nodes_tomesd.py) does it.
 
 The same plan as apply_tome (window partition, cosine matching on norm1(x)), but only the
 queries are merged: keys and values keep all N tokens, the output is unmerged. A peer for

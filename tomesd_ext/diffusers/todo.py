@@ -1,4 +1,4 @@
-"""apply_todo / remove_todo: ToDo-style K/V downsampling on a diffusers UNet (methods.md §4).
+"""apply_todo / remove_todo: ToDo-style K/V downsampling on a diffusers UNet (Smith et al., ToDo, arXiv 2402.13573).
 
 Wraps the self-attention processor of every transformer block: at levels d <= max_downsample
 the keys and values come from the token grid downsampled by `factor` per axis (nearest), the
