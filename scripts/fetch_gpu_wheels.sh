@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Download, here (with PyPI access), the pure-Python wheels that the GPU image lacks, into .whl/
-# (git-ignored through .git/info/exclude) so that a device run can carry them:
+# Download, on a machine with PyPI access, the pure-Python wheels that an offline GPU machine may
+# lack, into the git-ignored .whl/; copy .whl/ with the checkout and gpu_check.sh installs them:
 #   scripts/fetch_gpu_wheels.sh
-#   device run: carry [".whl"], command "bash scripts/gpu_check.sh"
+#   (on the GPU machine) bash scripts/gpu_check.sh
 # The GPU image has torch (CUDA 13), nvcc, ninja, pytest, transformers, safetensors,
 # huggingface-hub, numpy, Pillow, regex, requests, filelock and zipp; it lacks diffusers,
 # importlib_metadata (a diffusers requirement) and tomesd (the comparison baseline).

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # GPU check of the CUDA kernels, in one run of under 8 minutes on an H200:
 #   1. install the carried wheels if diffusers is missing (diffusers, importlib_metadata, tomesd),
-#   2. build the CUDA extension (tomesd-ext kernels --build),
+#   2. build the CUDA extension (tomesd-ext kernels --build) from the package's sources,
+#      tomesd_ext/kernels/cuda/ (the kernels report after the build prints the path),
 #   3. CUDA-vs-torch parity tests (tests/kernels, TOMESD_EXT_KERNELS=cuda: no silent fallback),
 #   4. the GPU bench: SD1.5 at 512/1024/2048 and SDXL at 1024, fp16, batch 2:
 #      baseline (SDPA) vs tomesd vs ours (torch kernels, CUDA kernels, reuse="level", reuse k=2),
 #      speed, peak memory, fidelity (sharpened variant) and the matching/merge/unmerge share.
-# Results go to $OUT (the device tool's folder; ./gpu_out elsewhere): gpu_check.log, build.log,
-# parity.log, bench_sd15.json, bench_sdxl.json.
+# Results go to $OUT (default ./gpu_out): gpu_check.log, build.log, parity.log, bench_sd15.json,
+# bench_sdxl.json.
 #
-# How to run it with the device tool (see docs/kernels.md):
-#   here, once:  scripts/fetch_gpu_wheels.sh           (downloads ~6 MB of wheels into .whl/)
-#   device run:  carry [".whl"], timeout_s 540, command "bash scripts/gpu_check.sh"
+# How to run it (see docs/kernels.md):
+#   with internet, once:  scripts/fetch_gpu_wheels.sh   (downloads ~6 MB of wheels into .whl/)
+#   on the GPU machine, with .whl/ copied along:  bash scripts/gpu_check.sh
 # Each stage gets a share of the budget (GPU_CHECK_BUDGET seconds, default 450) so the whole
 # script ends in time even when a stage hangs; the bench writes its JSON after every size.
 # DTYPE=bf16 reruns the bench in bfloat16 (e.g. if random-weight SDXL overflows in fp16).
@@ -33,7 +34,7 @@ status=0
 stage "environment"
 if ! "$PY" -c "import diffusers" 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "diffusers is missing and no .whl/ was carried: run scripts/fetch_gpu_wheels.sh here and carry .whl"
+    echo "diffusers is missing and there is no .whl/: run scripts/fetch_gpu_wheels.sh with internet and copy .whl/ here"
     exit 2
   fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2

@@ -6,7 +6,7 @@ Methods run interleaved, round by round (A/B/C/A/B/C...), and each round patches
 makes `--calls` calls at decreasing timesteps (so reuse_steps=2 reuses on every other call),
 and unpatches; the median per-call time over rounds is reported. Fidelity: rel. L2 error of the
 conditional half of the noise prediction at t=500 against the unpatched model on the same input,
-on the "sharpened attention" variant (shared/research/fidelity.md), with a smooth ("photo-like")
+on the "sharpened attention" variant (docs/bench.md, "Sharpened attention"), with a smooth ("photo-like")
 latent noised to t=500. --micro adds a kernel micro-bench (matching + merge + unmerge, sort vs
 topk) at the shapes of the merged level.
 

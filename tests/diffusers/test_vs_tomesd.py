@@ -14,7 +14,7 @@ tomesd = pytest.importorskip("tomesd", reason="tomesd (dev extra) is not install
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
 def test_deviation_from_unmerged_no_more_than_tomesd(ratio):
     """Mean relative error over several inputs and seeds, on the sharpened-attention variant
-    (research/fidelity.md) so that the error ranks methods."""
+    (docs/bench.md, "Sharpened attention") so that the error ranks methods."""
     unet = sharpen_self_attention(build_unet("tiny", seed=0).eval())
     ours, theirs = [], []
     for seed in range(16):

@@ -72,7 +72,7 @@ def test_pool_rejects_a_grid_that_is_no_level():
 
 
 def test_counts_follow_the_paper_worked_example():
-    # SD 2 at 768^2: N = 9216, ratio 0.7, pp 1.4 -> r 6451, N_dst 2304, M 3871 (methods.md 5.2)
+    # SD 2 at 768^2: N = 9216, ratio 0.7, pp 1.4 -> r 6451, N_dst 2304, M 3871 (IBTM, Wu et al., arXiv 2411.16720)
     assert partition_counts(9216, 0.7, 2, 2, 1.4) == (6451, 2304, 3871)
 
 

@@ -2,7 +2,7 @@
 checkpoint (diffusers folder or single-file .safetensors) with real weights.
 
 Built-in models get the sharpened-attention fidelity variant by default
-(models.sharpen_self_attention, shared/research/fidelity.md): with plain random weights
+(models.sharpen_self_attention, docs/bench.md "Sharpened attention"): with plain random weights
 self-attention is nearly uniform and merging errors cannot rank methods. Speed is measured on
 the same model (it does not depend on the weights). Real weights are never sharpened.
 """

@@ -11,7 +11,7 @@ UNet calls: flat in the length).
 --sharpen (default auto: 2.0 for built-in random-weight models, off for local checkpoints) builds
 the model with sharpened self-attention (tomesd_ext.models.sharpen_self_attention): plain random
 weights give almost uniform attention, whose output hardly depends on which tokens are merged
-(shared/research/fidelity.md).
+(docs/video.md, "Random weights").
 """
 
 from __future__ import annotations

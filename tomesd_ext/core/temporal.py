@@ -1,4 +1,4 @@
-"""VidToMe temporal token merging (Li, Ma, Yang & Yang, "VidToMe", CVPR 2024; methods.md sec. 6).
+"""VidToMe temporal token merging (Li, Ma, Yang & Yang, "VidToMe", CVPR 2024).
 
 Pure tensor functions. The frames of a video are denoised in chunks (one UNet call per chunk,
 batch S*F sample-major for S CFG samples and F frames). In every self-attention of the merged

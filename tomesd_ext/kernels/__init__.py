@@ -1,6 +1,6 @@
 """Kernels of token merging: fused matching, merge (size-weighted mean), unmerge (gather).
 
-CUDA tensors use the CUDA extension (sources in <repo>/cuda/, built on first use or with
+CUDA tensors use the CUDA extension (sources in tomesd_ext/kernels/cuda/, built on first use or with
 `tomesd-ext kernels --build`) when available; everything else runs the exact torch path in
 torch_ops.py, which is the reference. TOMESD_EXT_KERNELS=auto|cuda|torch chooses (dispatch.py).
 """

@@ -1,4 +1,4 @@
-"""Build and load the CUDA extension (sources in <repo>/cuda/) with torch.utils.cpp_extension.
+"""Build and load the CUDA extension (sources in tomesd_ext/kernels/cuda/) with torch.utils.cpp_extension.
 
 The build directory is cached per torch and CUDA version: ~/.cache/tomesd_ext/<torch>-cu<cuda>/
 (override the root with TOMESD_EXT_CACHE). Ninja rebuilds only what changed, so the second load
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 EXT_NAME = "tomesd_ext_cuda"
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda"
+SOURCE_DIR = Path(__file__).resolve().parent / "cuda"  # shipped in the wheel as package data
 SOURCES = ("bindings.cpp", "match.cu", "merge.cu")
 
 

@@ -4,7 +4,7 @@ With plain random weights self-attention is almost uniform, so merging tokens ba
 the output and methods cannot be ranked. Tying each self-attention's key projection to its
 query projection and scaling both makes the attention peaked (a token attends to tokens like
 itself), and the error of merged vs. unmerged models then rises with the merge ratio
-(see shared/research/fidelity.md). It ranks methods; it does not judge image quality.
+(see docs/bench.md, "Sharpened attention"). It ranks methods; it does not judge image quality.
 """
 
 import torch

@@ -1,6 +1,6 @@
 """Zero-shot video editing with a Stable Diffusion 1.x/2.x pipeline, per frame or with VidToMe.
 
-Modes (methods.md sec. 6.7):
+Modes (after the VidToMe pipeline, Li et al., CVPR 2024):
 - "invert": DDIM inversion of every frame with the source prompt (no CFG, unpatched UNet), then
   DDIM generation from the inverted latents with the edit prompt and CFG. Inverted latents are
   cached on disk under a key of the input and settings, so several edit prompts reuse one.

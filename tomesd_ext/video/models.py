@@ -5,7 +5,7 @@ local diffusers folder / single-file checkpoint (.safetensors, .ckpt). ControlNe
 ControlNetModel folder, or for built-in models a random-weight one shaped like the UNet.
 
 sharpen: random weights give almost uniform self-attention (normalised entropy ~0.99,
-shared/research/fidelity.md), so which tokens attention sees barely matters and token merging
+docs/video.md "Random weights"), so which tokens attention sees barely matters and token merging
 cannot change a random model's output much. The documented instrument is the sharpened variant
 (`tomesd_ext.models.sharpen_self_attention`: to_k tied to to_q, both scaled). "auto" sharpens
 built-in random-weight models by DEFAULT_SHARPEN and leaves real checkpoints alone.
