@@ -190,3 +190,22 @@ def test_workflows_come_in_both_formats():
         assert types & set(nodes.NODE_CLASS_MAPPINGS), f"{f} uses none of our nodes"
         graph = json.load(open(os.path.join(WORKFLOWS, ui)))
         assert {n["type"] for n in graph["nodes"]} == types
+
+
+def test_comfy_runtime_honours_plan_reuse():
+    """reuse="level": the level's second block reuses the first block's plan (ComfyUI path);
+    reuse="block" (default): each block matches on its own input."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 64, 8, generator=g), torch.randn(1, 64, 8, generator=g)
+    groups = {}
+    for reuse in ("level", "block"):
+        opts = ToMeOptions.create(ratio=0.5, seed=3, min_tokens=0, reuse=reuse)
+        state = patch_state(opts, 1)
+        state.begin_call(torch.zeros(1, 4, 8, 8), torch.tensor([500.0]), None)
+        Attn1Patch(state)(a, a, a, {"block": ("input", 1), "block_index": 0})
+        first = state.slot.plan
+        Attn1Patch(state)(b, b, b, {"block": ("output", 5), "block_index": 0})
+        groups[reuse] = (first.group, state.slot.plan.group)
+        assert (state.runtime.cache is not None) == (reuse == "level")
+    assert torch.equal(*groups["level"])
+    assert not torch.equal(*groups["block"])

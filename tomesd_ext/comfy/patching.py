@@ -28,19 +28,12 @@ class PatchState:
 
     def __init__(self, runtime: MergeRuntime, on_call=None):
         self.runtime = runtime
+        self.opts, self.policy = runtime.opts, runtime.policy
         self.slot = runtime.new_slot()
         self.on_call = on_call
 
     def __deepcopy__(self, memo):
         return self
-
-    @property
-    def opts(self):
-        return self.runtime.opts
-
-    @property
-    def policy(self):
-        return self.runtime.policy
 
     def begin_call(self, x: torch.Tensor, timesteps, sigmas, transformer_options=None) -> None:
         """x: (B, C, H, W) latent of this UNet call; timesteps: what the UNet receives (the key of

@@ -131,7 +131,7 @@ def _table(*options: Option) -> dict:
 _MD = ", ".join(str(d) for d in MAX_DOWNSAMPLE_CHOICES)
 
 TOME_OPTIONS = _table(
-    Option("ratio", "float", 0.5, "[0, 1); clamped with one warning above `1 - 1/(sx*sy)` (0.75 for 2×2)",
+    Option("ratio", "float", 0.5, "[0, 1)",
            "Fraction of a merged level's tokens merged away; 0 = bit-identical to the unpatched model. At most "
            "1 - 1/(sx*sy) (0.75 for 2x2 windows; importance mode: also 1 - 1/(sx*sy*pool_factor)); larger values "
            "are clamped with a warning.",
@@ -263,3 +263,16 @@ class ToMeOptions:
     def reuses_plans(self) -> bool:
         """Whether plans are kept beyond one block call (reuse="level" or reuse_steps > 1)."""
         return self.reuse == "level" or self.reuse_steps > 1
+
+
+def markdown_table(table: dict) -> str:
+    """The README table of an option table: | option | default | allowed | meaning |."""
+
+    def show(value):
+        return f'`"{value}"`' if isinstance(value, str) else str(value)
+
+    rows = ["| option | default | allowed | meaning |", "|---|---|---|---|"]
+    for o in table.values():
+        help_text = o.help.replace("|", "\\|")
+        rows.append(f"| `{o.name}` | {show(o.default)} | {o.allowed} | {help_text} |")
+    return "\n".join(rows)
