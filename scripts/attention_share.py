@@ -3,7 +3,7 @@
 Explains a whole-model speed-up with Amdahl's law: merging only shortens the self-attention
 (attn1) of the merged levels, so the best whole-model speed-up is bounded by their share.
 Times one forward per variant per round (interleaved, after a small warm-up), forward hooks around attn1/attn2/ff of
-every BasicTransformerBlock, grouped by token count (level).
+every BasicTransformerBlock, grouped by token count (level): tomesd_ext.bench.parts.
 
     python scripts/attention_share.py --model sd15 --resolution 1024 --ratio 0.5 --rounds 1
 """
@@ -11,35 +11,15 @@ every BasicTransformerBlock, grouped by token count (level).
 from __future__ import annotations
 
 import argparse
-import collections
 import statistics
-import time
 
 import torch
 
 
-def timed_parts(unet):
-    """Register timing hooks; returns the dict they fill: (part, tokens) -> seconds."""
-    from diffusers.models.attention import BasicTransformerBlock
-
-    acc = collections.defaultdict(float)
-    for block in (m for m in unet.modules() if isinstance(m, BasicTransformerBlock)):
-        for part in ("attn1", "attn2", "ff"):
-            module, start = getattr(block, part), {}
-
-            def pre(mod, args, kwargs, start=start):
-                start["t"], start["n"] = time.perf_counter(), args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
-
-            def post(mod, args, kwargs, out, start=start, part=part):
-                acc[(part, start["n"])] += time.perf_counter() - start["t"]
-
-            module.register_forward_pre_hook(pre, with_kwargs=True)
-            module.register_forward_hook(post, with_kwargs=True)
-    return acc
-
-
 def main(argv=None):
     from tomesd_ext import apply_tome, remove_tome
+    from tomesd_ext.bench.parts import part_timer
+    from tomesd_ext.bench.timing import timed
     from tomesd_ext.models import build_unet, get_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -53,7 +33,7 @@ def main(argv=None):
     md = a.max_downsample if a.max_downsample == "auto" else int(a.max_downsample)
 
     unet = build_unet(a.model).eval()
-    acc = timed_parts(unet)
+    acc = part_timer(unet)
     g = torch.Generator().manual_seed(0)
     side = a.resolution // 8
     x = torch.randn(a.batch, 4, side, side, generator=g)
@@ -67,10 +47,8 @@ def main(argv=None):
             if variant == "tome":
                 apply_tome(unet, a.ratio, max_downsample=md, seed=0)
             acc.clear()
-            t0 = time.perf_counter()
             with torch.no_grad():
-                unet(x, t, ctx)
-            total = time.perf_counter() - t0
+                total = timed(lambda: unet(x, t, ctx))[1]
             runs[variant].append((total, dict(acc)))
             remove_tome(unet)
 

@@ -67,17 +67,17 @@ rc=$?
 tail -n 25 "$OUT/parity.log"
 [ $rc -ne 0 ] && { echo "PARITY TESTS FAILED (rc $rc)"; status=1; }
 
-METHODS=baseline,tomesd,ours-torch,ours-cuda,ours-level,ours-level-k2
+METHODS=tomesd,tome-torch,tome-cuda,tome-level,tome-level-k2
 stage "bench SD1.5 512/1024/2048, $DTYPE, batch 2"
 t=$(( $(left) - 90 )); [ $t -lt 60 ] && t=60
-timeout $t "$PY" scripts/tome_bench.py --device cuda --dtype "$DTYPE" --model sd15 --sizes 512,1024,2048 \
-  --batch 2 --methods $METHODS --rounds 3 --warmup 1 --calls 2 --micro --progress --out "$OUT/bench_sd15.json"
+timeout $t "$PY" -m tomesd_ext.cli bench --device cuda --dtype "$DTYPE" --model sd15 --resolution 512 1024 2048 \
+  --batch 2 --methods $METHODS --ratios 0.5 --inputs photo --repeats 3 --warmup 1 --steps 2 --micro --json "$OUT/bench_sd15.json"
 rc=$?; [ $rc -ne 0 ] && { echo "SD1.5 bench ended with rc $rc (124 = out of time; finished sizes are in the JSON)"; status=1; }
 
 stage "bench SDXL 1024, $DTYPE, batch 2"
 t=$(( $(left) - 5 )); [ $t -lt 30 ] && t=30
-timeout $t "$PY" scripts/tome_bench.py --device cuda --dtype "$DTYPE" --model sdxl --sizes 1024 \
-  --batch 2 --methods $METHODS --rounds 3 --warmup 1 --calls 2 --micro --progress --out "$OUT/bench_sdxl.json"
+timeout $t "$PY" -m tomesd_ext.cli bench --device cuda --dtype "$DTYPE" --model sdxl --resolution 1024 \
+  --batch 2 --methods $METHODS --ratios 0.5 --inputs photo --repeats 3 --warmup 1 --steps 2 --micro --json "$OUT/bench_sdxl.json"
 rc=$?; [ $rc -ne 0 ] && { echo "SDXL bench ended with rc $rc"; status=1; }
 
 stage "done (status $status); results in $OUT"

@@ -3,7 +3,7 @@
 For a model (default tiny; sd15 under `flock /tmp/tomesd_heavy.lock`): 4 frames of the synthetic
 moving-shapes clip, noised to timestep T with ONE noise shared by all frames, one guided UNet call
 (CFG 7.5) as ONE chunk, per-frame attention vs VidToMe (defaults, seed 0); prints the frame-to-frame
-change of the noise prediction (tomesd_ext.video.frame_difference) and the normalised entropy of
+change of the noise prediction (tomesd_ext.bench.video.probe) and the normalised entropy of
 the first self-attention, for each sharpening scale (tomesd_ext.models.sharpen_self_attention).
 
 Run (from the repo root): PYTHONPATH=. python scripts/vidtome_probe.py [--model sd15] [--size 256] [--scales 0,2,4] [--t 251]
@@ -12,8 +12,8 @@ import argparse
 
 import torch
 
-from tomesd_ext.diffusers.vidtome import apply_vidtome, remove_vidtome, vidtome_state
-from tomesd_ext.video import VideoEditor, frame_difference, moving_shapes
+from tomesd_ext.bench.video.probe import one_chunk_eps_change, shared_noise_latents
+from tomesd_ext.video import VideoEditor, moving_shapes
 from tomesd_ext.video.models import load_pipeline
 
 
@@ -48,20 +48,11 @@ def main():
     for scale in [float(v) for v in args.scales.split(",")]:
         pipe = load_pipeline(args.model, sharpen=scale)
         editor = VideoEditor(pipe)
-        lat = editor.encode(moving_shapes(4, args.size))
-        noise = torch.randn(lat[:1].shape, generator=torch.Generator().manual_seed(0)).expand_as(lat)
+        x = shared_noise_latents(editor.scheduler, editor.encode(moving_shapes(4, args.size)), args.t, seed=0)
         t = torch.tensor(args.t)
-        x = editor.scheduler.add_noise(lat, noise, t[None])
         emb = editor.embed("a watercolor painting", "ugly, blurry, low res")
-        change = {}
-        for method in ("per-frame", "vidtome"):
-            if method == "vidtome":
-                apply_vidtome(pipe.unet, seed=0)
-                vidtome_state(pipe.unet).set_chunk(range(4), 2, step=0)
-            try:
-                change[method] = frame_difference(editor._eps(x, t, emb, None, None, 1.0, 7.5))
-            finally:
-                remove_vidtome(pipe.unet)
+        change = {m: one_chunk_eps_change(editor, x, t, emb, vidtome_seed=seed)
+                  for m, seed in (("per-frame", None), ("vidtome", 0))}
         print(f"{args.model} sharpen {scale:g}: attn1 entropy {first_attn1_entropy(editor, x, t, emb):.3f}, "
               f"noise-prediction frame change per-frame {change['per-frame']:.3e}, vidtome {change['vidtome']:.3e} "
               f"(x{change['vidtome'] / change['per-frame']:.3f})", flush=True)

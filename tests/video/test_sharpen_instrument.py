@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tomesd_ext.core.options import OptionError
-from tomesd_ext.diffusers.vidtome import apply_vidtome, remove_vidtome, vidtome_state
+from tomesd_ext.bench.video.probe import one_chunk_eps_change, shared_noise_latents
 from tomesd_ext.video import VideoEditor, frame_difference, moving_shapes
 from tomesd_ext.video.jobs import JobError, parse_job
 from tomesd_ext.video.models import DEFAULT_SHARPEN, load_pipeline, model_id, resolve_sharpen
@@ -58,18 +58,9 @@ def test_frame_difference():
 def _eps_frame_difference(pipe, vidtome: bool, seed: int) -> float:
     """Guided noise prediction of 4 consistent frames (moving shapes, one shared noise) in one call."""
     ed = VideoEditor(pipe)
-    lat = ed.encode(moving_shapes(4, 64, seed=seed))
-    noise = torch.randn(lat[:1].shape, generator=torch.Generator().manual_seed(seed)).expand_as(lat)
-    t = torch.tensor(251)
-    x = ed.scheduler.add_noise(lat, noise, t[None])
+    x = shared_noise_latents(ed.scheduler, ed.encode(moving_shapes(4, 64, seed=seed)), 251, seed)
     emb = ed.embed("a watercolor painting", "ugly")
-    if vidtome:
-        apply_vidtome(pipe.unet, seed=seed)
-        vidtome_state(pipe.unet).set_chunk(range(4), 2, step=0)
-    try:
-        return frame_difference(ed._eps(x, t, emb, None, None, 1.0, 7.5))
-    finally:
-        remove_vidtome(pipe.unet)
+    return one_chunk_eps_change(ed, x, torch.tensor(251), emb, vidtome_seed=seed if vidtome else None)
 
 
 def test_vidtome_makes_frames_agree_only_with_peaked_attention():

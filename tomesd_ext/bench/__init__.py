@@ -1,7 +1,13 @@
-"""`tomesd-ext bench`: speed, memory and fidelity of merging methods side by side.
+"""All measurement of the project: `tomesd-ext bench` (images), `tomesd-ext bench-video` and the
+micro-benches; the front ends (tomesd_ext/commands) only parse arguments.
 
-inputs (latents, conditioning), latent_map (fixed RGB <-> latent map), metrics (rel_error, PSNR,
-SSIM), timing (timer, peak memory), methods (name -> apply/remove registry), subject (loading the
-model), runner (the interleaved measurement loop), report/plot/grid (table, JSON, figures).
+Meters (one each): timing (timed, interleaved rounds, summary), memory (PeakMemory: peak RSS /
+CUDA allocation increase of a block).
+Image bench: inputs (latents, conditioning), latent_map (fixed RGB <-> latent map), metrics
+(rel_error, PSNR, SSIM), methods (name -> apply/remove registry), subject (loading the model),
+runner (the interleaved measurement loop), report/plot/grid (table, JSON, figures).
+Micro-benches: micro (merging operators alone, `bench --micro`), breakeven (auto-skip rule),
+importance_overhead, parts (time per transformer-block part).
+Video bench: the video/ package.
 It measures; it never decides.
 """

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from ..core import ToMeOptions, merge, partition_seed, tome_plan, unmerge
+from .timing import interleaved
 
 
 def _attention(width: int, seed: int = 0):
@@ -39,14 +39,8 @@ def measure(width: int, side: int, ratio: float, batch: int = 2, repeats: int = 
         plan = tome_plan(x, side, side, opts, partition_seed(opts, 0, side, side))
         return unmerge(attn(merge(x, plan)), plan)
 
-    times = {"base": [], "merged": []}
     with torch.no_grad():
-        base(), merged()  # warm-up
-        for _ in range(repeats):
-            for name, fn in (("base", base), ("merged", merged)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved({"base": base, "merged": merged}, repeats, warmup=1)
     b, m = statistics.median(times["base"]), statistics.median(times["merged"])
     return {"width": width, "tokens": side * side, "ratio": ratio, "base_ms": b * 1e3, "merged_ms": m * 1e3, "speedup": b / m}
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from ..core import ToMeOptions, derive_seed, tome_plan
 from ..core.importance import image_rows, importance_map, importance_partitions, importance_plan, pool_to_grid
 from ..core import detect_cfg_layout as detect_layout
+from .timing import timed
 
 
 def measure(side: int = 64, width: int = 320, ratio: float = 0.5, repeats: int = 30, seed: int = 0) -> dict:
@@ -40,15 +40,9 @@ def measure(side: int = 64, width: int = 320, ratio: float = 0.5, repeats: int =
     parts = per_step(0)
     times = {"tome_plan_ms": [], "importance_plan_ms": [], "per_step_ms": []}
     for i in range(repeats):
-        t = time.perf_counter()
-        tome_plan(metric, side, side, opts, derive_seed(seed, "tome", i))
-        times["tome_plan_ms"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        importance_plan(metric, parts, rows, (side, side))
-        times["importance_plan_ms"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        per_step(i)
-        times["per_step_ms"].append(time.perf_counter() - t)
+        times["tome_plan_ms"].append(timed(lambda: tome_plan(metric, side, side, opts, derive_seed(seed, "tome", i)))[1])
+        times["importance_plan_ms"].append(timed(lambda: importance_plan(metric, parts, rows, (side, side)))[1])
+        times["per_step_ms"].append(timed(lambda: per_step(i))[1])
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 

@@ -7,8 +7,10 @@ the level the peers should use) so every method runs with the same ones.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 BASELINE = "baseline"
 
@@ -76,6 +78,70 @@ def _tome_d2_apply(unet, ratio, ctx):
     apply_tome(unet, ratio, seed=ctx.seed, max_downsample=max(2, ctx.max_downsample * 2))
 
 
+def _level_apply(unet, ratio, ctx):
+    from ..diffusers import apply_tome
+
+    apply_tome(unet, ratio, seed=ctx.seed, reuse="level")
+
+
+def _level_k2_apply(unet, ratio, ctx):
+    from ..diffusers import apply_tome
+
+    apply_tome(unet, ratio, seed=ctx.seed, reuse="level", reuse_steps=2)
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str):
+    """Run the block with TOMESD_EXT_KERNELS=mode ("auto", "cuda" or "torch"), then restore it."""
+    enter_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        leave_kernel_mode()
+
+
+_saved_modes: List[Optional[str]] = []
+
+
+def enter_kernel_mode(mode: str) -> None:
+    from ..kernels import dispatch
+
+    _saved_modes.append(os.environ.get(dispatch.ENV))
+    os.environ[dispatch.ENV] = mode
+    dispatch.reset()
+
+
+def leave_kernel_mode() -> None:
+    from ..kernels import dispatch
+
+    previous = _saved_modes.pop()
+    if previous is None:
+        os.environ.pop(dispatch.ENV, None)
+    else:
+        os.environ[dispatch.ENV] = previous
+    dispatch.reset()
+
+
+def _kernel_method(mode: str) -> tuple:
+    """(apply, remove) of ours with the kernel backend forced to `mode` while patched."""
+
+    def apply(unet, ratio, ctx):
+        enter_kernel_mode(mode)
+        _tome_apply(unet, ratio, ctx)
+
+    def remove(unet):
+        _tome_remove(unet)
+        leave_kernel_mode()
+
+    return apply, remove
+
+
+def _cuda_missing():
+    import torch
+
+    return None if torch.cuda.is_available() else "CUDA is not available here (the CUDA kernels need --device cuda)"
+
+
 def _tomesd_missing():
     try:
         import tomesd  # noqa: F401
@@ -131,6 +197,24 @@ register(
         _tome_d2_apply,
         _tome_remove,
         "ours with the next level merged too (max_downsample 2 on SD1.x/2.x, 4 on SDXL)",
+    )
+)
+register(Method("tome-level", _level_apply, _tome_remove, "ours with one merge plan per level and step (reuse='level')"))
+register(
+    Method(
+        "tome-level-k2",
+        _level_k2_apply,
+        _tome_remove,
+        "ours with one plan per level kept for 2 steps (reuse='level', reuse_steps=2; reuses from the 2nd step of --steps N)",
+    )
+)
+register(Method("tome-torch", *_kernel_method("torch"), "ours with the torch kernels forced (TOMESD_EXT_KERNELS=torch)"))
+register(
+    Method(
+        "tome-cuda",
+        *_kernel_method("cuda"),
+        "ours with the CUDA kernels required (TOMESD_EXT_KERNELS=cuda; CPU tensors run the torch path)",
+        unavailable=_cuda_missing,
     )
 )
 register(

@@ -22,8 +22,10 @@ from . import metrics
 from .denoise import denoise
 from .inputs import make_input
 from .methods import BASELINE, MethodContext, get_method
+from .micro import micro, micro_table
 from .report import header, table, write_json
-from .timing import PeakMemory, summary, timed
+from .memory import PeakMemory
+from .timing import round_order, summary, timed
 
 
 @dataclass
@@ -38,6 +40,7 @@ class BenchSettings:
     timestep: int = 500
     seed: int = 0
     inputs: Sequence[str] = ("photo", "noise")
+    micro: bool = False  # also time the merging operators alone (micro.py), per resolution and ratio
 
     def configs(self):
         """(method, ratio) pairs: baseline first, ratio None for methods without a ratio."""
@@ -52,7 +55,7 @@ class BenchSettings:
     def as_header(self) -> dict:
         return {
             "batch": self.batch, "steps": self.steps, "timestep": self.timestep, "repeats": self.repeats,
-            "warmup": self.warmup, "seed": self.seed, "inputs": list(self.inputs),
+            "warmup": self.warmup, "seed": self.seed, "inputs": list(self.inputs), "micro": self.micro,
             "cfg": self.batch % 2 == 0, "images_per_batch": self.batch // 2 if self.batch % 2 == 0 else self.batch,
             "peak_memory": "extra memory of one call above what was held before it (CUDA: max_memory_allocated; CPU: peak RSS sampled every 1 ms)",
             "input_latents": "VAE encoder (real weights) or the fixed linear map of tomesd_ext/bench/latent_map.py",
@@ -143,8 +146,7 @@ def run_bench(
             seconds: Dict[tuple, List[float]] = {c: [] for c in configs}
             for rep in range(settings.repeats):
                 inp = inputs[rep % len(inputs)]
-                shift = rep % len(configs)
-                for method, ratio in configs[shift:] + configs[:shift]:
+                for method, ratio in round_order(configs, rep, "rotate"):
                     with applied(unet, method, ratio, ctx):
                         _, s = timed(lambda: call(method, ratio, inp, cond), subject.device)
                     seconds[(method, ratio)].append(s)
@@ -169,6 +171,13 @@ def run_bench(
                         after_row(row)
             bar.clear()
             out(table(new_rows, f"\n{subject.name} {res}px, batch {settings.batch}, steps {settings.steps}"))
+            if settings.micro:
+                micro_rows = [micro(unet.config, res, settings.batch, r, subject.device, subject.dtype, seed=settings.seed)
+                              for r in settings.ratios]
+                doc.setdefault("micro", []).extend(micro_rows)
+                if json_path:
+                    write_json(json_path, doc)
+                out(micro_table(micro_rows))
     finally:
         bar.close()
     return result

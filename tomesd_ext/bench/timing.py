@@ -1,90 +1,66 @@
-"""Wall-clock timing and peak memory of one denoiser call.
+"""The one timing meter of the benches: wall-clock seconds with the device synchronised.
 
-Peak memory is the extra memory a call needs above what was held before it:
-- CUDA: torch.cuda.max_memory_allocated() during the call minus memory_allocated() before it;
-- CPU: the peak resident set size (/proc/self/statm, sampled every millisecond by a thread)
-  during the call minus the RSS before it. Freed memory that the allocator keeps mapped is not
-  seen again as growth, so this is a lower bound of the transient need; None where /proc is
-  missing.
+`timed` times one call; `interleaved` times several callables round by round (A/B/C, A/B/C or
+rotated / reversed orders) so noise on a shared machine hits all alike; `summary` reduces
+repeated timings to median, min and max.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
-import threading
 import time
-from typing import List, Optional
+from typing import Callable, Dict, List, Mapping, Sequence, TypeVar
 
 import torch
 
-_STATM = "/proc/self/statm"
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+T = TypeVar("T")
+ORDERS = ("fixed", "rotate", "reverse")
 
 
-def _rss_bytes() -> Optional[int]:
-    try:
-        with open(_STATM) as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return None
-
-
-def synchronize(device: torch.device) -> None:
+def synchronize(device="cpu") -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class PeakMemory:
-    """Context manager; `.mb` holds the peak extra memory of the block in MiB (or None)."""
-
-    def __init__(self, device: torch.device, interval: float = 0.001):
-        self.device = torch.device(device)
-        self.interval = interval
-        self.mb: Optional[float] = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        self._start = _rss_bytes()
-        self._peak = self._start
-        self._stop = threading.Event()
-        if self._start is not None:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            rss = _rss_bytes()
-            if rss is not None and rss > self._peak:
-                self._peak = rss
-            self._stop.wait(self.interval)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
-            return False
-        if self._start is not None:
-            self._stop.set()
-            self._thread.join()
-            rss = _rss_bytes()
-            self._peak = max(self._peak, rss or 0)
-            self.mb = (self._peak - self._start) / 2**20
-        return False
-
-
-def timed(fn, device: torch.device):
+def timed(fn: Callable[[], T], device="cpu"):
     """Run fn() once; returns (result, seconds) with the device synchronised around it."""
     synchronize(device)
     start = time.perf_counter()
     result = fn()
     synchronize(device)
     return result, time.perf_counter() - start
+
+
+def round_order(items: Sequence[T], round_index: int, order: str = "fixed") -> List[T]:
+    """The order of `items` in round `round_index`: fixed (A/B/C every round), rotate (A/B/C,
+    B/C/A, ...) or reverse (A/B/C, C/B/A, ...)."""
+    items = list(items)
+    if order == "fixed":
+        return items
+    if order == "rotate":
+        shift = round_index % len(items)
+        return items[shift:] + items[:shift]
+    if order == "reverse":
+        return items if round_index % 2 == 0 else items[::-1]
+    raise ValueError(f"order {order!r}: choose from {', '.join(ORDERS)}")
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 0, device="cpu", order: str = "fixed"
+) -> Dict[str, List[float]]:
+    """Seconds of every callable per round: `warmup` untimed rounds, then `repeats` timed ones,
+    each calling every callable once in `round_order(order)`. Returns name -> [seconds per round]."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    seconds: Dict[str, List[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in round_order(names, rep, order):
+            seconds[name].append(timed(fns[name], device)[1])
+    return seconds
 
 
 def summary(seconds: List[float]) -> dict:

@@ -38,6 +38,7 @@ def add_parser(subparsers):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-sharpen", dest="sharpen", action="store_false", help="measure fidelity on the plain random weights instead of the sharpened-attention variant (built-in models only)")
+    p.add_argument("--micro", action="store_true", help="also time the merging operators alone at the first merged level (plan, merge+unmerge per kernel backend, sort vs topk)")
     p.add_argument("--json", help="write results here (rewritten after every row)")
     p.add_argument("--plot", help="PNG of speed-up against fidelity")
     p.add_argument("--images", help="folder for side-by-side grids of decoded results")
@@ -95,7 +96,7 @@ def run(args) -> int:
     settings = BenchSettings(
         resolutions=args.resolution, methods=args.methods, ratios=args.ratios, batch=args.batch,
         repeats=args.repeats, warmup=args.warmup, steps=args.steps, timestep=args.timestep,
-        seed=args.seed, inputs=args.inputs,
+        seed=args.seed, inputs=args.inputs, micro=args.micro,
     )
     print(f"building {args.model} ({args.dtype}, {args.device}) ...", file=sys.stderr, flush=True)
     subject = load_subject(args.model, args.device, args.dtype, args.seed, args.sharpen)

@@ -1,0 +1,31 @@
+"""`tomesd-ext bench-video` end to end on the tiny model: the JSON fields docs/video.md documents."""
+
+import json
+
+from tomesd_ext import cli
+
+METHOD_FIELDS = ("warp_error", "s_per_frame", "s_per_frame_all", "peak_rss_mb", "eps_frame_diff", "eps_frame_diff_mean",
+                 "merged_attention_calls")
+
+
+def test_bench_video_tiny_json(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    argv = ["bench-video", "--clips", "shapes", "--frames", "4", "--size", "64", "--steps", "2", "--repeats", "2",
+            "--memory-frames", "4", "--json", str(out), "--plot", str(tmp_path / "v.png")]
+    assert cli.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["model"] == "tiny" and doc["sharpen"] == 2.0 and doc["steps"] == 2
+    (row,) = doc["clips"]
+    assert row["frames"] == 4 and set(row["methods"]) == {"per-frame", "vidtome"}
+    for m in row["methods"].values():
+        assert all(k in m for k in METHOD_FIELDS)
+        assert len(m["s_per_frame_all"]) == 2 and len(m["eps_frame_diff"]) == 2  # repeats, steps
+        assert m["warp_error"] >= 0 and m["peak_rss_mb"] >= 0
+    assert row["methods"]["per-frame"]["merged_attention_calls"] == {}
+    assert sum(row["methods"]["vidtome"]["merged_attention_calls"].values()) > 0
+    probe = row["probe"]
+    assert probe["timestep"] == 251 and probe["ratio_vidtome_over_perframe"] == probe["vidtome"] / probe["per-frame"]
+    assert [(r["frames"], r["method"]) for r in doc["memory"]] == [(4, "per-frame"), (4, "vidtome")]
+    assert all(r["peak_rss_mb"] >= 0 and r["steps"] == 1 for r in doc["memory"])
+    assert (tmp_path / "v.png").stat().st_size > 0
+    assert "vidtome/per-frame" in capsys.readouterr().out
