@@ -42,21 +42,22 @@ def _video(frames=FRAMES, samples=2, hw=16, seed=1):
 
 
 def _diffusers_chunked(unet, x, ctx, samples, **opts):
-    """apply_vidtome driven like the video pipeline: one UNet call per chunk of this step."""
+    """apply_vidtome driven like the video pipeline: one UNet call per chunk of the core's schedule."""
     from tomesd_ext import apply_vidtome, remove_vidtome
-    from tomesd_ext.core import chunk_frames, timestep_key
+    from tomesd_ext.core import timestep_key
     from tomesd_ext.diffusers import vidtome_state
 
     apply_vidtome(unet, **opts)
     try:
-        st = vidtome_state(unet)
         F = x.shape[0] // samples
         out = torch.empty_like(x)
-        for frames in chunk_frames(F, st.opts.chunk_size, st.opts.seed, timestep_key(T)):
+
+        def call(frames):
             rows = torch.tensor([s * F + f for s in range(samples) for f in frames])
-            st.set_chunk(frames, samples)
             with torch.no_grad():
                 out[rows] = unet(x[rows], torch.tensor(T), encoder_hidden_states=ctx[rows]).sample
+
+        vidtome_state(unet).run_step(F, samples, timestep_key(T), call)  # the core's chunks of this step
         return out
     finally:
         remove_vidtome(unet)

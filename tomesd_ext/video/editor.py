@@ -10,7 +10,7 @@ Optional ControlNet conditioning on Canny edges of the input frames (OpenCV).
 
 Every UNet call is one chunk of at most chunk_size frames (batch S*F, sample-major: uncond frames
 then cond frames), so memory is bounded by the chunk, not by the video length. With VidToMe the
-chunks have random borders and order per step (core.chunk_frames) and the UNet's self-attention
+chunks have random borders and order per step (core.step_schedule) and the UNet's self-attention
 merges tokens across the chunk's frames (diffusers.vidtome, which runs the core's schedule of each
 step); per-frame editing uses the same
 chunked calls with plain attention.
