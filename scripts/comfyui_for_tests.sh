@@ -49,7 +49,9 @@ if cmp -s "$wanted" "$installed"; then
     exit 0
 fi
 pin="$env_dir/comfyui-constraints.txt"
-"$py" -c 'import torch; print("torch==" + torch.__version__)' > "$pin"
+# the public version (2.14.1, not 2.14.1+cu130): a local label in a constraint conflicts with
+# plain version ranges of other constraints; == on the public version still keeps the build
+"$py" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$pin"
 echo "installing ComfyUI's requirements (keeping $(cat "$pin"))"
 "$py" -m pip install -q -r "$wanted" -c "$pin"
 cp "$wanted" "$installed"
