@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench kernels clean
+.PHONY: setup demo test comfyui bench kernels clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,33 @@ demo: setup
 	$(PY) -m tomesd_ext.cli bench --model sd15 --resolution 512 --batch 2 --ratios 0.5 \
 		--methods tome,tomesd --inputs photo --repeats 2 --warmup 0 --json out/demo.json
 
-test: setup
-	$(PY) -m pytest -q
+# ComfyUI for tests/comfy (the nodes in a real ComfyUI, in-process and as a server on loopback).
+# COMFYUI_PATH set: that checkout is used. Otherwise the source snapshot COMFYUI_SNAPSHOT (a .tar.gz
+# holding a folder ComfyUI/) is unpacked once into COMFYUI_CACHE, outside the checkout, and reused.
+# Its requirements go into $(VENV), keeping the installed torch. With neither, the ComfyUI tests
+# skip, except in CI (CI=true), where that is an error. docs/development.md has the details.
+COMFYUI_SNAPSHOT ?= $(lastword $(sort $(wildcard ../shared/vendor/ComfyUI-*.tar.gz)))
+COMFYUI_CACHE ?= $(or $(TOMESD_EXT_CACHE),$(HOME)/.cache/tomesd_ext)
+ifeq ($(COMFYUI_PATH),)
+ifneq ($(COMFYUI_SNAPSHOT),)
+COMFYUI_PATH := $(abspath $(COMFYUI_CACHE)/$(basename $(basename $(notdir $(COMFYUI_SNAPSHOT)))))/ComfyUI
+COMFYUI_UNPACK := $(COMFYUI_SNAPSHOT)
+endif
+endif
+IN_CI := $(filter true 1 yes,$(CI))
+
+comfyui: setup
+ifneq ($(COMFYUI_PATH),)
+	bash scripts/comfyui_for_tests.sh $(PY) "$(COMFYUI_PATH)" "$(COMFYUI_UNPACK)"
+else ifneq ($(IN_CI),)
+	@echo "error: CI needs ComfyUI for tests/comfy: no COMFYUI_PATH and no snapshot (COMFYUI_SNAPSHOT, default ../shared/vendor/ComfyUI-*.tar.gz)" >&2
+	@exit 1
+else
+	@echo "note: no ComfyUI (set COMFYUI_PATH or COMFYUI_SNAPSHOT): the ComfyUI tests will skip"
+endif
+
+test: setup comfyui
+	COMFYUI_PATH="$(COMFYUI_PATH)" $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -18,12 +18,19 @@ import urllib.error
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SKIP_REASON = "COMFYUI_PATH is not set: point it at a ComfyUI checkout (tested: v0.8.0) to run the ComfyUI tests"
 
 
 def comfyui_path():
     path = os.environ.get("COMFYUI_PATH")
     return path if path and os.path.isfile(os.path.join(path, "main.py")) else None
+
+
+def missing_reason() -> str:
+    """Why there is no ComfyUI to test against (when comfyui_path() is None)."""
+    path = os.environ.get("COMFYUI_PATH")
+    what = f"COMFYUI_PATH={path} has no main.py" if path else "COMFYUI_PATH is not set"
+    return (f"{what}: point it at a ComfyUI checkout (tested: v0.8.0) to run the ComfyUI tests "
+            "(`make test` unpacks one from COMFYUI_SNAPSHOT; docs/development.md)")
 
 
 def import_comfy():

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Prepares the ComfyUI that the tests in tests/comfy run against (called by `make test`).
+#
+#   scripts/comfyui_for_tests.sh PYTHON COMFYUI_PATH [SNAPSHOT]
+#
+# COMFYUI_PATH is the ComfyUI folder the tests will use. When it has no main.py yet and SNAPSHOT
+# (a .tar.gz holding one folder ComfyUI/) is given, the snapshot is unpacked there: COMFYUI_PATH
+# must then end in /ComfyUI; its parent is created, and the unpacking goes through a temporary
+# folder beside it, so a crashed or concurrent run never leaves half a tree. Then ComfyUI's
+# requirements are installed with PYTHON's pip, without torch, torchvision and torchaudio lines
+# and with the installed torch pinned (ComfyUI's packages may not replace it). The filtered list
+# is kept in the environment, so an unchanged ComfyUI costs no pip call on the next run.
+set -euo pipefail
+
+py=${1:?python}
+comfy=${2:?COMFYUI_PATH}
+snapshot=${3:-}
+
+if [[ ! -f "$comfy/main.py" ]]; then
+    if [[ -z "$snapshot" ]]; then
+        echo "error: COMFYUI_PATH=$comfy has no main.py (point it at a ComfyUI checkout)" >&2
+        exit 1
+    fi
+    if [[ "$(basename "$comfy")" != ComfyUI ]]; then
+        echo "error: a snapshot unpacks to a folder named ComfyUI, not $comfy" >&2
+        exit 1
+    fi
+    dest=$(dirname "$comfy")
+    mkdir -p "$(dirname "$dest")"
+    tmp=$(mktemp -d "$dest.unpack.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    echo "unpacking $(basename "$snapshot") into $dest"
+    tar -xzf "$snapshot" -C "$tmp"
+    if [[ ! -f "$tmp/ComfyUI/main.py" ]]; then
+        echo "error: $snapshot holds no ComfyUI/main.py" >&2
+        exit 1
+    fi
+    rm -rf "$dest"
+    mv "$tmp" "$dest"
+    trap - EXIT
+fi
+
+env_dir=$("$py" -c 'import sys; print(sys.prefix)')
+wanted=$(mktemp)
+trap 'rm -f "$wanted"' EXIT
+grep -vE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$' "$comfy/requirements.txt" > "$wanted"
+installed="$env_dir/comfyui-requirements.txt"
+if cmp -s "$wanted" "$installed"; then
+    exit 0
+fi
+pin="$env_dir/comfyui-constraints.txt"
+# the public version (2.14.1, not 2.14.1+cu130): a local label in a constraint conflicts with
+# plain version ranges of other constraints; == on the public version still keeps the build
+"$py" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$pin"
+echo "installing ComfyUI's requirements (keeping $(cat "$pin"))"
+"$py" -m pip install -q -r "$wanted" -c "$pin"
+cp "$wanted" "$installed"
