@@ -20,6 +20,8 @@ policy with ``on_call(step_key)`` hears of every denoiser call (importance: the 
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Hashable, Optional, Tuple
 
 import torch
@@ -28,6 +30,8 @@ from .grid import level_grid
 from .plan import MergePlan
 from .plan_cache import PlanCache
 from .tome import partition_seed
+
+log = logging.getLogger("tomesd_ext")
 
 
 class MergeRuntime:
@@ -50,10 +54,23 @@ class MergeRuntime:
         reuses = getattr(self.opts, "reuses_plans", False)
         self.cache: Optional[PlanCache] = PlanCache(self.opts.reuse_steps) if reuses else None
         self._slots = 0
+        self._caller: Optional[int] = None  # thread of the call in progress
+        self._skip_said = False
 
     def begin_call(self, latent_hw: Optional[Tuple[int, int]], step_key: float, sigma=None) -> None:
         """A denoiser call starts: latent (H, W), its step key (``timestep_key``), its sigma (a
-        number, a tensor whose first entry is used, or None: no window)."""
+        number, a tensor whose first entry is used, or None: no window).
+
+        The call state lives on the patched model, so one model must not run in two threads at
+        once: a call that starts while another thread's call is in progress raises RuntimeError.
+        """
+        me = threading.get_ident()
+        if self._caller is not None and self._caller != me:
+            raise RuntimeError(
+                "tomesd-ext: this patched model is already running in another thread; its merge state is per "
+                "model, so use one patched model per thread (copy.deepcopy(model) gives an independent copy)"
+            )
+        self._caller = me
         self.latent_hw = latent_hw
         self.step_key = step_key
         if sigma is not None and hasattr(sigma, "flatten"):
@@ -67,6 +84,8 @@ class MergeRuntime:
             on_call(step_key)
 
     def end_call(self) -> None:
+        if self._caller == threading.get_ident():
+            self._caller = None
         self.active = False
 
     def level(self, n_tokens: int) -> Optional[Tuple[int, int]]:
@@ -94,8 +113,15 @@ class MergeRuntime:
             return None
         h, w = grid
         opts = self.opts
-        if h * w < opts.min_tokens:
-            return None  # auto-skip: merging cannot pay at this token count
+        if h * w < opts.min_tokens:  # auto-skip: merging cannot pay at this token count
+            if not self._skip_said:
+                self._skip_said = True
+                log.warning(
+                    "tomesd-ext: the %dx%d token grid (%d tokens) is below min_tokens=%d, so it is not merged "
+                    "(merging does not pay there); pass min_tokens=0 to merge it anyway (said once per patch)",
+                    h, w, h * w, opts.min_tokens,
+                )
+            return None
         seed = partition_seed(opts, self.step_key, h, w)
         if self.cache is None:
             return self.policy.plan(metric, h, w, seed)

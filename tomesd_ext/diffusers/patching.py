@@ -5,6 +5,13 @@ wrapped (never replaced), modules get forward hooks, and the denoiser's forward 
 patch's ``MergeRuntime`` the latent size and timestep of every call. Nothing of the model's
 classes, forwards or weights changes, so accelerate/diffusers hooks, LoRA and offloading keep
 working. A patch is stored on the denoiser under its method's attribute; applying again replaces it.
+
+Every hook and wrapper is an object that refers to the patch's runtime, so ``copy.deepcopy`` and
+``pickle`` of a patched model give an independent model that behaves like a fresh patch. A
+processor set after patching (``set_attn_processor``, ``set_default_attn_processor``,
+``fuse_qkv_projections``, an IP-Adapter load, attention slicing) is wrapped at the next denoiser
+call, so merging stays on until the patch is removed; patches of different methods nest and come
+off in any order.
 """
 
 from __future__ import annotations
@@ -13,16 +20,50 @@ import torch
 
 from ..core import MergeRuntime, timestep_key
 from .discovery import denoiser_of
+from .processors import WrappedProcessor, wrapped_chain
+
+
+class CallStart:
+    """Forward pre-hook of the denoiser: ``runtime.begin_call(latent (H, W), timestep key)``, the
+    policy's own per-call step ``before(sample, timestep)`` if any, and re-wrapping of processors
+    that were swapped since the last call."""
+
+    def __init__(self, patch: "ModelPatch", before=None):
+        self.patch = patch
+        self.before = before
+
+    def __call__(self, module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        self.patch.rewrap()
+        latent_hw = tuple(sample.shape[-2:]) if sample is not None else None
+        self.patch.runtime.begin_call(latent_hw, timestep_key(timestep))
+        if self.before is not None and sample is not None:
+            self.before(sample, timestep)
+
+
+class CallEnd:
+    """Forward hook of the denoiser (also on an exception): ``runtime.end_call()``."""
+
+    def __init__(self, runtime: MergeRuntime):
+        self.runtime = runtime
+
+    def __call__(self, module, args, output):
+        self.runtime.end_call()
 
 
 class ModelPatch:
-    """Everything one ``apply_*`` added to a denoiser (hooks, wrapped processors) around one runtime."""
+    """Everything one ``apply_*`` added to a denoiser (hooks, wrapped processors) around one runtime.
+
+    ``wrapped``: [attention module, wrapper, make] entries; ``make(processor)`` builds the wrapper
+    of a processor (used again when the processor is swapped).
+    """
 
     def __init__(self, model, runtime: MergeRuntime):
         self.model = model
         self.runtime = runtime
         self.handles = []
-        self.wrapped = []  # (attention module, wrapper, inner processor)
+        self.wrapped = []
         self.importance = None  # importance mode: the ImportanceHooks feeding the policy
 
     @property
@@ -36,48 +77,65 @@ class ModelPatch:
     def hook(self, handle) -> None:
         self.handles.append(handle)
 
-    def track_calls(self, *, before=None) -> None:
-        """A forward pre-hook on the denoiser: ``runtime.begin_call(latent (H, W), timestep key)``,
-        then ``before(sample)`` when given (a policy's own per-call step)."""
+    def track_calls(self, before=None) -> None:
+        """The denoiser's pre-hook (``CallStart``) and end-of-call hook (``CallEnd``)."""
+        self.hook(self.model.register_forward_pre_hook(CallStart(self, before), with_kwargs=True))
+        self.hook(self.model.register_forward_hook(CallEnd(self.runtime), always_call=True))
 
-        def pre_hook(module, args, kwargs):
-            sample = args[0] if args else kwargs.get("sample")
-            timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-            latent_hw = tuple(sample.shape[-2:]) if sample is not None else None
-            self.runtime.begin_call(latent_hw, timestep_key(timestep))
-            if before is not None and sample is not None:
-                before(sample, timestep)
-
-        self.hook(self.model.register_forward_pre_hook(pre_hook, with_kwargs=True))
-
-    def wrap(self, attn, wrapper) -> None:
-        """Set ``wrapper`` (built around ``attn.processor``) on ``attn``.
+    def wrap(self, attn, make) -> None:
+        """Set ``make(attn.processor)`` on ``attn``.
 
         object.__setattr__ leaves an nn.Module processor (IP-Adapter) registered in _modules, so
         state_dict keys and .to() are unchanged while patched.
         """
-        inner = attn.processor
+        wrapper = make(attn.processor)
         object.__setattr__(attn, "processor", wrapper)
-        self.wrapped.append((attn, wrapper, inner))
+        self.wrapped.append([attn, wrapper, make])
+
+    def rewrap(self) -> None:
+        """Wrap again every processor that was swapped since it was wrapped."""
+        for entry in self.wrapped:
+            attn, wrapper, make = entry
+            current = attn.processor
+            if current is wrapper or any(p is wrapper for p in wrapped_chain(current)):
+                continue
+            entry[1] = make(current)
+            object.__setattr__(attn, "processor", entry[1])
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for attn, wrapper, inner in self.wrapped:
-            if attn.__dict__.get("processor") is not wrapper:
-                continue  # the user set another processor since; leave it
-            if isinstance(inner, torch.nn.Module):
-                del attn.__dict__["processor"]
-            else:
-                object.__setattr__(attn, "processor", inner)
+        for attn, wrapper, _make in self.wrapped:
+            current = attn.__dict__.get("processor")
+            if current is wrapper:
+                if isinstance(wrapper.inner, torch.nn.Module):
+                    del attn.__dict__["processor"]  # the registered module shows through again
+                else:
+                    object.__setattr__(attn, "processor", wrapper.inner)
+                continue
+            for outer in wrapped_chain(current)[:-1]:  # nested in another patch's wrapper: unlink
+                if outer.inner is wrapper:
+                    outer.inner = wrapper.inner
+                    break
         self.wrapped.clear()
+
+
+def check_not_patched_elsewhere(model) -> None:
+    """Refuse a denoiser that another token-merging library patched (tomesd's apply_patch): its
+    merged blocks would be planned as grids they are not."""
+    if any(type(m).__name__.startswith("ToMe") for m in model.modules()):  # tomesd's ToMeBlock classes
+        raise TypeError(
+            f"{type(model).__name__} is already patched by tomesd (tomesd.apply_patch): remove that patch "
+            "(tomesd.remove_patch) before applying tomesd-ext"
+        )
 
 
 def install_patch(pipe_or_model, attr: str, build):
     """Replace the patch stored under ``attr`` on the denoiser by ``build(model)`` (a ModelPatch that
     ``build`` attaches); a build that fails leaves nothing behind. Returns the argument."""
     model = denoiser_of(pipe_or_model)
+    check_not_patched_elsewhere(model)
     uninstall_patch(model, attr)
     patch = build(model)
     object.__setattr__(model, attr, patch)

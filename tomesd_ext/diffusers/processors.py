@@ -9,34 +9,74 @@ length, a level that is not merged) goes to ``inner`` unchanged.
 from __future__ import annotations
 
 import inspect
+from typing import Optional
+
+import torch
 
 from ..core import BlockSlot, merge, unmerge
 
 
-def expose_signature(wrapper, inner) -> None:
-    """Give `wrapper.__call__` the signature of `inner.__call__`.
+def default_processor():
+    """diffusers' default attention processor (SDPA)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
-    diffusers filters cross_attention_kwargs by inspecting `processor.__call__`: with the inner
-    processor's signature exactly the same keys reach it as without the wrapper.
-    """
-    try:
-        signature = inspect.signature(inner.__call__)
-    except (TypeError, ValueError):
-        return
+    return AttnProcessor2_0()
 
-    def introspected(*args, **kwargs):
-        return wrapper(*args, **kwargs)
 
-    introspected.__signature__ = signature
-    wrapper.__call__ = introspected
+class _SignedCall:
+    """A wrapper's call that carries the signature of its inner processor's ``__call__``:
+    diffusers filters ``cross_attention_kwargs`` by ``inspect.signature(processor.__call__)``, so
+    exactly the same keys reach the inner processor as without the wrapper."""
+
+    __slots__ = ("wrapper",)
+
+    def __init__(self, wrapper):
+        self.wrapper = wrapper
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapper.forward(*args, **kwargs)
+
+    @property
+    def __signature__(self):
+        try:
+            return inspect.signature(self.wrapper.inner.__call__)
+        except (TypeError, ValueError):
+            return inspect.signature(self.wrapper.forward)
+
+
+def _rebuild(cls):
+    return cls.__new__(cls)
 
 
 class WrappedProcessor:
-    """Base: holds ``inner`` and passes a call through unchanged (``passthrough``)."""
+    """Base: holds ``inner`` and passes a call through unchanged (``passthrough``).
 
-    def __init__(self, inner):
-        self.inner = inner
-        expose_signature(self, inner)
+    To diffusers the wrapper looks like the processor it wraps: ``__class__`` is the inner
+    processor's class (unless that is an nn.Module, e.g. IP-Adapter's) (``set_default_attn_processor``, ``fuse_qkv_projections`` and the IP-Adapter
+    loader inspect and rebuild processors by class) and ``__call__`` has its signature. ``type()``
+    is the wrapper's. Constructed without arguments (diffusers' ``processor.__class__()``), it wraps
+    the default processor and merges nothing. Copies and pickles with the model.
+    """
+
+    def __init__(self, inner=None):
+        self.inner = inner if inner is not None else default_processor()
+
+    @property
+    def __call__(self):
+        return _SignedCall(self)
+
+    @property
+    def __class__(self):
+        inner = self.__dict__.get("inner")
+        if inner is None or isinstance(inner, torch.nn.Module):
+            return type(self)  # an nn.Module look-alike would be registered as a submodule by torch
+        return inner.__class__
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild, (type(self),), self.__dict__
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return self.passthrough(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
     def passthrough(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         return self.inner(
@@ -47,24 +87,32 @@ class WrappedProcessor:
         return f"{type(self).__name__}({self.inner!r})"
 
 
+def wrapped_chain(processor):
+    """The processors of a chain of wrappers, outermost first (ending with the innermost one)."""
+    chain = [processor]
+    while isinstance(chain[-1], WrappedProcessor):
+        chain.append(chain[-1].inner)
+    return chain
+
+
 class MergedAttnProcessor(WrappedProcessor):
     """ToMe around one attention: queries (and, for self-attention, keys and values) from the
     merged tokens (B, N-r, C), output unmerged to (B, N, C). queries_only: keys and values keep
     all N tokens (ComfyUI's built-in ToMe). The plan comes from the block's ``slot``."""
 
-    def __init__(self, inner, slot: BlockSlot, self_attention: bool, queries_only: bool = False):
+    def __init__(self, inner=None, slot: Optional[BlockSlot] = None, self_attention: bool = True, queries_only: bool = False):
         super().__init__(inner)
         self.slot = slot
         self.self_attention = self_attention
         self.queries_only = queries_only
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         own_kv = attention_mask is None and encoder_hidden_states is None
         if self.queries_only:
             mergeable = self.self_attention and hidden_states.ndim == 3 and own_kv
         else:
             mergeable = hidden_states.ndim == 3 and not (self.self_attention and not own_kv)
-        plan = self.slot.get(hidden_states) if mergeable else None
+        plan = self.slot.get(hidden_states) if mergeable and self.slot is not None else None
         if plan is None:
             return self.passthrough(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         if self.queries_only:
@@ -82,14 +130,14 @@ class MergedAttnProcessor(WrappedProcessor):
 class ToDoAttnProcessor(WrappedProcessor):
     """ToDo self-attention: K/V from the downsampled grid (B, N/f^2, C), queries and output (B, N, C)."""
 
-    def __init__(self, inner, runtime):
+    def __init__(self, inner=None, runtime=None):
         super().__init__(inner)
         self.runtime = runtime
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         rt = self.runtime
         grid = None
-        if hidden_states.ndim == 3 and encoder_hidden_states is None and attention_mask is None and rt.opts.factor > 1:
+        if rt is not None and hidden_states.ndim == 3 and encoder_hidden_states is None and attention_mask is None and rt.opts.factor > 1:
             grid = rt.level(hidden_states.shape[1])
         if grid is None:
             return self.passthrough(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
@@ -100,15 +148,16 @@ class ToDoAttnProcessor(WrappedProcessor):
 class VidToMeAttnProcessor(WrappedProcessor):
     """VidToMe self-attention of one block across the frames of a chunk call (S*F, N, C)."""
 
-    def __init__(self, inner, runtime, block_id: int):
+    def __init__(self, inner=None, runtime=None, block_id: int = 0):
         super().__init__(inner)
         self.runtime = runtime
         self.block_id = block_id
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         rt = self.runtime
         if (
-            rt.policy.draw is None
+            rt is None
+            or rt.policy.draw is None
             or hidden_states.ndim != 3
             or encoder_hidden_states is not None
             or attention_mask is not None

@@ -5,6 +5,7 @@ replaces the settings."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Union
 
 from ..core import MergeRuntime, ToDoOptions, ToDoPolicy
@@ -18,7 +19,7 @@ TODO_ATTR = "_tomesd_ext_todo"
 def _attach(patch: ModelPatch) -> None:
     patch.track_calls()
     for _i, attn in self_attentions(patch.model):
-        patch.wrap(attn, ToDoAttnProcessor(attn.processor, patch.runtime))
+        patch.wrap(attn, partial(ToDoAttnProcessor, runtime=patch.runtime))
 
 
 def apply_todo(pipe_or_model, factor: int = 2, *, max_downsample: Union[int, str] = "auto", mode: str = "nearest"):

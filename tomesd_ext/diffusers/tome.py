@@ -5,6 +5,7 @@ attention processors of every transformer block wrapped, feed-forward hooks for 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Union
 
 from ..core import ImportancePolicy, MergeRuntime, TomePolicy, ToMeOptions, merge, unmerge
@@ -26,45 +27,52 @@ def _attach(patch: ModelPatch) -> None:
         patch.track_calls()
     for block in transformer_blocks(patch.model):
         slot = runtime.new_slot()
-        patch.hook(block.register_forward_pre_hook(_reset_hook(slot)))
-        patch.hook(block.register_forward_hook(_reset_hook(slot)))
+        patch.hook(block.register_forward_pre_hook(ResetSlot(slot)))
+        patch.hook(block.register_forward_hook(ResetSlot(slot)))
         if opts.merge_attn and getattr(block, "attn1", None) is not None:
             self_attention = not block.only_cross_attention
-            patch.wrap(block.attn1, MergedAttnProcessor(block.attn1.processor, slot, self_attention, queries_only))
+            patch.wrap(block.attn1, partial(MergedAttnProcessor, slot=slot, self_attention=self_attention, queries_only=queries_only))
         if opts.merge_crossattn and getattr(block, "attn2", None) is not None:
-            patch.wrap(block.attn2, MergedAttnProcessor(block.attn2.processor, slot, False, queries_only))
+            patch.wrap(block.attn2, partial(MergedAttnProcessor, slot=slot, self_attention=False, queries_only=queries_only))
         if opts.merge_mlp and getattr(block, "ff", None) is not None:
-            patch.hook(block.ff.register_forward_pre_hook(_ff_pre_hook(slot), with_kwargs=True))
-            patch.hook(block.ff.register_forward_hook(_ff_post_hook(slot)))
+            patch.hook(block.ff.register_forward_pre_hook(MergeInput(slot), with_kwargs=True))
+            patch.hook(block.ff.register_forward_hook(UnmergeOutput(slot)))
 
 
-def _reset_hook(slot):
+class ResetSlot:
     """Before and after each block call: forget the plan (it is per call; frees memory)."""
 
-    def hook(module, args, *output):
-        slot.reset()
+    def __init__(self, slot):
+        self.slot = slot
 
-    return hook
+    def __call__(self, module, args, *output):
+        self.slot.reset()
 
 
-def _ff_pre_hook(slot):
-    def hook(module, args, kwargs):
+class MergeInput:
+    """Forward pre-hook of a feed-forward: merge its input (B, N, C) -> (B, N - r, C)."""
+
+    def __init__(self, slot):
+        self.slot = slot
+
+    def __call__(self, module, args, kwargs):
         x = args[0] if args else None
-        plan = slot.get(x) if x is not None else None
+        plan = self.slot.get(x) if x is not None else None
         if plan is not None:
-            slot.merged.add("ff")
+            self.slot.merged.add("ff")
             return (merge(args[0], plan),) + tuple(args[1:]), kwargs
 
-    return hook
 
+class UnmergeOutput:
+    """Forward hook of a feed-forward: unmerge its output back to N tokens."""
 
-def _ff_post_hook(slot):
-    def hook(module, args, output):
-        if "ff" in slot.merged:
-            slot.merged.discard("ff")
-            return unmerge(output, slot.plan)
+    def __init__(self, slot):
+        self.slot = slot
 
-    return hook
+    def __call__(self, module, args, output):
+        if "ff" in self.slot.merged:
+            self.slot.merged.discard("ff")
+            return unmerge(output, self.slot.plan)
 
 
 def _install(pipe_or_model, opts: ToMeOptions, queries_only: bool = False):

@@ -11,6 +11,7 @@ block is carried from chunk to chunk and dropped when the step changes.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 from ..core import MergeRuntime, VidToMeOptions, VidToMePolicy, timestep_key
@@ -27,11 +28,20 @@ class _VidToMePatch(ModelPatch):
         self.policy.reset()
 
 
+class _ChunkCall:
+    """Per denoiser call: the policy's chunk of this call (its draw, CFG samples and step)."""
+
+    def __init__(self, policy: VidToMePolicy):
+        self.policy = policy
+
+    def __call__(self, sample, timestep):
+        self.policy.begin_call(sample.shape[0], timestep_key(timestep))
+
+
 def _attach(patch: ModelPatch) -> None:
-    policy = patch.policy
-    patch.track_calls(before=lambda sample, timestep: policy.begin_call(sample.shape[0], timestep_key(timestep)))
+    patch.track_calls(before=_ChunkCall(patch.policy))
     for i, attn in self_attentions(patch.model):
-        patch.wrap(attn, VidToMeAttnProcessor(attn.processor, patch.runtime, i))
+        patch.wrap(attn, partial(VidToMeAttnProcessor, runtime=patch.runtime, block_id=i))
     if not patch.wrapped:
         raise TypeError(f"{type(patch.model).__name__} has no self-attention blocks to merge")
 
