@@ -8,7 +8,7 @@ TOMESD_EXT_KERNELS chooses, read once per process (``reset()`` re-reads it):
   with the reason otherwise (CPU tensors always run the torch path, there is no CPU kernel);
 - ``torch``: always the torch path (torch_ops.py, the reference).
 Any other value raises ValueError naming the variable, the value and the allowed values, on the
-first kernel call or earlier from ``check_kernel_setting()`` (the adapters call it when patching).
+first kernel call or earlier from ``check_kernel_setting()`` (for the adapters to call when patching).
 The decision is cached: after the first call a dispatch costs one attribute test.
 """
 
