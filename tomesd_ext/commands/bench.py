@@ -8,7 +8,6 @@ checkpoint, an output path that cannot be written) is reported before any work, 
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -54,13 +53,10 @@ def validate(args) -> None:
     from ..bench.methods import BASELINE, get_method
     from ..bench.subject import model_kind
 
-    if model_kind(args.model) == "file":
-        from ..models.single_file import builtin_architecture
+    from .checks import check_checkpoint_file, check_output_file, check_output_folder, plot_path
 
-        try:  # reads the header only
-            builtin_architecture(args.model)
-        except Exception as err:  # safetensors raises its own error type for a non-checkpoint file
-            raise ValueError(f"--model {args.model!r} is not a readable .safetensors checkpoint: {err}") from err
+    if model_kind(args.model) == "file":
+        check_checkpoint_file("--model", args.model)
     for res in args.resolution:
         if res < 64 or res % 8:
             raise ValueError(f"--resolution {res}: must be a multiple of 8 and >= 64")
@@ -84,15 +80,10 @@ def validate(args) -> None:
             raise ValueError(f"{name} {value}: must be >= {lo}")
     if args.timestep > 999:
         raise ValueError(f"--timestep {args.timestep}: must be <= 999")
-    from .checks import check_output_file, check_output_folder
-
     if args.json:
         check_output_file("--json", args.json)
     if args.plot:
-        check_output_file("--plot", args.plot)
-        if not os.path.splitext(args.plot)[1]:
-            args.plot += ".png"  # matplotlib would add it; keep the reported path true
-        check_output_file("--plot", args.plot)
+        args.plot = plot_path("--plot", args.plot)
     if args.images:
         check_output_folder("--images", args.images)
     if args.device == "cuda":

@@ -39,6 +39,22 @@ def check_output_folder(flag: str, path: str) -> None:
     _writable_folder(flag, path, p)
 
 
+def check_checkpoint_file(flag: str, path: str) -> None:
+    """A single-file .safetensors checkpoint must be one (its header is read, nothing else)."""
+    from ..models.single_file import builtin_architecture
+
+    try:
+        builtin_architecture(path)
+    except Exception as err:  # safetensors raises its own error type for a non-checkpoint file
+        raise ValueError(f"{flag} {path!r} is not a readable .safetensors checkpoint: {err}") from err
+
+
+def plot_path(flag: str, path: str) -> str:
+    """Check a figure path; one without a suffix gets .png (what matplotlib would write)."""
+    check_output_file(flag, path)
+    return path if os.path.splitext(path)[1] else path + ".png"
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write `text` to `path` via a temporary file and os.replace (parent folders are created)."""
     p = Path(path).expanduser()
