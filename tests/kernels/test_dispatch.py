@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tomesd_ext import kernels
-from tomesd_ext.kernels import build, dispatch
+from tomesd_ext.kernels import build, dispatch, torch_ops
 
 
 def test_default_mode_is_auto_and_cpu_tensors_take_torch_path(monkeypatch):
@@ -30,6 +30,15 @@ def test_bad_mode_names_value_and_choices(monkeypatch):
     monkeypatch.setenv("TOMESD_EXT_KERNELS", "triton")
     with pytest.raises(ValueError, match=r"TOMESD_EXT_KERNELS='triton' is not allowed: use one of auto, cuda, torch"):
         kernels.best_match(torch.randn(1, 2, 2), torch.randn(1, 2, 2))
+
+
+@pytest.mark.parametrize("value", ["bogus", "cuda:0", "1"])
+def test_check_kernel_setting_refuses_a_bad_value_before_any_forward(monkeypatch, value):
+    monkeypatch.setenv("TOMESD_EXT_KERNELS", value)
+    with pytest.raises(ValueError, match=rf"TOMESD_EXT_KERNELS='{value}' is not allowed: use one of auto, cuda, torch"):
+        kernels.check_kernel_setting()
+    monkeypatch.setenv("TOMESD_EXT_KERNELS", "Torch")
+    assert kernels.check_kernel_setting() == "torch"
 
 
 def test_decision_is_cached_until_reset(monkeypatch):
@@ -69,9 +78,13 @@ def test_auto_fallback_logs_one_line(monkeypatch, caplog):
 def test_forced_cuda_unavailable_raises_clear_error(monkeypatch, caplog):
     monkeypatch.setenv("TOMESD_EXT_KERNELS", "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(build, "load", lambda *a, **k: pytest.fail("load called for CPU tensors"))
+    x = torch.randn(1, 4, 3)
+    # CPU tensors take the torch path, as documented (there is no CPU kernel)
+    assert torch.equal(kernels.best_match(x, x)[1], torch_ops.best_match(x, x)[1])
+    kernels.merge_mean(x, torch.zeros(1, 4, dtype=torch.long), torch.full((1, 1), 4.0))
+    kernels.unmerge_gather(x, torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(RuntimeError, match="TOMESD_EXT_KERNELS=cuda requires the CUDA kernels, which are unavailable: no CUDA device"):
-        kernels.best_match(torch.randn(1, 2, 2), torch.randn(1, 2, 2))
-    with pytest.raises(RuntimeError, match="unavailable"):
         kernels.backend()
     assert kernels.status()["backend"] == "unavailable"
     assert not [r for r in caplog.records if r.name == "tomesd_ext.kernels"]  # an error, not a log line

@@ -12,6 +12,14 @@ def test_status_report(capsys, monkeypatch):
     assert "backend for CUDA tensors: torch (TOMESD_EXT_KERNELS=torch)" in out
 
 
+def test_bad_setting_is_a_clear_error_with_exit_2(capsys, monkeypatch):
+    monkeypatch.setenv("TOMESD_EXT_KERNELS", "bogus")
+    assert command.main([]) == 2
+    captured = capsys.readouterr()
+    assert "tomesd-ext kernels: error: TOMESD_EXT_KERNELS='bogus' is not allowed: use one of auto, cuda, torch" in captured.err
+    assert "Traceback" not in captured.err + captured.out
+
+
 def test_build_reports_missing_requirement(capsys, monkeypatch):
     monkeypatch.setattr(build, "missing_requirement", lambda: "nvcc not found (set CUDA_HOME to a CUDA toolkit)")
     assert command.main(["--build"]) == 1

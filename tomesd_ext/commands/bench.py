@@ -2,8 +2,8 @@
 
 Example (the README's main job):
     tomesd-ext bench --model sd15 --resolution 512 --methods tome,tomesd --ratios 0.5
-Bad input (unknown model or method, resolution not a multiple of 8, missing checkpoint) is
-reported before any work, with exit status 2.
+Bad input (unknown model or method, resolution not a multiple of 8, missing or unreadable
+checkpoint, an output path that cannot be written) is reported before any work, with exit status 2.
 """
 
 from __future__ import annotations
@@ -53,7 +53,10 @@ def validate(args) -> None:
     from ..bench.methods import BASELINE, get_method
     from ..bench.subject import model_kind
 
-    model_kind(args.model)
+    from .checks import check_checkpoint_file, check_output_file, check_output_folder, plot_path
+
+    if model_kind(args.model) == "file":
+        check_checkpoint_file("--model", args.model)
     for res in args.resolution:
         if res < 64 or res % 8:
             raise ValueError(f"--resolution {res}: must be a multiple of 8 and >= 64")
@@ -77,6 +80,12 @@ def validate(args) -> None:
             raise ValueError(f"{name} {value}: must be >= {lo}")
     if args.timestep > 999:
         raise ValueError(f"--timestep {args.timestep}: must be <= 999")
+    if args.json:
+        check_output_file("--json", args.json)
+    if args.plot:
+        args.plot = plot_path("--plot", args.plot)
+    if args.images:
+        check_output_folder("--images", args.images)
     if args.device == "cuda":
         import torch
 

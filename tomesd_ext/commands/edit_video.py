@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def add_parser(subparsers):
@@ -25,22 +26,24 @@ def add_parser(subparsers):
 def run(args) -> int:
     from tqdm.auto import tqdm
 
-    from ..video.jobs import JobError, JobResult, PipelineCache, format_table, is_finished, load_jobs_file, parse_job, run_job
+    from ..video.jobs import JobError, JobResult, PipelineCache, format_table, is_finished, load_jobs_file, parse_jobs, run_job
+    from .checks import check_output_file, write_text_atomic
 
     try:
+        if args.json:
+            check_output_file("--json", args.json, stdout_ok=True)
         raw, base = load_jobs_file(args.jobs)
-    except JobError as e:
+    except (JobError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results, jobs = [], []
-    for i, item in enumerate(raw):
-        try:
-            job = parse_job(i, item, base)
-        except JobError as e:
+    for i, job in parse_jobs(raw, base, Path(args.jobs).resolve()):
+        if isinstance(job, JobError):
+            item = raw[i]
             name = item.get("name") if isinstance(item, dict) and item.get("name") else f"job {i + 1}"
             if args.only and name not in args.only:
                 continue
-            results.append((i, JobResult(str(name), "failed", message=str(e))))
+            results.append((i, JobResult(str(name), "failed", message=str(job))))
             continue
         if args.only and job.name not in args.only:
             continue
@@ -72,6 +75,5 @@ def run(args) -> int:
         if args.json == "-":
             print(data)
         else:
-            with open(args.json, "w") as f:
-                f.write(data)
+            write_text_atomic(args.json, data)
     return 1 if n_failed else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 
@@ -29,6 +30,11 @@ def run(args) -> int:
     from .. import kernels
     from ..kernels import build
 
+    try:
+        kernels.check_kernel_setting()
+    except ValueError as exc:
+        print(f"tomesd-ext kernels: error: {exc}", file=sys.stderr)
+        return 2
     if args.arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = args.arch
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "

@@ -4,9 +4,11 @@ TOMESD_EXT_KERNELS chooses, read once per process (``reset()`` re-reads it):
 - ``auto`` (default): the first kernel call on a CUDA tensor builds/loads the extension; if that
   is impossible (CPU-only torch, no nvcc/ninja/compiler, build error) one warning line is logged
   and the torch path runs from then on;
-- ``cuda``: the extension must load; the first kernel call raises RuntimeError with the reason
-  otherwise (CPU tensors still run the torch path, there is no CPU kernel);
+- ``cuda``: the extension must load; the first kernel call on a CUDA tensor raises RuntimeError
+  with the reason otherwise (CPU tensors always run the torch path, there is no CPU kernel);
 - ``torch``: always the torch path (torch_ops.py, the reference).
+Any other value raises ValueError naming the variable, the value and the allowed values, on the
+first kernel call or earlier from ``check_kernel_setting()`` (for the adapters to call when patching).
 The decision is cached: after the first call a dispatch costs one attribute test.
 """
 
@@ -47,6 +49,15 @@ def mode() -> str:
             raise ValueError(f"{ENV}={choice!r} is not allowed: use one of {', '.join(ALLOWED)}")
         _state.mode = choice
     return _state.mode
+
+
+def check_kernel_setting() -> str:
+    """Validate TOMESD_EXT_KERNELS now; returns the mode ("auto", "cuda" or "torch").
+
+    Raises ValueError naming the variable, its value and the allowed values. Loads nothing: with
+    "cuda" and no usable extension, only kernel calls on CUDA tensors fail.
+    """
+    return mode()
 
 
 def reset() -> None:
@@ -107,8 +118,8 @@ def _cuda(t: torch.Tensor):
     if _state.tried and _state.ext is None and _state.mode != "cuda":
         return None
     if not t.is_cuda:
-        if not _state.tried and mode() == "cuda":
-            extension()
+        if _state.mode is None:
+            mode()  # a bad TOMESD_EXT_KERNELS fails here, on CPU too
         return None
     ext = extension()
     if ext is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):

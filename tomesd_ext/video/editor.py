@@ -56,7 +56,9 @@ class EditSettings:
         if self.mode not in MODES:
             raise OptionError(f"mode={self.mode!r} is not allowed: use one of {MODES}")
         check_int("steps", self.steps, 1, 1000)
-        check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0, 2**63 - 1)  # torch.Generator.manual_seed overflows above
+        if not isinstance(self.negative_prompt, str):  # None would silently turn CFG off
+            raise OptionError(f"negative_prompt must be a string (\"\" for none), got {self.negative_prompt!r}")
         check_int("chunk_size", self.chunk_size, 1, 64)
         if not isinstance(self.guidance, (int, float)) or not 0 <= self.guidance <= 50:
             raise OptionError(f"guidance={self.guidance!r} is out of range: allowed [0, 50]")

@@ -4,6 +4,10 @@ JOBS.yaml holds `jobs:` (a list of mappings) and optional `defaults:` merged und
 Each finished job writes OUTPUT/output.mp4, OUTPUT/frames/NNNN.png and OUTPUT/job.json into a
 temporary folder that is renamed into place at the end (atomic); a rerun skips jobs whose
 job.json exists; a failing job is reported and the others still run.
+
+Nothing is deleted that the job did not write: an output that is, contains or lies inside an
+input, the jobs file, the cache or another job's output is refused at parse time, and an existing
+output folder is replaced only when it is this job's previous output (its job.json names the job).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..core.options import OptionError
+from ..core.options import OptionError, check_int
 from .editor import EditSettings, VideoEditor
 from .io import fit_size, read_frames, write_frames, write_mp4
 from .models import model_id, resolve_sharpen
@@ -83,7 +87,9 @@ def load_jobs_file(path) -> tuple:
 
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise JobError(f"jobs file {str(p)!r} is not a text (UTF-8) file: byte {e.start} cannot be decoded") from e
     except OSError as e:
         raise JobError(f"cannot read jobs file {str(p)!r}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
@@ -101,7 +107,67 @@ def load_jobs_file(path) -> tuple:
     return raw, p.resolve().parent
 
 
-def parse_job(index: int, raw, base: Path) -> Job:
+def _check_fields(raw: dict) -> None:
+    """Types and ranges of the fields EditSettings does not check (OptionError naming the field)."""
+    for key in ("input", "output", "name"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            raise OptionError(f"{key} must be a string, got {value!r} ({type(value).__name__})")
+    for key in ("edit_prompt", "source_prompt", "negative_prompt", "model", "controlnet", "cache_dir"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise OptionError(f"{key} must be a string, got {raw[key]!r} ({type(raw[key]).__name__})")
+    frames = raw.get("frames") or {}
+    if not isinstance(frames, dict) or set(frames) - {"start", "end", "stride", "max"}:
+        raise OptionError(f"frames must be a mapping of start, end, stride, max; got {frames!r}")
+    for key, lo in (("start", 0), ("end", 0), ("stride", 1), ("max", 1)):
+        if frames.get(key) is not None or (key in ("start", "stride") and key in frames):
+            check_int(f"frames.{key}", frames[key], lo)
+    fps = raw.get("fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000):
+        raise OptionError(f"fps={fps!r} is out of range: allowed a number in (0, 1000]")
+    scale = raw.get("control_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 10:
+        raise OptionError(f"control_scale={scale!r} is out of range: allowed a number in [0, 10]")
+
+
+def _within(a: Path, b: Path) -> bool:
+    """a is b or lies inside b (resolved paths)."""
+    return a == b or b in a.parents
+
+
+def _overlap(out: Path, other: Path, what: str) -> Optional[str]:
+    """Why `out` may not be written (it is, contains or lies inside `other`), or None."""
+    if out == other:
+        return f"is {what}"
+    if _within(other, out):
+        return f"contains {what}"
+    if _within(out, other):
+        return f"lies inside {what}"
+    return None
+
+
+def _owner(folder: Path) -> Optional[str]:
+    """The job name in folder/job.json, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((folder / "job.json").read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_replaceable(out: Path, name: str, label: str) -> None:
+    """An existing output may only be an empty folder or this job's previous output."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise JobError(f"{label}: output {str(out)!r} exists and is not a folder; choose another output")
+    if any(out.iterdir()) and _owner(out) != name:
+        raise JobError(
+            f"{label}: output {str(out)!r} exists and is not the output of job {name!r} (no job.json of this job); "
+            "choose another output or remove that folder yourself"
+        )
+
+
+def parse_job(index: int, raw, base: Path, jobs_file: Optional[Path] = None) -> Job:
     """Validate one job mapping; raises JobError naming the job and the problem."""
     label = f"job {index + 1}"
     if not isinstance(raw, dict):
@@ -128,14 +194,16 @@ def parse_job(index: int, raw, base: Path) -> Job:
         raise JobError(f"{label}: set chunk_size on the job, not inside vidtome")
     control = raw.get("control")
     control = None if control in (None, False, "none") else control
+    negative = raw.get("negative_prompt", "ugly, blurry, low res")
     try:
+        _check_fields(raw)
         s = EditSettings(
             mode=mode,
             steps=raw.get("steps", 8),
             guidance=raw.get("guidance", 7.5),
             strength=raw.get("strength", 0.8),
             seed=raw.get("seed", 0),
-            negative_prompt=raw.get("negative_prompt", "ugly, blurry, low res"),
+            negative_prompt="" if negative is None else negative,  # `negative_prompt:` left empty = ""
             chunk_size=raw.get("chunk_size", 4),
             vidtome=vt,
             control=control,
@@ -147,25 +215,61 @@ def parse_job(index: int, raw, base: Path) -> Job:
         sharpen = resolve_sharpen(str(raw.get("model", "tiny")), raw.get("sharpen", "auto"))
     except OptionError as e:
         raise JobError(f"{label}: {e}") from e
-    frames = raw.get("frames") or {}
-    if not isinstance(frames, dict) or set(frames) - {"start", "end", "stride", "max"}:
-        raise JobError(f"{label}: frames must be a mapping of start, end, stride, max; got {frames!r}")
     size = raw.get("size")
     if size is not None and not (
         (isinstance(size, int) and size >= 8)
         or (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v >= 8 for v in size))
     ):
         raise JobError(f"{label}: size must be an int >= 8 or [width, height], got {size!r}")
-    out = Path(str(raw["output"])).expanduser()
-    out = out if out.is_absolute() else base / out
+    out, inp, cache = (_path(raw.get(k, d), base) for k, d in (("output", ""), ("input", ""), ("cache_dir", DEFAULT_CACHE)))
     name = str(raw.get("name") or out.name)
+    for other, what in ((inp, "the input"), (jobs_file, "the jobs file"), (cache, "the cache (cache_dir)")):
+        why = other is not None and _overlap(out, Path(other).resolve(), f"{what} {str(other)!r}")
+        if why:
+            raise JobError(f"{label}: output {str(out)!r} {why}; choose an output folder of its own")
+    _check_replaceable(out, name, label)
     spec = dict(raw)
-    inp = Path(str(raw["input"])).expanduser()
-    spec["input"] = str(inp if inp.is_absolute() else base / inp)
-    cache = Path(str(raw.get("cache_dir", DEFAULT_CACHE))).expanduser()
-    spec["cache_dir"] = str(cache if cache.is_absolute() else base / cache)
+    spec["input"], spec["cache_dir"] = str(inp), str(cache)
+    spec["negative_prompt"] = s.negative_prompt
     spec["sharpen"] = sharpen
     return Job(index, name, spec, s, out)
+
+
+def _path(value, base: Path) -> Path:
+    p = Path(str(value)).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def parse_jobs(raw: list, base: Path, jobs_file: Optional[Path] = None) -> list:
+    """[(index, Job or JobError)] of every job, with the checks between jobs: a job whose output
+    is, contains or lies inside an earlier job's output or input (or whose input is the earlier
+    job's output) is refused, naming both jobs."""
+    parsed, ok = [], []
+    for i, item in enumerate(raw):
+        try:
+            job = parse_job(i, item, base, jobs_file)
+        except JobError as e:
+            parsed.append((i, e))
+            continue
+        label = f"job {i + 1} ({job.name})"
+        err = None
+        for prev in ok:
+            plabel = f"job {prev.index + 1} ({prev.name})"
+            prev_in, inp = Path(prev.spec["input"]), Path(job.spec["input"])
+            why = _overlap(job.output, prev.output, f"the output of {plabel}") or _overlap(
+                job.output, prev_in, f"the input of {plabel}")
+            if why:
+                err = JobError(f"{label}: output {str(job.output)!r} {why}; every job needs an output folder of its own")
+            elif _overlap(prev.output, inp, "x"):
+                err = JobError(f"{label}: input {str(inp)!r} overlaps the output of {plabel}, which that job replaces")
+            if err:
+                break
+        if err:
+            parsed.append((i, err))
+        else:
+            ok.append(job)
+            parsed.append((i, job))
+    return parsed
 
 
 def _input_identity(path: str) -> list:
@@ -194,13 +298,33 @@ class PipelineCache:
         return self.value
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _clear_stale(out: Path) -> None:
+    """Remove .OUT.tmp-PID / .OUT.old-PID siblings of `out` left by a run that was killed (PID gone)."""
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for p in out.parent.glob(f".*.{kind}-*"):
+            pid = p.name[len(prefix):]
+            if p.name.startswith(prefix) and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
 def _prepare_output(out: Path) -> Path:
-    """Create a temporary sibling folder of `out` (fails early when the place is not writable)."""
+    """Create a temporary sibling folder of `out` (fails early when the place is not writable),
+    after clearing this output's stale temporaries."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale(out)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir()
         probe = tmp / ".probe"
         probe.write_bytes(b"")
@@ -208,6 +332,21 @@ def _prepare_output(out: Path) -> Path:
     except OSError as e:
         raise OSError(f"output {str(out)!r} is not writable: {e.strerror or e}") from e
     return tmp
+
+
+def _install(tmp: Path, job: Job) -> None:
+    """Rename the finished temporary folder into place. A previous output (checked again: this
+    job's own, or an empty folder) is first renamed aside and deleted only after the swap."""
+    label = f"job {job.index + 1} ({job.name})"
+    out = job.output
+    _check_replaceable(out, job.name, label)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def run_job(job: Job, pipes: PipelineCache, progress_factory=None) -> JobResult:
@@ -250,9 +389,7 @@ def run_job(job: Job, pipes: PipelineCache, progress_factory=None) -> JobResult:
             "warp_error": res.warp_error, "seconds": res.seconds, "timings": res.timings, "note": note,
         }
         (tmp / "job.json").write_text(json.dumps(meta, indent=2, default=str))
-        if job.output.exists():
-            shutil.rmtree(job.output) if job.output.is_dir() else job.output.unlink()
-        os.replace(tmp, job.output)
+        _install(tmp, job)
         tmp = None
     except Exception as e:  # one job's failure must not stop the batch
         res.status = "failed"

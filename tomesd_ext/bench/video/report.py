@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def print_table(results: dict) -> None:
@@ -27,12 +28,13 @@ def print_table(results: dict) -> None:
 
 def write_results(results: dict, path: str) -> None:
     """The results as indented JSON to `path` ('-' = stdout)."""
+    from ...commands.checks import write_text_atomic
+
     text = json.dumps(results, indent=2)
     if path == "-":
         print(text)
     else:
-        with open(path, "w") as f:
-            f.write(text)
+        write_text_atomic(path, text)
 
 
 def plot(results: dict, path: str) -> None:
@@ -66,4 +68,5 @@ def plot(results: dict, path: str) -> None:
     attn = f", attention sharpened x{results['sharpen']:g}" if results.get("sharpen") else ""
     fig.suptitle(f"{results['model']}{attn}: per-frame vs VidToMe ({results['steps']} steps, chunk {results['chunk_size']})")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
