@@ -199,3 +199,17 @@ def test_auto_skip_is_said_once(unet, caplog, monkeypatch):
     assert len(said) == 1 and "min_tokens=2048" in said[0] and "min_tokens=0" in said[0]
     remove_tome(unet)
     assert torch.equal(run(unet, inputs), base)  # nothing was merged
+
+
+def test_bad_kernel_setting_is_refused_at_apply_time(unet, monkeypatch):
+    from tomesd_ext import kernels
+
+    monkeypatch.setenv("TOMESD_EXT_KERNELS", "bogus")
+    kernels.reset()
+    try:
+        with pytest.raises(ValueError, match="TOMESD_EXT_KERNELS"):
+            apply_tome(unet, 0.5)
+        assert not hasattr(unet, "_tomesd_ext_patch") and not unet._forward_pre_hooks
+    finally:
+        monkeypatch.delenv("TOMESD_EXT_KERNELS")
+        kernels.reset()

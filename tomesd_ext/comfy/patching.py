@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..core import MergeRuntime, timestep_key
+from ..kernels import check_kernel_setting
 
 WRAPPER_KEY = "tomesd_ext"
 PATCH_NAMES = ("attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch")
@@ -141,7 +142,8 @@ def remove_tome_patch(model):
 
 def patched_clone(model, state: PatchState):
     """A clone of ``model`` without earlier tomesd-ext patches, with the diffusion-model wrapper
-    that feeds ``state`` every call."""
+    that feeds ``state`` every call. A bad TOMESD_EXT_KERNELS fails here, not at every step."""
+    check_kernel_setting()
     m = model.clone()
     strip(m)
     m.add_wrapper_with_key(_diffusion_model_wrapper_type(), WRAPPER_KEY, DiffusionModelWrapper(state))

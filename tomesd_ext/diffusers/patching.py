@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..core import MergeRuntime, timestep_key
+from ..kernels import check_kernel_setting
 from .discovery import denoiser_of
 from .processors import WrappedProcessor, wrapped_chain
 
@@ -135,6 +136,7 @@ def install_patch(pipe_or_model, attr: str, build):
     """Replace the patch stored under ``attr`` on the denoiser by ``build(model)`` (a ModelPatch that
     ``build`` attaches); a build that fails leaves nothing behind. Returns the argument."""
     model = denoiser_of(pipe_or_model)
+    check_kernel_setting()  # a bad TOMESD_EXT_KERNELS fails here, not at every forward
     check_not_patched_elsewhere(model)
     uninstall_patch(model, attr)
     patch = build(model)
