@@ -108,18 +108,32 @@ class ModelPatch:
             handle.remove()
         self.handles.clear()
         for attn, wrapper, _make in self.wrapped:
-            current = attn.__dict__.get("processor")
+            current = attn.processor
             if current is wrapper:
-                if isinstance(wrapper.inner, torch.nn.Module):
-                    del attn.__dict__["processor"]  # the registered module shows through again
-                else:
-                    object.__setattr__(attn, "processor", wrapper.inner)
+                _restore(attn, wrapper)
                 continue
             for outer in wrapped_chain(current)[:-1]:  # nested in another patch's wrapper: unlink
                 if outer.inner is wrapper:
                     outer.inner = wrapper.inner
                     break
         self.wrapped.clear()
+
+
+def _restore(attn, wrapper) -> None:
+    """Put ``wrapper.inner`` back as ``attn.processor``, where the wrapper sits: in the instance
+    dict (set by us; an nn.Module processor registered under it shows through again) or in
+    ``_modules`` (diffusers set the wrapper again, as a module look-alike)."""
+    inner = wrapper.inner
+    if attn.__dict__.get("processor") is wrapper:
+        del attn.__dict__["processor"]
+        if attn._modules.get("processor") is not inner:
+            object.__setattr__(attn, "processor", inner)
+    elif attn._modules.get("processor") is wrapper:
+        if isinstance(inner, torch.nn.Module):
+            attn._modules["processor"] = inner
+        else:
+            del attn._modules["processor"]
+            object.__setattr__(attn, "processor", inner)
 
 
 def check_not_patched_elsewhere(model) -> None:

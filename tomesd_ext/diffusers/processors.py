@@ -52,7 +52,7 @@ class WrappedProcessor:
     """Base: holds ``inner`` and passes a call through unchanged (``passthrough``).
 
     To diffusers the wrapper looks like the processor it wraps: ``__class__`` is the inner
-    processor's class (unless that is an nn.Module, e.g. IP-Adapter's) (``set_default_attn_processor``, ``fuse_qkv_projections`` and the IP-Adapter
+    processor's class (an nn.Module processor's attributes are reached through the wrapper too) (``set_default_attn_processor``, ``fuse_qkv_projections`` and the IP-Adapter
     loader inspect and rebuild processors by class) and ``__call__`` has its signature. ``type()``
     is the wrapper's. Constructed without arguments (diffusers' ``processor.__class__()``), it wraps
     the default processor and merges nothing. Copies and pickles with the model.
@@ -68,9 +68,15 @@ class WrappedProcessor:
     @property
     def __class__(self):
         inner = self.__dict__.get("inner")
-        if inner is None or isinstance(inner, torch.nn.Module):
-            return type(self)  # an nn.Module look-alike would be registered as a submodule by torch
-        return inner.__class__
+        return type(self) if inner is None else inner.__class__
+
+    def __getattr__(self, name):
+        # An nn.Module processor (IP-Adapter, Custom Diffusion) is stood in for completely: torch
+        # and diffusers see its parameters, state_dict and submodules through the wrapper.
+        inner = self.__dict__.get("inner")
+        if inner is None or not isinstance(inner, torch.nn.Module) or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
 
     def __reduce_ex__(self, protocol):
         return _rebuild, (type(self),), self.__dict__
