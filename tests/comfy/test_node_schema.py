@@ -19,8 +19,8 @@ WORKFLOWS = os.path.join(REPO, "workflows")
 
 
 def test_mappings_and_prefixed_ids():
-    assert set(nodes.NODE_CLASS_MAPPINGS) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
-    for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items():
+    assert set(nodes.NODE_DEFINITIONS) == set(nodes.DISPLAY_NAMES)
+    for node_id, cls in nodes.NODE_DEFINITIONS.items():
         assert node_id.startswith("TomesdExt")
         assert cls.CATEGORY == "model_patches/token_merging"
         assert cls.RETURN_TYPES == ("MODEL",) and callable(getattr(cls, cls.FUNCTION))
@@ -187,7 +187,7 @@ def test_workflows_come_in_both_formats():
         assert os.path.exists(os.path.join(WORKFLOWS, ui)), ui
         prompt = json.load(open(os.path.join(WORKFLOWS, f)))
         types = {n["class_type"] for n in prompt.values()}
-        assert types & set(nodes.NODE_CLASS_MAPPINGS), f"{f} uses none of our nodes"
+        assert types & set(nodes.NODE_DEFINITIONS), f"{f} uses none of our nodes"
         graph = json.load(open(os.path.join(WORKFLOWS, ui)))
         assert {n["type"] for n in graph["nodes"]} == types
 

@@ -23,7 +23,7 @@ STEPS = int(os.environ.get("TOMESD_EXT_TEST_STEPS", "2"))
 def test_object_info_lists_our_nodes_with_declared_inputs(object_info, comfy_server):
     failed = [line for line in comfy_server.read_log().splitlines() if "IMPORT FAILED" in line and "tomesd-ext" in line]
     assert not failed, failed
-    for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items():
+    for node_id, cls in nodes.NODE_DEFINITIONS.items():
         assert node_id in object_info, f"{node_id} missing from /object_info"
         info = object_info[node_id]
         assert info["category"] == cls.CATEGORY
@@ -32,8 +32,11 @@ def test_object_info_lists_our_nodes_with_declared_inputs(object_info, comfy_ser
         served = info["input"]["required"]
         assert list(served) == list(declared)
         for name, (kind, spec) in declared.items():
-            assert served[name][0] == kind, name
-            for key in ("default", "min", "max", "tooltip"):
+            if isinstance(kind, list):  # a combo, as the V3 API serves it
+                assert served[name][0] == "COMBO" and served[name][1]["options"] == kind, name
+            else:
+                assert served[name][0] == kind, name
+            for key in ("default", "min", "max", "tooltip", "control_after_generate"):
                 if key in spec:
                     assert served[name][1][key] == spec[key], (name, key)
 
@@ -53,7 +56,7 @@ def _small(prompt, prefix):
             inputs["filename_prefix"] = prefix
         if node["class_type"] == "LoadVideo":
             inputs["file"] = CLIP_NAME
-        if node["class_type"] in nodes.NODE_CLASS_MAPPINGS and "min_tokens" in inputs:
+        if node["class_type"] in nodes.NODE_DEFINITIONS and "min_tokens" in inputs:
             inputs["min_tokens"] = 0  # merge at test size too (64 px = an 8x8 latent)
     return prompt
 
@@ -199,7 +202,7 @@ def test_render_workflow_grid(sd15_server):
     rows = []
     for name in API_FILES:
         prompt = _small(json.load(open(os.path.join(WORKFLOWS, name))), "grid/" + name.split(".")[0])
-        tome = next((k for k, v in prompt.items() if v["class_type"] in nodes.NODE_CLASS_MAPPINGS
+        tome = next((k for k, v in prompt.items() if v["class_type"] in nodes.NODE_DEFINITIONS
                      and "ratio" in v["inputs"]), None)
         if tome is None:  # the grid shows the workflows whose node has a ratio (not VidToMe's)
             continue

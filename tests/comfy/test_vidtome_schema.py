@@ -26,8 +26,8 @@ def _widgets(**over):
 
 
 def test_registered_with_display_name_and_schema():
-    assert nodes.NODE_CLASS_MAPPINGS["TomesdExtVidToMe"] is TomesdExtVidToMe
-    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["TomesdExtVidToMe"] == "Video Token Merging (VidToMe, tomesd-ext)"
+    assert nodes.NODE_DEFINITIONS["TomesdExtVidToMe"] is TomesdExtVidToMe
+    assert nodes.DISPLAY_NAMES["TomesdExtVidToMe"] == "Video Token Merging (VidToMe, tomesd-ext)"
     required = TomesdExtVidToMe.INPUT_TYPES()["required"]
     assert list(required) == INPUTS
     for name, (kind, spec) in required.items():
