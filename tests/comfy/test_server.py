@@ -7,15 +7,14 @@ import os
 import pytest
 import torch
 
-from comfy_env import REPO, ui_to_api
+from comfy_env import API_COPIES, EXAMPLES, load_workflow, ui_to_api
 from conftest import CKPT_NAME
 
 import nodes
 
 pytestmark = pytest.mark.comfyui
-WORKFLOWS = os.path.join(REPO, "workflows")
-API_FILES = sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".api.json"))
-UI_FILES = sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".json") and not f.endswith(".api.json"))
+API_FILES = sorted(f for f in os.listdir(API_COPIES) if f.endswith(".api.json"))
+UI_FILES = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".json"))
 SIZE = int(os.environ.get("TOMESD_EXT_TEST_SIZE", "64"))
 STEPS = int(os.environ.get("TOMESD_EXT_TEST_STEPS", "2"))
 
@@ -93,7 +92,7 @@ def test_api_workflow_runs_and_saves_images(sd15_server, name):
     comfy_server = sd15_server
     """SDXL workflows run here on the SD1.5 random checkpoint (no SDXL weights are available
     offline): this checks the graph and our node inside it, not SDXL itself."""
-    prompt = _small(json.load(open(os.path.join(WORKFLOWS, name))), "tests/" + name.split(".")[0])
+    prompt = _small(load_workflow(name), "tests/" + name.split(".")[0])
     video = any(node["class_type"] == "LoadVideo" for node in prompt.values())
     if video:
         _provide_input_clip(comfy_server)
@@ -110,10 +109,10 @@ def test_api_workflow_runs_and_saves_images(sd15_server, name):
 
 @pytest.mark.parametrize("name", UI_FILES)
 def test_ui_workflow_matches_object_info_and_its_api_twin(object_info, name):
-    graph = json.load(open(os.path.join(WORKFLOWS, name)))
+    graph = load_workflow(name)
     prompt, problems = ui_to_api(graph, object_info)
     assert not problems, problems
-    api = json.load(open(os.path.join(WORKFLOWS, name.replace(".json", ".api.json"))))
+    api = load_workflow(name.replace(".json", ".api.json"))
     assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == {
         k: (v["class_type"], v["inputs"]) for k, v in api.items()
     }
@@ -126,7 +125,7 @@ def test_merge_mlp_object_patches_are_undone_between_runs(sd15_server):
     import numpy as np
     from PIL import Image
 
-    base = json.load(open(os.path.join(WORKFLOWS, "sd15_txt2img_tome.api.json")))
+    base = load_workflow("sd15_txt2img_tome.api.json")
 
     def run(tome, prefix):
         prompt = _small(base, prefix)
@@ -160,7 +159,7 @@ def test_vid2vid_vidtome_merges_and_nothing_merged_equals_no_node(sd15_server):
 
     comfy_server = sd15_server
     _provide_input_clip(comfy_server)
-    base = json.load(open(os.path.join(WORKFLOWS, "sd15_vid2vid_vidtome.api.json")))
+    base = load_workflow("sd15_vid2vid_vidtome.api.json")
     vid = next(k for k, v in base.items() if v["class_type"] == "TomesdExtVidToMe")
     sampler = next(k for k, v in base.items() if v["class_type"] == "KSampler")
 
@@ -201,7 +200,7 @@ def test_render_workflow_grid(sd15_server):
     size, steps = int(os.environ.get("TOMESD_EXT_GRID_SIZE", "256")), int(os.environ.get("TOMESD_EXT_GRID_STEPS", "8"))
     rows = []
     for name in API_FILES:
-        prompt = _small(json.load(open(os.path.join(WORKFLOWS, name))), "grid/" + name.split(".")[0])
+        prompt = _small(load_workflow(name), "grid/" + name.split(".")[0])
         tome = next((k for k, v in prompt.items() if v["class_type"] in nodes.NODE_DEFINITIONS
                      and "ratio" in v["inputs"]), None)
         if tome is None:  # the grid shows the workflows whose node has a ratio (not VidToMe's)
@@ -246,7 +245,7 @@ def test_render_vid2vid_strip(sd15_server):
     size, steps = int(os.environ.get("TOMESD_EXT_GRID_SIZE", "256")), int(os.environ.get("TOMESD_EXT_GRID_STEPS", "8"))
     clip = moving_shapes(n_frames=8, size=size, seed=1)
     write_mp4(clip, os.path.join(comfy_server.base, "input", "tomesd_ext_strip.mp4"), fps=8)
-    base = _small(json.load(open(os.path.join(WORKFLOWS, "sd15_vid2vid_vidtome.api.json"))), "grid/vid2vid")
+    base = _small(load_workflow("sd15_vid2vid_vidtome.api.json"), "grid/vid2vid")
     vid = next(k for k, v in base.items() if v["class_type"] == "TomesdExtVidToMe")
     rows = [("input (synthetic moving shapes)", [Image.fromarray(f) for f in clip[:4]])]
     for label, settings in (("nothing merged (chunk 1, ratios 0)", {"chunk_size": 1, "local_ratio": 0.0, "global_ratio": 0.0}),
