@@ -22,9 +22,9 @@ import shutil
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EXAMPLES = os.path.join(REPO, "example_workflows")
-API_COPIES = os.path.join(REPO, "tests", "comfy", "workflows")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # comfy_env, when run as a script
+from comfy_env import API_COPIES, EXAMPLES, REPO, ComfyServer  # noqa: E402
+
 PACK = "tomesd-ext"  # the pack's folder name in custom_nodes (ComfyServer links it so)
 CHROMIUM = os.environ.get("TOMESD_EXT_CHROMIUM", "/usr/bin/chromium")
 VIEWPORT = {"width": 1600, "height": 900}
@@ -247,9 +247,6 @@ def write_examples(server, names=None):
 
 
 def main():
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from comfy_env import ComfyServer
-
     base = tempfile.mkdtemp(prefix="tomesd_ext_comfyui_")
     server = ComfyServer(base)
     try:

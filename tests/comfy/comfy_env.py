@@ -223,6 +223,7 @@ def run_unet(patcher, x, timestep, context, sigma=None, y=None, cond_or_uncond=N
 
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+UPLOAD_KEYS = ("image_upload", "audio_upload", "video_upload", "file_upload")
 
 
 def _kind(spec):
@@ -284,6 +285,11 @@ def ui_to_api(graph, object_info):
                 control = values.pop(0) if values else None
                 if control not in ("fixed", "increment", "decrement", "randomize"):
                     problems.append(f"node {node['id']}: bad control_after_generate {control!r}")
+            if len(spec) > 1 and any(k in UPLOAD_KEYS and v for k, v in (spec[1] or {}).items()):
+                # the frontend's upload button after the file combo saves a value of its own
+                upload = values.pop(0) if values else None
+                if upload != "image":
+                    problems.append(f"node {node['id']}: expected the upload widget's value after {name}, got {upload!r}")
             if name in linked:
                 continue
             msg = check_widget_value(name, spec, value)
