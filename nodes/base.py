@@ -1,4 +1,4 @@
-"""What every tomesd-ext node shares: category, MODEL in/out, widgets built from the core's option
+"""What every tomesd-ext node definition shares: category, MODEL in/out, widgets built from the core's option
 tables (``core.TOME_OPTIONS``, ``core.VIDTOME_OPTIONS``: the same defaults, ranges and help text
 as ``apply_tome`` / ``apply_vidtome`` and the README), the sampling-window inputs, and how a patch
 result is returned (one console warning when the model passed through)."""
@@ -17,7 +17,10 @@ log = logging.getLogger("tomesd_ext")
 # Widget bounds where an option's range is open or unbounded: a float in [lo, hi) shows max
 # hi - step; an unbounded int (seed, min_tokens) shows this max.
 INT_MAX = 2**62
-# A node's seed is a fixed widget value (the same seed, the same image), never None.
+# A node's seed is a fixed widget value (the same seed, the same image), never None. The
+# frontend adds a "control after generate" widget (default: randomize) to every INT input named
+# seed unless the input says control_after_generate False: a randomised merge seed would change
+# the image on every run, and the extra widget shifts the widgets_values of saved workflows.
 NODE_SEED_DEFAULT = 0
 
 MODEL_INPUT = ("MODEL", {"tooltip": "The diffusion model to patch (a UNet: SD 1.x, SD 2.x, SDXL)."})
@@ -47,7 +50,8 @@ def widget(option, default=None, choices=None):
     if option.kind == "bool":
         return ("BOOLEAN", {"default": value, **spec})
     if option.kind == "seed":
-        return ("INT", {"default": NODE_SEED_DEFAULT if default is None else default, "min": 0, "max": INT_MAX, **spec})
+        seed = NODE_SEED_DEFAULT if default is None else default
+        return ("INT", {"default": seed, "min": 0, "max": INT_MAX, "control_after_generate": False, **spec})
     if option.kind == "int":
         hi = INT_MAX if option.hi is None else option.hi
         return ("INT", {"default": value, "min": option.lo, "max": hi, **spec})
@@ -70,7 +74,8 @@ def range_error(cls, **values):
 
 
 class ModelPatchNode:
-    """Base of our MODEL -> MODEL nodes (classic API; FUNCTION ``patch``).
+    """Base of our MODEL -> MODEL node definitions: ComfyUI-free, in the shape of a classic node
+    (INPUT_TYPES, VALIDATE_INPUTS, FUNCTION ``patch``), declared to ComfyUI by nodes/v3.py.
 
     A subclass defines ``options(**widgets)`` (validated options from the widget values) and
     ``apply(model, opts, start_percent, end_percent) -> (MODEL, reason or None)``.

@@ -3,7 +3,7 @@ classifier-free-guidance difference of the previous step (Wu et al., arXiv 2411.
 
 The same core as the diffusers adapter's ``apply_tome(..., mode="importance")``
 (``core.ImportancePolicy``); the map comes from ComfyUI's post-CFG hook
-(tomesd_ext/comfy/importance.py). Classic node API, like nodes/tome.py, whose inputs it shares.
+(tomesd_ext/comfy/importance.py). A definition like nodes/tome.py, whose inputs it shares.
 """
 
 from __future__ import annotations
@@ -52,5 +52,5 @@ class TomesdExtImportanceMerging(TomesdExtTokenMerging):
         return comfy_adapter.apply_importance_patch(model, opts, start_percent, end_percent)
 
 
-NODE_CLASS_MAPPINGS = {"TomesdExtImportanceMerging": TomesdExtImportanceMerging}
-NODE_DISPLAY_NAME_MAPPINGS = {"TomesdExtImportanceMerging": "Token Merging (Importance, tomesd-ext)"}
+NODE_DEFINITIONS = {"TomesdExtImportanceMerging": TomesdExtImportanceMerging}
+DISPLAY_NAMES = {"TomesdExtImportanceMerging": "Token Merging (Importance, tomesd-ext)"}

@@ -1,7 +1,7 @@
 """Token Merging (ToMe) node: MODEL -> MODEL, Q/K/V merged through the shared tomesd_ext core.
 
-Classic ComfyUI node API (NODE_CLASS_MAPPINGS; see docs/comfyui.md for why). Nothing here
-imports ComfyUI at module level, so the schema and the option validation are testable in CI.
+The node's definition; nodes/v3.py declares it to ComfyUI (V3 node API, see docs/comfyui.md).
+Nothing here imports ComfyUI, so the schema and the option validation are testable without it.
 """
 
 from __future__ import annotations
@@ -69,5 +69,5 @@ class TomesdExtTokenMerging(ModelPatchNode):
         return comfy_adapter.apply_tome_patch(model, opts, start_percent, end_percent)
 
 
-NODE_CLASS_MAPPINGS = {"TomesdExtTokenMerging": TomesdExtTokenMerging}
-NODE_DISPLAY_NAME_MAPPINGS = {"TomesdExtTokenMerging": "Token Merging (ToMe, tomesd-ext)"}
+NODE_DEFINITIONS = {"TomesdExtTokenMerging": TomesdExtTokenMerging}
+DISPLAY_NAMES = {"TomesdExtTokenMerging": "Token Merging (ToMe, tomesd-ext)"}

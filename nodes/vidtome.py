@@ -1,6 +1,6 @@
 """Video Token Merging (VidToMe) node: MODEL -> MODEL; the video's frames are the latent batch.
 
-Classic ComfyUI node API, like nodes/tome.py (see docs/comfyui.md). Options are validated by
+A definition like nodes/tome.py, declared to ComfyUI by nodes/v3.py (docs/comfyui.md). Options are validated by
 ``VidToMeOptions.create`` (the same checks as ``apply_vidtome``); the patch is
 ``tomesd_ext.comfy.apply_vidtome_patch``, which calls the same core functions as the diffusers
 adapter. Nothing here imports ComfyUI at module level.
@@ -56,5 +56,5 @@ class TomesdExtVidToMe(ModelPatchNode):
         return comfy_adapter.apply_vidtome_patch(model, opts, start_percent, end_percent)
 
 
-NODE_CLASS_MAPPINGS = {"TomesdExtVidToMe": TomesdExtVidToMe}
-NODE_DISPLAY_NAME_MAPPINGS = {"TomesdExtVidToMe": "Video Token Merging (VidToMe, tomesd-ext)"}
+NODE_DEFINITIONS = {"TomesdExtVidToMe": TomesdExtVidToMe}
+DISPLAY_NAMES = {"TomesdExtVidToMe": "Video Token Merging (VidToMe, tomesd-ext)"}

@@ -9,7 +9,8 @@
 # folder beside it, so a crashed or concurrent run never leaves half a tree. Then ComfyUI's
 # requirements are installed with PYTHON's pip, without torch, torchvision and torchaudio lines
 # and with the installed torch pinned (ComfyUI's packages may not replace it). The filtered list
-# is kept in the environment, so an unchanged ComfyUI costs no pip call on the next run.
+# is kept in the environment, so an unchanged ComfyUI costs no pip call on the next run. Also
+# installs Debian's chromium for the browser test when it is missing and we are root.
 set -euo pipefail
 
 py=${1:?python}
@@ -38,6 +39,19 @@ if [[ ! -f "$comfy/main.py" ]]; then
     rm -rf "$dest"
     mv "$tmp" "$dest"
     trap - EXIT
+fi
+
+# The browser test (tests/comfy/test_browser.py) drives Debian's package chromium through
+# playwright (no browser download): installed here when missing and we are root; otherwise that
+# test skips with the reason (in CI, CI=true, it fails).
+chromium=${TOMESD_EXT_CHROMIUM:-/usr/bin/chromium}
+if [[ ! -x "$chromium" ]]; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        echo "installing Debian's chromium for the browser test"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "note: no $chromium (as root: apt-get install chromium): the browser test will skip" >&2
+    fi
 fi
 
 env_dir=$("$py" -c 'import sys; print(sys.prefix)')

@@ -18,6 +18,19 @@ import urllib.error
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = os.path.join(REPO, "example_workflows")  # the shipped UI workflows (+ thumbnails)
+API_COPIES = os.path.join(REPO, "tests", "comfy", "workflows")  # their API-format copies
+FRONTEND_ONLY = ("Note", "MarkdownNote")  # node types the frontend never queues
+
+
+def workflow_file(name):
+    """The path of workflow ``name``: ``x.api.json`` is an API copy, ``x.json`` a shipped UI workflow."""
+    return os.path.join(API_COPIES if name.endswith(".api.json") else EXAMPLES, name)
+
+
+def load_workflow(name):
+    with open(workflow_file(name)) as f:
+        return json.load(f)
 
 
 def comfyui_path():
@@ -119,7 +132,8 @@ class ComfyServer:
         req = urllib.request.Request(self.url + route, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
+                body = r.read()
+                return r.status, json.loads(body) if body else None
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
@@ -209,6 +223,7 @@ def run_unet(patcher, x, timestep, context, sigma=None, y=None, cond_or_uncond=N
 
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+UPLOAD_KEYS = ("image_upload", "audio_upload", "video_upload", "file_upload")
 
 
 def _kind(spec):
@@ -252,7 +267,7 @@ def ui_to_api(graph, object_info):
     links = {link[0]: link for link in graph["links"]}
     prompt = {}
     for node in graph["nodes"]:
-        if node.get("mode", 0) in (2, 4):
+        if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:
             continue
         info = object_info.get(node["type"])
         if info is None:
@@ -270,6 +285,11 @@ def ui_to_api(graph, object_info):
                 control = values.pop(0) if values else None
                 if control not in ("fixed", "increment", "decrement", "randomize"):
                     problems.append(f"node {node['id']}: bad control_after_generate {control!r}")
+            if len(spec) > 1 and any(k in UPLOAD_KEYS and v for k, v in (spec[1] or {}).items()):
+                # the frontend's upload button after the file combo saves a value of its own
+                upload = values.pop(0) if values else None
+                if upload != "image":
+                    problems.append(f"node {node['id']}: expected the upload widget's value after {name}, got {upload!r}")
             if name in linked:
                 continue
             msg = check_widget_value(name, spec, value)

@@ -1,4 +1,5 @@
-"""Fixtures of the ComfyUI tests: skip without COMFYUI_PATH (in CI, CI=true: fail); a cached
+"""Fixtures of the ComfyUI tests: skip without COMFYUI_PATH, the browser tests without Chromium
+or playwright (in CI, CI=true: fail); a cached
 random SD1.5 checkpoint; one ComfyUI server per session (loopback, --cpu, temp base dir),
 stopped at teardown.
 
@@ -11,24 +12,33 @@ import os
 
 import pytest
 
+from comfy_browser import chromium_missing
 from comfy_env import ComfyServer, comfyui_path, missing_reason
 
 CKPT_NAME = "tomesd_ext_sd15_random.safetensors"
 
 
+def _skip_or_fail(items, marker, reason, what):
+    marked = [item for item in items if marker in item.keywords]
+    if marked and os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        # CI must run them: a missing ComfyUI or browser there is a broken setup, not a reason to skip
+        raise pytest.UsageError(f"CI: {len(marked)} {what} tests cannot run: {reason}")
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def pytest_collection_modifyitems(config, items):
     if comfyui_path() is None:
-        marked = [item for item in items if "comfyui" in item.keywords]
-        if marked and os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-            # CI must run them: a missing ComfyUI there is a broken setup, not a reason to skip
-            raise pytest.UsageError(f"CI: {len(marked)} ComfyUI tests cannot run: {missing_reason()}")
-        skip = pytest.mark.skip(reason=missing_reason())
-        for item in marked:
-            item.add_marker(skip)
+        _skip_or_fail(items, "comfyui", missing_reason(), "ComfyUI")
+        return
+    reason = chromium_missing()
+    if reason:
+        _skip_or_fail(items, "browser", reason, "browser")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "comfyui: needs a ComfyUI checkout in COMFYUI_PATH")
+    config.addinivalue_line("markers", "browser: needs Chromium (Debian package) and playwright")
 
 
 @pytest.fixture(scope="session")

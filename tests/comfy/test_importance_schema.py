@@ -22,8 +22,8 @@ def _widgets(**over):
 
 
 def test_registered_with_display_name_and_category():
-    assert nodes.NODE_CLASS_MAPPINGS["TomesdExtImportanceMerging"] is TomesdExtImportanceMerging
-    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["TomesdExtImportanceMerging"] == "Token Merging (Importance, tomesd-ext)"
+    assert nodes.NODE_DEFINITIONS["TomesdExtImportanceMerging"] is TomesdExtImportanceMerging
+    assert nodes.DISPLAY_NAMES["TomesdExtImportanceMerging"] == "Token Merging (Importance, tomesd-ext)"
     assert TomesdExtImportanceMerging.CATEGORY == "model_patches/token_merging"
     assert TomesdExtImportanceMerging.FUNCTION == "patch" and TomesdExtImportanceMerging.RETURN_TYPES == ("MODEL",)
 

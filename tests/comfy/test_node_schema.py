@@ -1,7 +1,6 @@
 """Pure-Python tests of the node front end and the patch functions (no ComfyUI needed)."""
 
 import copy
-import json
 import os
 
 import pytest
@@ -9,18 +8,17 @@ import torch
 
 import nodes
 from nodes.tome import TomesdExtTokenMerging
-from comfy_env import patch_state, runtime_plan
+from comfy_env import API_COPIES, EXAMPLES, FRONTEND_ONLY, load_workflow, patch_state, runtime_plan
 from tomesd_ext.comfy.patching import DiffusionModelWrapper
 from tomesd_ext.comfy.tome import Attn1OutputPatch, Attn1Patch, Attn2OutputPatch, Attn2Patch, MergedFeedForward
 from tomesd_ext.core import OptionError, ToMeOptions, merge, timestep_key, unmerge
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKFLOWS = os.path.join(REPO, "workflows")
 
 
 def test_mappings_and_prefixed_ids():
-    assert set(nodes.NODE_CLASS_MAPPINGS) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
-    for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items():
+    assert set(nodes.NODE_DEFINITIONS) == set(nodes.DISPLAY_NAMES)
+    for node_id, cls in nodes.NODE_DEFINITIONS.items():
         assert node_id.startswith("TomesdExt")
         assert cls.CATEGORY == "model_patches/token_merging"
         assert cls.RETURN_TYPES == ("MODEL",) and callable(getattr(cls, cls.FUNCTION))
@@ -175,21 +173,25 @@ def test_deepcopy_keeps_shared_state():
     assert copied["a"][0] is patches["a"][0] and copied["a"][0].state is state
 
 
-def _api_files():
-    return sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".api.json"))
-
-
-def test_workflows_come_in_both_formats():
-    api = _api_files()
-    assert api, "no workflows shipped"
-    for f in api:
-        ui = f.replace(".api.json", ".json")
-        assert os.path.exists(os.path.join(WORKFLOWS, ui)), ui
-        prompt = json.load(open(os.path.join(WORKFLOWS, f)))
+def test_shipped_workflows_are_ui_files_with_thumbnails_and_api_copies():
+    """example_workflows/ (what ComfyUI's template browser lists) holds UI workflows only, each
+    with a .jpg thumbnail of the same name and an API copy in tests/comfy/workflows/."""
+    assert not os.path.exists(os.path.join(REPO, "workflows"))  # ComfyUI would list it as well
+    shipped = sorted(os.listdir(EXAMPLES))
+    ui = [f for f in shipped if f.endswith(".json")]
+    assert ui, "no workflows shipped"
+    assert sorted(ui + [f.replace(".json", ".jpg") for f in ui]) == shipped
+    assert sorted(f.replace(".json", ".api.json") for f in ui) == sorted(os.listdir(API_COPIES))
+    for f in ui:
+        graph = load_workflow(f)
+        assert "version" in graph and graph["nodes"], f  # the frontend refuses a file without a version
+        prompt = load_workflow(f.replace(".json", ".api.json"))
         types = {n["class_type"] for n in prompt.values()}
-        assert types & set(nodes.NODE_CLASS_MAPPINGS), f"{f} uses none of our nodes"
-        graph = json.load(open(os.path.join(WORKFLOWS, ui)))
-        assert {n["type"] for n in graph["nodes"]} == types
+        assert types & set(nodes.NODE_DEFINITIONS), f"{f} uses none of our nodes"
+        assert {n["type"] for n in graph["nodes"] if n["type"] not in FRONTEND_ONLY} == types
+        assert [n for n in graph["nodes"] if n["type"] == "Note"], f"{f} has no Note saying what it needs"
+        with open(os.path.join(EXAMPLES, f.replace(".json", ".jpg")), "rb") as img:
+            assert img.read(3) == b"\xff\xd8\xff", f"{f}: thumbnail is not a JPEG"
 
 
 def test_comfy_runtime_honours_plan_reuse():

@@ -7,15 +7,14 @@ import os
 import pytest
 import torch
 
-from comfy_env import REPO, ui_to_api
+from comfy_env import API_COPIES, EXAMPLES, load_workflow, ui_to_api
 from conftest import CKPT_NAME
 
 import nodes
 
 pytestmark = pytest.mark.comfyui
-WORKFLOWS = os.path.join(REPO, "workflows")
-API_FILES = sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".api.json"))
-UI_FILES = sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".json") and not f.endswith(".api.json"))
+API_FILES = sorted(f for f in os.listdir(API_COPIES) if f.endswith(".api.json"))
+UI_FILES = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".json"))
 SIZE = int(os.environ.get("TOMESD_EXT_TEST_SIZE", "64"))
 STEPS = int(os.environ.get("TOMESD_EXT_TEST_STEPS", "2"))
 
@@ -23,7 +22,7 @@ STEPS = int(os.environ.get("TOMESD_EXT_TEST_STEPS", "2"))
 def test_object_info_lists_our_nodes_with_declared_inputs(object_info, comfy_server):
     failed = [line for line in comfy_server.read_log().splitlines() if "IMPORT FAILED" in line and "tomesd-ext" in line]
     assert not failed, failed
-    for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items():
+    for node_id, cls in nodes.NODE_DEFINITIONS.items():
         assert node_id in object_info, f"{node_id} missing from /object_info"
         info = object_info[node_id]
         assert info["category"] == cls.CATEGORY
@@ -32,8 +31,11 @@ def test_object_info_lists_our_nodes_with_declared_inputs(object_info, comfy_ser
         served = info["input"]["required"]
         assert list(served) == list(declared)
         for name, (kind, spec) in declared.items():
-            assert served[name][0] == kind, name
-            for key in ("default", "min", "max", "tooltip"):
+            if isinstance(kind, list):  # a combo, as the V3 API serves it
+                assert served[name][0] == "COMBO" and served[name][1]["options"] == kind, name
+            else:
+                assert served[name][0] == kind, name
+            for key in ("default", "min", "max", "tooltip", "control_after_generate"):
                 if key in spec:
                     assert served[name][1][key] == spec[key], (name, key)
 
@@ -53,7 +55,7 @@ def _small(prompt, prefix):
             inputs["filename_prefix"] = prefix
         if node["class_type"] == "LoadVideo":
             inputs["file"] = CLIP_NAME
-        if node["class_type"] in nodes.NODE_CLASS_MAPPINGS and "min_tokens" in inputs:
+        if node["class_type"] in nodes.NODE_DEFINITIONS and "min_tokens" in inputs:
             inputs["min_tokens"] = 0  # merge at test size too (64 px = an 8x8 latent)
     return prompt
 
@@ -90,7 +92,7 @@ def test_api_workflow_runs_and_saves_images(sd15_server, name):
     comfy_server = sd15_server
     """SDXL workflows run here on the SD1.5 random checkpoint (no SDXL weights are available
     offline): this checks the graph and our node inside it, not SDXL itself."""
-    prompt = _small(json.load(open(os.path.join(WORKFLOWS, name))), "tests/" + name.split(".")[0])
+    prompt = _small(load_workflow(name), "tests/" + name.split(".")[0])
     video = any(node["class_type"] == "LoadVideo" for node in prompt.values())
     if video:
         _provide_input_clip(comfy_server)
@@ -107,10 +109,10 @@ def test_api_workflow_runs_and_saves_images(sd15_server, name):
 
 @pytest.mark.parametrize("name", UI_FILES)
 def test_ui_workflow_matches_object_info_and_its_api_twin(object_info, name):
-    graph = json.load(open(os.path.join(WORKFLOWS, name)))
+    graph = load_workflow(name)
     prompt, problems = ui_to_api(graph, object_info)
     assert not problems, problems
-    api = json.load(open(os.path.join(WORKFLOWS, name.replace(".json", ".api.json"))))
+    api = load_workflow(name.replace(".json", ".api.json"))
     assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == {
         k: (v["class_type"], v["inputs"]) for k, v in api.items()
     }
@@ -123,7 +125,7 @@ def test_merge_mlp_object_patches_are_undone_between_runs(sd15_server):
     import numpy as np
     from PIL import Image
 
-    base = json.load(open(os.path.join(WORKFLOWS, "sd15_txt2img_tome.api.json")))
+    base = load_workflow("sd15_txt2img_tome.api.json")
 
     def run(tome, prefix):
         prompt = _small(base, prefix)
@@ -157,7 +159,7 @@ def test_vid2vid_vidtome_merges_and_nothing_merged_equals_no_node(sd15_server):
 
     comfy_server = sd15_server
     _provide_input_clip(comfy_server)
-    base = json.load(open(os.path.join(WORKFLOWS, "sd15_vid2vid_vidtome.api.json")))
+    base = load_workflow("sd15_vid2vid_vidtome.api.json")
     vid = next(k for k, v in base.items() if v["class_type"] == "TomesdExtVidToMe")
     sampler = next(k for k, v in base.items() if v["class_type"] == "KSampler")
 
@@ -198,8 +200,8 @@ def test_render_workflow_grid(sd15_server):
     size, steps = int(os.environ.get("TOMESD_EXT_GRID_SIZE", "256")), int(os.environ.get("TOMESD_EXT_GRID_STEPS", "8"))
     rows = []
     for name in API_FILES:
-        prompt = _small(json.load(open(os.path.join(WORKFLOWS, name))), "grid/" + name.split(".")[0])
-        tome = next((k for k, v in prompt.items() if v["class_type"] in nodes.NODE_CLASS_MAPPINGS
+        prompt = _small(load_workflow(name), "grid/" + name.split(".")[0])
+        tome = next((k for k, v in prompt.items() if v["class_type"] in nodes.NODE_DEFINITIONS
                      and "ratio" in v["inputs"]), None)
         if tome is None:  # the grid shows the workflows whose node has a ratio (not VidToMe's)
             continue
@@ -243,7 +245,7 @@ def test_render_vid2vid_strip(sd15_server):
     size, steps = int(os.environ.get("TOMESD_EXT_GRID_SIZE", "256")), int(os.environ.get("TOMESD_EXT_GRID_STEPS", "8"))
     clip = moving_shapes(n_frames=8, size=size, seed=1)
     write_mp4(clip, os.path.join(comfy_server.base, "input", "tomesd_ext_strip.mp4"), fps=8)
-    base = _small(json.load(open(os.path.join(WORKFLOWS, "sd15_vid2vid_vidtome.api.json"))), "grid/vid2vid")
+    base = _small(load_workflow("sd15_vid2vid_vidtome.api.json"), "grid/vid2vid")
     vid = next(k for k, v in base.items() if v["class_type"] == "TomesdExtVidToMe")
     rows = [("input (synthetic moving shapes)", [Image.fromarray(f) for f in clip[:4]])]
     for label, settings in (("nothing merged (chunk 1, ratios 0)", {"chunk_size": 1, "local_ratio": 0.0, "global_ratio": 0.0}),

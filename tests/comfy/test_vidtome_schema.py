@@ -1,19 +1,15 @@
 """Pure-Python tests of the VidToMe node, its attention stand-in and the shipped video workflow
 (no ComfyUI needed: these run in CI)."""
 
-import json
-import os
-
 import pytest
 import torch
 
 import nodes
+from comfy_env import load_workflow
 from nodes.vidtome import TomesdExtVidToMe
 from tomesd_ext.comfy.vidtome import VidToMeAttention, vidtome_state
 from tomesd_ext.core import OptionError, VidToMeOptions, chunk_draw, chunk_frames, chunked_temporal_attention, temporal_attention
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKFLOWS = os.path.join(REPO, "workflows")
 INPUTS = ["model", "chunk_size", "local_ratio", "global_ratio", "max_downsample", "seed", "global_rand",
           "align_batch", "start_percent", "end_percent"]
 
@@ -26,8 +22,8 @@ def _widgets(**over):
 
 
 def test_registered_with_display_name_and_schema():
-    assert nodes.NODE_CLASS_MAPPINGS["TomesdExtVidToMe"] is TomesdExtVidToMe
-    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["TomesdExtVidToMe"] == "Video Token Merging (VidToMe, tomesd-ext)"
+    assert nodes.NODE_DEFINITIONS["TomesdExtVidToMe"] is TomesdExtVidToMe
+    assert nodes.DISPLAY_NAMES["TomesdExtVidToMe"] == "Video Token Merging (VidToMe, tomesd-ext)"
     required = TomesdExtVidToMe.INPUT_TYPES()["required"]
     assert list(required) == INPUTS
     for name, (kind, spec) in required.items():
@@ -139,16 +135,11 @@ def test_one_frame_chunks_with_nothing_merged_are_per_frame_attention():
     torch.testing.assert_close(chunked_temporal_attention(x, 2, attn, opts, 1.0), attn(x), rtol=0, atol=1e-6)
 
 
-def _load(name):
-    with open(os.path.join(WORKFLOWS, name)) as f:
-        return json.load(f)
-
-
 def test_vid2vid_workflow_files():
-    api = _load("sd15_vid2vid_vidtome.api.json")
-    ui = _load("sd15_vid2vid_vidtome.json")
+    api = load_workflow("sd15_vid2vid_vidtome.api.json")
+    ui = load_workflow("sd15_vid2vid_vidtome.json")
     by_type = {v["class_type"]: (k, v["inputs"]) for k, v in api.items()}
-    ckpt = _load("sd15_txt2img_tome.api.json")["1"]["inputs"]["ckpt_name"]
+    ckpt = load_workflow("sd15_txt2img_tome.api.json")["1"]["inputs"]["ckpt_name"]
     assert by_type["CheckpointLoaderSimple"][1]["ckpt_name"] == ckpt
     for chain in (("LoadVideo", "GetVideoComponents"), ("GetVideoComponents", "ImageScale"), ("ImageScale", "VAEEncode"),
                   ("VAEEncode", "KSampler"), ("TomesdExtVidToMe", "KSampler"), ("KSampler", "VAEDecode"),

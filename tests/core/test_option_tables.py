@@ -76,6 +76,7 @@ def _check_widget(option, spec, node_default=None):
         assert kind == "BOOLEAN" and extra["default"] is default
     elif option.kind == "seed":
         assert (kind, extra["default"], extra["min"], extra["max"]) == ("INT", NODE_SEED_DEFAULT, 0, INT_MAX)
+        assert extra["control_after_generate"] is False  # the frontend would otherwise randomise it
     elif option.kind == "int":
         hi = INT_MAX if option.hi is None else option.hi
         assert (kind, extra["default"], extra["min"], extra["max"]) == ("INT", default, option.lo, hi)

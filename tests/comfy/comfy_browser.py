@@ -1,0 +1,261 @@
+"""The ComfyUI frontend in headless Chromium (Debian's package `chromium`, driven by playwright),
+against a ComfyServer on loopback: open a workflow as a user does (the template browser), read
+what the app shows (error toasts and dialogs), what it would queue (``app.graphToPrompt()``) and
+where its nodes are (their boxes at the frontend's real node sizes).
+
+Used by test_browser.py, and run as a script to (re)write the shipped example workflows:
+
+    COMFYUI_PATH=/path/to/ComfyUI python tests/comfy/comfy_browser.py
+
+builds each example_workflows/<name>.json in the frontend from its API copy
+tests/comfy/workflows/<name>.api.json (nodes laid out in columns by their depth in the graph, at
+the sizes the frontend gives them; a Note with the files the workflow needs), and renders the
+thumbnail example_workflows/<name>.jpg and the screenshot docs/img/comfyui_<name>.png of the
+opened workflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # comfy_env, when run as a script
+from comfy_env import API_COPIES, EXAMPLES, REPO, ComfyServer  # noqa: E402
+
+PACK = "tomesd-ext"  # the pack's folder name in custom_nodes (ComfyServer links it so)
+CHROMIUM = os.environ.get("TOMESD_EXT_CHROMIUM", "/usr/bin/chromium")
+VIEWPORT = {"width": 1600, "height": 900}
+
+# What each workflow needs besides its nodes: the Note shown in the graph.
+NOTES = {
+    "sd15_txt2img_tome": "Needs an SD 1.5 checkpoint in models/checkpoints (the graph names "
+                         "v1-5-pruned-emaonly-fp16.safetensors; pick yours in Load Checkpoint).",
+    "sd15_txt2img_importance": "Needs an SD 1.5 checkpoint in models/checkpoints (the graph names "
+                               "v1-5-pruned-emaonly-fp16.safetensors). Importance merging needs cfg > 1.",
+    "sdxl_txt2img_tome": "Needs an SDXL checkpoint in models/checkpoints (the graph names "
+                         "sd_xl_base_1.0.safetensors; pick yours in Load Checkpoint).",
+    "sd15_vid2vid_vidtome": "Needs an SD 1.5 checkpoint in models/checkpoints and an input video "
+                            "tomesd_ext_input.mp4 in ComfyUI/input (or choose/upload one in Load Video). "
+                            "Keep it short: every frame goes through the sampler in one batch.",
+}
+
+
+def workflow_names():
+    return sorted(f[: -len(".api.json")] for f in os.listdir(API_COPIES) if f.endswith(".api.json"))
+
+
+def chromium_missing() -> str | None:
+    """Why the browser test cannot run here (None when it can)."""
+    if not os.access(CHROMIUM, os.X_OK):
+        return (f"no Chromium at {CHROMIUM}: install Debian's package (`apt-get install chromium`; "
+                "`make test` does it as root) or set TOMESD_EXT_CHROMIUM")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[dev]')"
+    return None
+
+
+NODE_BOXES = """() => window.app.graph.nodes.map(n => ({
+  id: n.id, type: n.type, title: n.title,
+  box: Array.from(n.boundingRect),
+  size: Array.from(n.size), needed: Array.from(n.computeSize()),
+}))"""
+
+# Lay the nodes out in columns by depth (longest path from a source; a source sits just before
+# its first consumer), in id order within a column, at the sizes the frontend gave them; a Note
+# goes below the first column. Then set the KSampler seeds to "fixed" (same image every run).
+LAYOUT = """([note, gap]) => {
+  const g = window.app.graph, title = LiteGraph.NODE_TITLE_HEIGHT;
+  const nodes = g.nodes.slice().sort((a, b) => a.id - b.id);
+  const depth = new Map();
+  const inputsOf = n => (n.inputs || []).filter(i => i.link != null).map(i => g.links[i.link].origin_id);
+  const d = n => {
+    if (!depth.has(n.id)) depth.set(n.id, Math.max(-1, ...inputsOf(n).map(id => d(g.getNodeById(id)))) + 1);
+    return depth.get(n.id);
+  };
+  nodes.forEach(d);
+  for (const n of nodes) {
+    if (inputsOf(n).length) continue;
+    const consumers = nodes.filter(m => inputsOf(m).includes(n.id)).map(m => depth.get(m.id));
+    if (consumers.length) depth.set(n.id, Math.min(...consumers) - 1);
+  }
+  const columns = [];
+  for (const n of nodes) (columns[depth.get(n.id)] ||= []).push(n);
+  let x = 0;
+  columns.forEach((col, c) => {
+    let y = title;
+    for (const n of col) { n.pos = [x, y]; y += n.size[1] + title + gap; }
+    if (c === 0 && note) {
+      const w = LiteGraph.createNode('Note');
+      w.title = 'Note: what this workflow needs';
+      w.widgets[0].value = note;
+      w.size = [Math.max(...col.map(n => n.size[0])), 140];
+      g.add(w);
+      w.pos = [x, y];
+      col.push(w);
+    }
+    x += Math.max(...col.map(n => n.size[0])) + gap;
+  });
+  for (const n of nodes) if (n.title === n.type) n.title = LiteGraph.registered_node_types[n.type].title || n.title;
+  for (const n of nodes) for (const w of n.widgets || [])
+    if (w.name === 'control_after_generate') w.value = 'fixed';
+  g.setDirtyCanvas(true, true);
+  return true;
+}"""
+
+# Fit the graph into the part of the canvas that the app's bars leave free (top, left), as
+# "fit view" does, for the screenshots.
+FIT_VIEW = """([top, left]) => {
+  const c = window.app.canvas, W = c.canvas.width / devicePixelRatio, H = c.canvas.height / devicePixelRatio;
+  const xs = [], ys = [];
+  for (const n of window.app.graph.nodes) { const r = n.boundingRect; xs.push(r[0], r[0] + r[2]); ys.push(r[1], r[1] + r[3]); }
+  const pad = 20, x0 = Math.min(...xs), y0 = Math.min(...ys), w = Math.max(...xs) - x0, h = Math.max(...ys) - y0;
+  const scale = Math.min((W - left - 2 * pad) / w, (H - top - 2 * pad) / h, 1.2);
+  c.ds.scale = scale;
+  c.ds.offset = [(left + pad + (W - left - 2 * pad - w * scale) / 2) / scale - x0,
+                 (top + pad + (H - top - 2 * pad - h * scale) / 2) / scale - y0];
+  c.setDirty(true, true);
+  return scale;
+}"""
+
+
+class App:
+    """One Chromium page with the ComfyUI app of ``server`` loaded."""
+
+    def __init__(self, server, playwright, viewport=VIEWPORT):
+        self.server = server
+        self.browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                  args=["--no-sandbox", "--disable-gpu"])
+        self.page = self.browser.new_page(viewport=viewport)
+        self.page_errors = []
+        self.console_errors = []
+        self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        # a first visit opens the template browser by itself; a user who has been here has it closed
+        # (and the minimap, which would cover a corner of the screenshots, is off)
+        for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
+            status, _ = server.post(f"/settings/{setting}", value)
+            assert status == 200, (setting, status)
+        self.page.goto(server.url)
+        self.page.wait_for_function(
+            "() => window.app && window.app.graph && window.LiteGraph"
+            " && LiteGraph.registered_node_types['TomesdExtTokenMerging'] && window.app.extensionManager",
+            timeout=90_000)
+
+    def close(self):
+        self.browser.close()
+
+    def evaluate(self, script, arg=None):
+        return self.page.evaluate(script, arg)
+
+    def open_template(self, name, timeout=30_000):
+        """Open example workflow ``name`` through the template browser (click its card)."""
+        self.page.keyboard.press("Escape")
+        self.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        # the pack's own category in the browser's sidebar (Extensions > <pack folder>)
+        self.page.locator(".p-dialog").get_by_text(PACK, exact=True).first.click(timeout=timeout)
+        card = self.page.locator(f'[data-testid="template-workflow-{name}"]')
+        card.first.wait_for(state="visible", timeout=timeout)
+        tabs = "window.app.extensionManager.workflow"
+        opened = self.evaluate(f"() => {tabs}.openWorkflows.length")
+        card.first.click()
+        # loaded: the browser closed itself and the workflow is open in a new, active tab (named
+        # after the template; "name (2)" when it is open already)
+        self.page.wait_for_function(
+            "([name, opened]) => !document.querySelector('[data-testid^=\"template-workflow-\"]')"
+            f" && {tabs}.openWorkflows.length > opened"
+            f" && ({tabs}.activeWorkflow?.filename + ' (').startsWith(name + ' (')",
+            arg=[name, opened], timeout=timeout)
+        self.page.wait_for_timeout(500)  # toasts of the load appear right after
+
+    def load_api(self, prompt, name):
+        self.evaluate("([p, name]) => window.app.loadApiJson(p, name)", [prompt, name])
+
+    def shown_problems(self):
+        """Error/warning toasts and open dialogs, as their texts."""
+        return self.evaluate("""() => [
+          ...Array.from(document.querySelectorAll('.p-toast-message-error, .p-toast-message-warn')).map(e => 'toast: ' + e.innerText),
+          ...Array.from(document.querySelectorAll('.p-dialog')).filter(e => e.offsetParent !== null).map(e => 'dialog: ' + e.innerText.slice(0, 300)),
+        ]""")
+
+    def queued_prompt(self):
+        """What the app would send to /prompt for the open graph (API format)."""
+        return self.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+    def node_boxes(self):
+        return self.evaluate(NODE_BOXES)
+
+    def screenshot(self, path, **kw):
+        self.evaluate(FIT_VIEW, [110, 70])
+        self.page.wait_for_timeout(300)
+        self.page.screenshot(path=path, **kw)
+
+
+def overlaps(boxes):
+    """Pairs of nodes whose boxes (title bar included) intersect."""
+    out = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["box"], b["box"]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                out.append((f"{a['id']} {a['title']}", f"{b['id']} {b['title']}"))
+    return out
+
+
+def cramped(boxes):
+    """Nodes smaller than their widgets need (rows cut off at the bottom)."""
+    return [f"{b['id']} {b['title']}: {b['size']} < {b['needed']}" for b in boxes
+            if b["size"][0] + 0.5 < b["needed"][0] or b["size"][1] + 0.5 < b["needed"][1]]
+
+
+def write_examples(server, names=None):
+    """Build example_workflows/<name>.json from the API copies in the frontend, with thumbnails
+    and the docs/img screenshots (see the module docstring)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        app = App(server, pw)
+        try:
+            for name in names or workflow_names():
+                prompt = json.load(open(os.path.join(API_COPIES, f"{name}.api.json")))
+                app.load_api(prompt, name)
+                app.evaluate(LAYOUT, [NOTES.get(name, ""), 50])
+                # through JSON in the page: undefined fields are dropped there (the app's schema refuses null)
+                graph = app.evaluate("() => JSON.parse(JSON.stringify(window.app.graph.serialize()))")
+                graph.pop("extra", None)
+                with open(os.path.join(EXAMPLES, f"{name}.json"), "w") as f:
+                    json.dump(graph, f, indent=1)
+                    f.write("\n")
+                problems = overlaps(app.node_boxes()) + cramped(app.node_boxes())
+                assert not problems, problems
+                print("wrote", name)
+            # the pictures: each written file opened from the template browser, as a user sees it
+            # (in a fresh page: no tabs left over from the building)
+            app.close()
+            app = App(server, pw)
+            for name in names or workflow_names():
+                app.open_template(name)
+                assert not app.shown_problems(), app.shown_problems()
+                app.screenshot(os.path.join(EXAMPLES, f"{name}.jpg"), type="jpeg", quality=80)
+                app.screenshot(os.path.join(REPO, "docs", "img", f"comfyui_{name}.png"))
+        finally:
+            app.close()
+
+
+def main():
+    base = tempfile.mkdtemp(prefix="tomesd_ext_comfyui_")
+    server = ComfyServer(base)
+    try:
+        server.wait_ready()
+        write_examples(server, sys.argv[1:] or None)
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
