@@ -59,6 +59,12 @@ def widget(option, default=None, choices=None):
     return ("FLOAT", {"default": value, "min": option.lo, "max": hi, "step": option.step, **spec})
 
 
+def combo_value(value):
+    """A combo entry as the option wants it: "auto" stays, "2" -> 2; anything else is passed on
+    unchanged for the option check to refuse with its message."""
+    return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
 def range_error(cls, **values):
     """The VALIDATE_INPUTS message for a value outside its INPUT_TYPES min/max, else None.
 

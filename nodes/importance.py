@@ -8,7 +8,7 @@ The same core as the diffusers adapter's ``apply_tome(..., mode="importance")``
 
 from __future__ import annotations
 
-from .base import MODEL_INPUT, WINDOW_INPUTS
+from .base import MODEL_INPUT, WINDOW_INPUTS, combo_value
 from .library import comfy_adapter, core
 from .tome import TomesdExtTokenMerging, tome_widgets
 
@@ -39,12 +39,10 @@ class TomesdExtImportanceMerging(TomesdExtTokenMerging):
     def options(ratio, max_downsample, sx, sy, seed, pool_factor, prune_steps, merge_attn, merge_crossattn,
                 merge_mlp, min_tokens=None) -> "ToMeOptions":
         """Validated importance-mode ToMeOptions from the widget values (raises OptionError)."""
-        md = max_downsample if max_downsample == "auto" else int(max_downsample)
         return ToMeOptions.create(
-            ratio=float(ratio), max_downsample=md, sx=int(sx), sy=int(sy), seed=int(seed),
-            merge_attn=bool(merge_attn), merge_crossattn=bool(merge_crossattn), merge_mlp=bool(merge_mlp),
-            min_tokens=None if min_tokens is None else int(min_tokens), mode="importance", pool_factor=float(pool_factor),
-            prune_steps=int(prune_steps),
+            ratio=ratio, max_downsample=combo_value(max_downsample), sx=sx, sy=sy, seed=seed,
+            merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, min_tokens=min_tokens,
+            mode="importance", pool_factor=pool_factor, prune_steps=prune_steps,
         )
 
     @staticmethod

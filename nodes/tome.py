@@ -6,7 +6,7 @@ Nothing here imports ComfyUI, so the schema and the option validation are testab
 
 from __future__ import annotations
 
-from .base import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, range_error, widget, window_error
+from .base import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, combo_value, range_error, widget, window_error
 from .library import comfy_adapter, core
 
 ToMeOptions = core.ToMeOptions
@@ -56,11 +56,11 @@ class TomesdExtTokenMerging(ModelPatchNode):
     def options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
                 min_tokens=None) -> "ToMeOptions":
         """Validated ToMeOptions from the widget values (raises OptionError with the limit)."""
-        md = max_downsample if max_downsample == "auto" else int(max_downsample)
+        # values go to the option check as they are: a wrong type is an OptionError naming the input
         return ToMeOptions.create(
-            ratio=float(ratio), max_downsample=md, sx=int(sx), sy=int(sy), use_rand=bool(use_rand),
-            seed=int(seed), merge_attn=bool(merge_attn), merge_crossattn=bool(merge_crossattn),
-            merge_mlp=bool(merge_mlp), min_tokens=None if min_tokens is None else int(min_tokens),
+            ratio=ratio, max_downsample=combo_value(max_downsample), sx=sx, sy=sy, use_rand=use_rand,
+            seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
+            min_tokens=min_tokens,
         )
 
     @staticmethod

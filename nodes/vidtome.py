@@ -8,7 +8,7 @@ adapter. Nothing here imports ComfyUI at module level.
 
 from __future__ import annotations
 
-from .base import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, range_error, widget, window_error
+from .base import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, combo_value, range_error, widget, window_error
 from .library import comfy_adapter, core
 
 VidToMeOptions = core.VidToMeOptions
@@ -45,9 +45,8 @@ class TomesdExtVidToMe(ModelPatchNode):
     def options(chunk_size, local_ratio, global_ratio, max_downsample, seed, global_rand=0.5, align_batch=True) -> "VidToMeOptions":
         """Validated VidToMeOptions from the widget values (raises OptionError with the limit)."""
         return VidToMeOptions.create(
-            chunk_size=int(chunk_size), local_ratio=float(local_ratio), global_ratio=float(global_ratio),
-            max_downsample=int(max_downsample), seed=int(seed), global_rand=float(global_rand),
-            align_batch=bool(align_batch),
+            chunk_size=chunk_size, local_ratio=local_ratio, global_ratio=global_ratio,
+            max_downsample=combo_value(max_downsample), seed=seed, global_rand=global_rand, align_batch=align_batch,
         )
 
     @staticmethod

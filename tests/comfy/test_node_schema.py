@@ -211,3 +211,26 @@ def test_comfy_runtime_honours_plan_reuse():
         assert (state.runtime.cache is not None) == (reuse == "level")
     assert torch.equal(*groups["level"])
     assert not torch.equal(*groups["block"])
+
+
+@pytest.mark.parametrize("node_name, inputs", [
+    ("TomesdExtTokenMerging", {"ratio": "abc"}), ("TomesdExtTokenMerging", {"use_rand": "false"}),
+    ("TomesdExtTokenMerging", {"sx": 2.5}), ("TomesdExtTokenMerging", {"max_downsample": "x"}),
+    ("TomesdExtImportanceMerging", {"pool_factor": "big"}), ("TomesdExtVidToMe", {"align_batch": "false"}),
+    ("TomesdExtVidToMe", {"chunk_size": "4"}),
+])
+def test_wrong_widget_types_are_option_errors_naming_the_input(node_name, inputs):
+    """A value of the wrong type (a direct call, or an API prompt ComfyUI did not convert) is an
+    OptionError naming the input, never a raw float()/int() error or a truthy string."""
+    cls = nodes.NODE_DEFINITIONS[node_name]
+    spec = cls.INPUT_TYPES()["required"]
+    values = {k: v[1]["default"] for k, v in spec.items() if k not in ("model", "start_percent", "end_percent")}
+    values.update(inputs)
+    with pytest.raises(OptionError, match=next(iter(inputs))):
+        cls.options(**values)
+
+
+def test_window_with_a_wrong_type_is_a_clear_error():
+    from tomesd_ext.comfy import window_error
+
+    assert "start_percent must be a number" in window_error("abc", 1.0)

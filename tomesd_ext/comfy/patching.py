@@ -159,6 +159,8 @@ def unsupported_reason(model, what: str = "") -> str:
 def window_error(start_percent: float, end_percent: float) -> Optional[str]:
     """What is wrong with a sampling part [start_percent, end_percent], or None."""
     for name, v in (("start_percent", start_percent), ("end_percent", end_percent)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"{name} must be a number in [0, 1], got {v!r}"
         if not (0.0 <= float(v) <= 1.0):
             return f"{name}={v} is out of range: allowed [0, 1]"
     if start_percent > end_percent:
