@@ -213,3 +213,46 @@ def test_bad_kernel_setting_is_refused_at_apply_time(unet, monkeypatch):
     finally:
         monkeypatch.delenv("TOMESD_EXT_KERNELS")
         kernels.reset()
+
+
+def _ip_adapter_state_dict(unet, tokens=4):
+    """Random IP-Adapter weights in the layout diffusers' loader reads: "image_proj" (a linear
+    projection of the image embedding to `tokens` text-sized tokens, LayerNorm) and "ip_adapter"
+    (to_k_ip / to_v_ip of every cross-attention, keyed 1, 3, 5, ...)."""
+    g = torch.Generator().manual_seed(0)
+    cross = unet.config.cross_attention_dim
+    ip = {}
+    key = 1
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            hidden = module.to_q.in_features
+            ip[f"{key}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
+            ip[f"{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
+            key += 2
+    proj = {"proj.weight": torch.randn(tokens * cross, cross, generator=g) * 0.1, "proj.bias": torch.zeros(tokens * cross),
+            "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+def test_ip_adapter_loaded_after_apply_tome_keeps_merging(unet):
+    """The loader rebuilds every processor (by class for self-attention, IP-Adapter processors for
+    cross-attention): the patched model then equals a model that loaded it before apply_tome."""
+    sample, t, text, _ = unet_inputs(unet)
+    image = torch.randn(2, 1, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+
+    def ip_run(m):
+        with torch.no_grad():
+            return m(sample, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [image]}).sample
+
+    twin = copy.deepcopy(unet)
+    apply_tome(unet, 0.5, seed=9, merge_crossattn=True)
+    unet._load_ip_adapter_weights([_ip_adapter_state_dict(unet)])
+    after = ip_run(unet)
+    twin._load_ip_adapter_weights([_ip_adapter_state_dict(twin)])
+    unmerged = ip_run(twin)
+    apply_tome(twin, 0.5, seed=9, merge_crossattn=True)
+    assert torch.equal(after, ip_run(twin))
+    assert not torch.equal(after, unmerged)
+    keys = set(twin.state_dict())
+    remove_tome(unet)
+    assert set(unet.state_dict()) == keys and torch.equal(ip_run(unet), unmerged)
