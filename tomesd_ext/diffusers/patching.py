@@ -21,7 +21,7 @@ import torch
 from ..core import MergeRuntime, timestep_key
 from ..kernels import check_kernel_setting
 from .discovery import denoiser_of
-from .processors import WrappedProcessor, wrapped_chain
+from .processors import wrapped_chain
 
 
 class CallStart:
