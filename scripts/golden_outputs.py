@@ -12,6 +12,7 @@ Bit-identity holds on one machine and torch build; across machines compare with 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -27,22 +28,14 @@ def _unet_call(unet, sample, t, text, extra=None):
         return unet(sample, torch.tensor(t), encoder_hidden_states=text, **(extra or {})).sample
 
 
-def _inputs(unet, batch=2, hw=32, seed=0, cfg_pair=False):
-    g = torch.Generator().manual_seed(seed)
-    cfg = unet.config
-    n = batch // 2 if cfg_pair else batch
-    sample = torch.randn(n, cfg.in_channels, hw, hw, generator=g)
-    if cfg_pair:
-        sample = torch.cat([sample, sample])
-    text = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
-    extra = {}
-    if cfg.addition_embed_type == "text_time":
-        proj = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        extra["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, proj, generator=g),
-            "time_ids": torch.randn(batch, 6, generator=g),
-        }
-    return sample, text, extra
+def _inputs(unet, seed=0, cfg_pair=False):
+    """(sample, text, extra) of the test suite's UNet inputs at 32x32 (tests/diffusers/conftest.py);
+    cfg_pair: the first latent twice, as a CFG batch."""
+    spec = importlib.util.spec_from_file_location("diffusers_conftest", os.path.join(REPO, "tests", "diffusers", "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    sample, _t, text, extra = conftest.unet_inputs(unet, hw=(32, 32), seed=seed)
+    return (torch.cat([sample[:1], sample[:1]]) if cfg_pair else sample), text, extra
 
 
 def diffusers_outputs() -> dict:

@@ -17,11 +17,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from tomesd_ext.core import TODO_OPTIONS, TOME_OPTIONS, VIDTOME_OPTIONS  # noqa: E402
-from tomesd_ext.core.options import markdown_table  # noqa: E402
 
 TABLES = {"tome": TOME_OPTIONS, "vidtome": VIDTOME_OPTIONS, "todo": TODO_OPTIONS}
 FILES = ("README.md", "docs/video.md")
 BLOCK = re.compile(r"(<!-- options:(\w+) -->\n)(.*?)(<!-- /options -->)", re.S)
+
+
+def markdown_table(table: dict) -> str:
+    """The README table of an option table: | option | default | allowed | meaning |."""
+
+    def show(value):
+        return f'`"{value}"`' if isinstance(value, str) else str(value)
+
+    rows = ["| option | default | allowed | meaning |", "|---|---|---|---|"]
+    for o in table.values():
+        help_text = o.help.replace("|", "\\|")
+        rows.append(f"| `{o.name}` | {show(o.default)} | {o.allowed} | {help_text} |")
+    return "\n".join(rows)
 
 
 def render(text: str) -> str:

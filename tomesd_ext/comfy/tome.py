@@ -26,18 +26,23 @@ from .discovery import auto_max_downsample, transformer_blocks, unet_of
 from .patching import PatchState, SharedPatch, StandIn, patched_clone, sigma_range, unsupported_reason
 
 
+def _merging_plan(state, n, enabled: bool, which: str):
+    """The block call's plan for input n when ``which`` merges (recorded for its output patch)."""
+    plan = state.slot.get(n) if enabled else None
+    if plan is not None:
+        state.slot.merged.add(which)
+    return plan
+
+
 class Attn1Patch(SharedPatch):
     """attn1_patch(n, context, value, extra_options) -> merged (n, context, value)."""
 
     def __call__(self, n, context, value, extra_options):
-        slot = self.state.slot
-        slot.reset(scope=(extra_options.get("block"), extra_options.get("block_index")))  # a block call starts
-        if not self.state.opts.merge_attn:
-            return n, context, value
-        plan = slot.get(n)
+        state = self.state
+        state.slot.reset(scope=(extra_options.get("block"), extra_options.get("block_index")))  # a block call starts
+        plan = _merging_plan(state, n, state.opts.merge_attn, "attn1")
         if plan is None:
             return n, context, value
-        slot.merged.add("attn1")
         merged = merge(n, plan)
         # Self-attention: K/V inputs are n itself (or a same-length stand-in) -> merge them too.
         # A cross-attention attn1 (disable_self_attn) keeps its text context.
@@ -50,14 +55,8 @@ class Attn2Patch(SharedPatch):
     """attn2_patch: merges the queries only."""
 
     def __call__(self, n, context, value, extra_options):
-        slot = self.state.slot
-        if not self.state.opts.merge_crossattn:
-            return n, context, value
-        plan = slot.get(n)
-        if plan is None:
-            return n, context, value
-        slot.merged.add("attn2")
-        return merge(n, plan), context, value
+        plan = _merging_plan(self.state, n, self.state.opts.merge_crossattn, "attn2")
+        return (n, context, value) if plan is None else (merge(n, plan), context, value)
 
 
 class _OutputPatch(SharedPatch):

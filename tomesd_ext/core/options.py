@@ -264,15 +264,3 @@ class ToMeOptions:
         """Whether plans are kept beyond one block call (reuse="level" or reuse_steps > 1)."""
         return self.reuse == "level" or self.reuse_steps > 1
 
-
-def markdown_table(table: dict) -> str:
-    """The README table of an option table: | option | default | allowed | meaning |."""
-
-    def show(value):
-        return f'`"{value}"`' if isinstance(value, str) else str(value)
-
-    rows = ["| option | default | allowed | meaning |", "|---|---|---|---|"]
-    for o in table.values():
-        help_text = o.help.replace("|", "\\|")
-        rows.append(f"| `{o.name}` | {show(o.default)} | {o.allowed} | {help_text} |")
-    return "\n".join(rows)
