@@ -22,9 +22,10 @@ from functools import partial
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..core import timestep_key
+from ..core import ImportancePolicy, timestep_key
 from ..core.dit import merge_keys_values, merge_span, merged_blocks, shared_metric, unmerge_update, dit_settings
 from .dit_families import Family, bind
+from .dit_importance import track_dit_importance
 from .processors import WrappedProcessor
 
 log = logging.getLogger("tomesd_ext")
@@ -40,14 +41,16 @@ class CallState:
 class DitCallStart:
     """Forward pre-hook of the transformer: read grid, text length and timestep; begin the call."""
 
-    def __init__(self, patch, family: Family, state: CallState):
-        self.patch, self.family, self.state = patch, family, state
+    def __init__(self, patch, family: Family, state: CallState, before=None):
+        self.patch, self.family, self.state, self.before = patch, family, state, before
 
     def __call__(self, module, args, kwargs):
         self.patch.rewrap()
         info = self.family.read(bind(module.forward, args, kwargs).arguments, module)
         self.state.n_txt = info.n_txt
         self.patch.runtime.begin_call(info.grid, timestep_key(info.timestep))
+        if self.before is not None:
+            self.before(info.sample, info.grid)
 
 
 class BlockMerge:
@@ -170,7 +173,11 @@ def attach_dit(patch, family: Family) -> None:
     mode, skip = dit_settings(family.name, opts.dit_mode, opts.skip_ends)
     state = CallState()
     patch.dit_mode, patch.skip_ends = mode, skip
-    patch.track_calls(start=DitCallStart(patch, family, state))
+    before = None
+    if isinstance(runtime.policy, ImportancePolicy):
+        patch.importance = track_dit_importance(patch)
+        before = patch.importance.before
+    patch.track_calls(start=DitCallStart(patch, family, state, before))
     order = [(spec, block) for spec in family.lists for block in getattr(model, spec.name, None) or []]
     for i in merged_blocks(len(order), skip):
         spec, block = order[i]

@@ -16,11 +16,13 @@ from ..core.dit import gather_span
 
 @dataclass(frozen=True)
 class CallInfo:
-    """One transformer call: the image token grid (h, w), the text length, the timestep."""
+    """One transformer call: the image token grid (h, w), the text length, the timestep, the
+    latent input (importance mode reads its CFG layout)."""
 
     grid: Optional[Tuple[int, int]]
     n_txt: int
     timestep: object
+    sample: object = None
 
 
 @dataclass(frozen=True)
@@ -73,13 +75,13 @@ def _n_txt(a) -> int:
 
 
 def _read_flux(a, model):
-    return CallInfo(_grid_from_ids(a.get("img_ids")), _n_txt(a), a.get("timestep"))
+    return CallInfo(_grid_from_ids(a.get("img_ids")), _n_txt(a), a.get("timestep"), a.get("hidden_states"))
 
 
 def _read_patched_latent(a, model):
     x, p = a.get("hidden_states"), model.config.patch_size
     grid = (x.shape[-2] // p, x.shape[-1] // p) if x is not None and x.ndim == 4 else None
-    return CallInfo(grid, _n_txt(a), a.get("timestep"))
+    return CallInfo(grid, _n_txt(a), a.get("timestep"), x)
 
 
 def _read_qwen(a, model):
@@ -90,7 +92,7 @@ def _read_qwen(a, model):
             grid = (int(first[1]), int(first[2]))
     except (TypeError, IndexError, ValueError):
         grid = None
-    return CallInfo(grid, _n_txt(a), a.get("timestep"))
+    return CallInfo(grid, _n_txt(a), a.get("timestep"), a.get("hidden_states"))
 
 
 def _read_z_image(a, model):
@@ -100,7 +102,7 @@ def _read_z_image(a, model):
         _, f, h, w = x[0].shape
         if f // fp == 1 and all(tuple(t.shape) == tuple(x[0].shape) for t in x):
             grid = (h // p, w // p)
-    return CallInfo(grid, 0, a.get("t"))
+    return CallInfo(grid, 0, a.get("t"), x)
 
 
 def _rotary_after_text(a, plan, n_txt):
@@ -145,8 +147,7 @@ FAMILIES = {
         "flux2",
         (BlockList("transformer_blocks", "hidden_states", False, False, ("attn",)),
          BlockList("single_transformer_blocks", "hidden_states", True, True, ("attn",))),
-        True, lambda a, m: CallInfo(_grid_from_ids(a.get("img_ids")), _n_txt(a), a.get("timestep")),
-        _rotary_after_text,
+        True, _read_flux, _rotary_after_text,
     ),
     "SD3Transformer2DModel": Family(
         "sd3", (BlockList("transformer_blocks", "hidden_states", False, False, ("attn", "attn2")),),
