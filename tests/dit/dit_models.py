@@ -82,3 +82,37 @@ def cfg_batch(kw):
         else:
             out[k] = v
     return out
+
+
+VIDEO_FAMILIES = ("wan", "hunyuan-video", "ltx-video")
+
+
+def make_video(family, batch=1, frames=3, h=6, w=5, seed=0, txt=7):
+    """A tiny video transformer and its call on a frames x h x w token grid."""
+    from diffusers import HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    t = torch.full((batch,), 500.0)
+    if family == "wan":
+        m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64)
+        kw = dict(hidden_states=rnd(batch, 4, frames, 2 * h, 2 * w), timestep=t, encoder_hidden_states=rnd(batch, txt, 16))
+    elif family == "hunyuan-video":
+        m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                           patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 4, 4))
+        kw = dict(hidden_states=rnd(batch, 4, frames, 2 * h, 2 * w), timestep=t, encoder_hidden_states=rnd(batch, txt, 16),
+                  encoder_attention_mask=torch.ones(batch, txt), pooled_projections=rnd(batch, 8), guidance=torch.full((batch,), 6000.0))
+    elif family == "ltx-video":
+        m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                                       attention_head_dim=12, cross_attention_dim=24, num_layers=2, caption_channels=16)
+        kw = dict(hidden_states=rnd(batch, frames * h * w, 8), encoder_hidden_states=rnd(batch, txt, 16), timestep=t.long(),
+                  encoder_attention_mask=torch.ones(batch, txt), num_frames=frames, height=h, width=w)
+    else:
+        raise ValueError(family)
+    return m.eval(), kw, (lambda o: o.sample)

@@ -126,6 +126,9 @@ DIT_DEFAULTS = {
     "qwen-image": ("block", 0),
     "z-image": ("block", 0),
     "pixart": ("block", 0),
+    "wan": ("block", 0),
+    "hunyuan-video": ("block", 0),
+    "ltx-video": ("block", 0),
 }
 
 

@@ -176,6 +176,11 @@ TOME_OPTIONS = _table(
            "Transformers (Flux, SD3, PixArt...): block = image tokens merged through the whole block (attention "
            "and MLP) and its update unmerged; kv = keys and values only, queries kept; auto = the family's "
            "measured default. UNets ignore it.", choices=DIT_MODES),
+    Option("st", "int", 2, "int in [1, 16]",
+           "Video transformers: window depth in latent frames, one destination per st x sy x sx window, so "
+           "tokens merge across neighbouring frames; 1 = per-frame windows. Images ignore it.", lo=1, hi=16),
+    Option("keep_first_frame", "bool", False, "bool",
+           "Video transformers: the first latent frame (an image-to-video conditioning frame) is never merged.",),
     Option("skip_ends", "int", None, "None or int in [0, 64]",
            "Transformers: this many blocks at each end of the network stay unmerged; None = the family's "
            "measured default. UNets ignore it.", lo=0, hi=64),
@@ -206,6 +211,8 @@ class ToMeOptions:
     reuse_steps: keep plans for this many consecutive steps (1 = recompute every step).
     dit_mode, skip_ends: transformers only (core/dit.py): "block" or "kv" merging, and the blocks
         left unmerged at each end; "auto" / None take the family's measured defaults.
+    st, keep_first_frame: video transformers only: the window depth in latent frames, and whether
+        the first latent frame (image-to-video conditioning) stays unmerged.
     min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
         the matching and bookkeeping cost more than the smaller attention saves; the default
         comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always;
@@ -230,6 +237,8 @@ class ToMeOptions:
     min_tokens: Optional[int] = None
     dit_mode: str = "auto"
     skip_ends: Optional[int] = None
+    st: int = 2
+    keep_first_frame: bool = False
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -269,6 +278,8 @@ class ToMeOptions:
         check_option(table["reuse"], o.reuse)
         check_option(table["reuse_steps"], o.reuse_steps)
         check_option(table["dit_mode"], o.dit_mode)
+        check_option(table["st"], o.st)
+        check_option(table["keep_first_frame"], o.keep_first_frame)
         if o.skip_ends is not None:
             check_option(table["skip_ends"], o.skip_ends)
         seed = resolve_seed(o.seed)

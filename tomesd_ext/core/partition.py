@@ -32,25 +32,31 @@ def timestep_key(t) -> float:
 
 
 def window_partition(
-    h: int, w: int, sx: int, sy: int, seed: int | None, device=None
+    h: int, w: int, sx: int, sy: int, seed: int | None, device=None, frames: int = 1, st: int = 1
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Split the h*w raster indices into (dst_idx, src_idx), both sorted ascending.
+    """Split the frames*h*w raster indices (frame-major, then row-major) into (dst_idx, src_idx),
+    both sorted ascending.
 
-    dst_idx: (floor(h/sy) * floor(w/sx),) one per window; src_idx: (N - N_dst,).
-    seed None -> top-left token of every window (tomesd's use_rand=False).
+    dst_idx: one per st x sy x sx window, (floor(frames/st) * floor(h/sy) * floor(w/sx),);
+    src_idx: (N - N_dst,). Images are frames = st = 1. seed None -> the first token of every
+    window (tomesd's use_rand=False). The draws do not depend on frames/st for an image, so an
+    image partition is the same with or without them.
     """
-    hsy, wsx = h // sy, w // sx
-    n = h * w
-    if hsy == 0 or wsx == 0:
+    fst, hsy, wsx = frames // st, h // sy, w // sx
+    n = frames * h * w
+    if fst == 0 or hsy == 0 or wsx == 0:
         return torch.empty(0, dtype=torch.long, device=device), torch.arange(n, device=device)
+    volume = st * sy * sx
     if seed is None:
-        off = torch.zeros(hsy, wsx, dtype=torch.long)
+        off = torch.zeros(fst, hsy, wsx, dtype=torch.long)
     else:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        off = torch.randint(sx * sy, (hsy, wsx), generator=gen)
-    rows = torch.arange(hsy).view(-1, 1) * sy + off // sx
-    cols = torch.arange(wsx).view(1, -1) * sx + off % sx
-    dst = (rows * w + cols).flatten()
+        off = torch.randint(volume, (fst, hsy, wsx), generator=gen)
+    plane = off % (sx * sy)
+    frame = torch.arange(fst).view(-1, 1, 1) * st + off // (sx * sy)
+    rows = torch.arange(hsy).view(1, -1, 1) * sy + plane // sx
+    cols = torch.arange(wsx).view(1, 1, -1) * sx + plane % sx
+    dst = ((frame * h + rows) * w + cols).flatten()
     mask = torch.ones(n, dtype=torch.bool)
     mask[dst] = False
     src = mask.nonzero().flatten()

@@ -49,6 +49,7 @@ class MergeRuntime:
         self.sigma_start = sigma_start
         self.sigma_end = sigma_end
         self.latent_hw: Optional[Tuple[int, int]] = None
+        self.frames = 1  # > 1: the call's tokens are a frames x h x w video grid (transformers)
         self.step_key = 0.0
         self.active = False
         reuses = getattr(self.opts, "reuses_plans", False)
@@ -57,9 +58,10 @@ class MergeRuntime:
         self._caller: Optional[int] = None  # thread of the call in progress
         self._skip_said = False
 
-    def begin_call(self, latent_hw: Optional[Tuple[int, int]], step_key: float, sigma=None) -> None:
-        """A denoiser call starts: latent (H, W), its step key (``timestep_key``), its sigma (a
-        number, a tensor whose first entry is used, or None: no window).
+    def begin_call(self, latent_hw, step_key: float, sigma=None) -> None:
+        """A denoiser call starts: latent (H, W) (or, for a video transformer, the token grid
+        (frames, h, w)), its step key (``timestep_key``), its sigma (a number, a tensor whose
+        first entry is used, or None: no window).
 
         The call state lives on the patched model, so one model must not run in two threads at
         once: a call that starts while another thread's call is in progress raises RuntimeError.
@@ -71,6 +73,9 @@ class MergeRuntime:
                 "model, so use one patched model per thread (copy.deepcopy(model) gives an independent copy)"
             )
         self._caller = me
+        self.frames = 1
+        if latent_hw is not None and len(latent_hw) == 3:
+            self.frames, latent_hw = int(latent_hw[0]), tuple(latent_hw[1:])
         self.latent_hw = latent_hw
         self.step_key = step_key
         if sigma is not None and hasattr(sigma, "flatten"):
@@ -93,6 +98,9 @@ class MergeRuntime:
         (an unknown latent size, a level deeper than max_downsample, tokens that are no grid)."""
         if self.latent_hw is None:
             return None
+        if self.frames > 1:  # a video token grid: merged as a whole, at its own size only
+            h, w = self.latent_hw
+            return (h, w) if n_tokens == self.frames * h * w else None
         found = level_grid(n_tokens, self.latent_hw)
         if found is None or found[0] > self.max_downsample:
             return None
@@ -112,21 +120,28 @@ class MergeRuntime:
         if grid is None:
             return None
         h, w = grid
+        f = self.frames
         opts = self.opts
-        if h * w < opts.min_tokens:  # auto-skip: merging cannot pay at this token count
+        if f * h * w < opts.min_tokens:  # auto-skip: merging cannot pay at this token count
             if not self._skip_said:
                 self._skip_said = True
                 log.warning(
-                    "tomesd-ext: the %dx%d token grid (%d tokens) is below min_tokens=%d, so it is not merged "
+                    "tomesd-ext: the %s token grid (%d tokens) is below min_tokens=%d, so it is not merged "
                     "(merging does not pay there); pass min_tokens=0 to merge it anyway (said once per patch)",
-                    h, w, h * w, opts.min_tokens,
+                    "x".join(map(str, ((f,) if f > 1 else ()) + (h, w))), f * h * w, opts.min_tokens,
                 )
             return None
-        seed = partition_seed(opts, self.step_key, h, w)
+        video = {"frames": f} if f > 1 else {}
+        seed = partition_seed(opts, self.step_key, f, h, w) if f > 1 else partition_seed(opts, self.step_key, h, w)
         if self.cache is None:
-            return self.policy.plan(metric, h, w, seed)
-        key = (None if opts.reuse == "level" else scope, h, w, metric.shape[0], metric.device)
-        return self.cache.get(key, lambda: self.policy.plan(metric, h, w, seed))
+            return self.policy.plan(metric, h, w, seed, **video)
+        key = (None if opts.reuse == "level" else scope, f, h, w, metric.shape[0], metric.device)
+        return self.cache.get(key, lambda: self.policy.plan(metric, h, w, seed, **video))
+
+    @property
+    def grid_tokens(self) -> int:
+        """Tokens of the call's grid at full resolution (frames * H * W); 0 when unknown."""
+        return 0 if self.latent_hw is None else self.frames * self.latent_hw[0] * self.latent_hw[1]
 
     def new_slot(self, scope: Hashable = None) -> "BlockSlot":
         """A slot for one block (scope: its cache key; default a fresh number)."""

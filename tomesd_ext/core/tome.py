@@ -19,8 +19,8 @@ from .plan import MergePlan
 
 
 @lru_cache(maxsize=256)
-def _cached_partition(h, w, sx, sy, seed, device):
-    return window_partition(h, w, sx, sy, seed, device)
+def _cached_partition(h, w, sx, sy, seed, device, frames=1, st=1):
+    return window_partition(h, w, sx, sy, seed, device, frames, st)
 
 
 def partition_seed(opts: ToMeOptions, *keys) -> Optional[int]:
@@ -28,20 +28,26 @@ def partition_seed(opts: ToMeOptions, *keys) -> Optional[int]:
     return derive_seed(opts.seed, *keys) if opts.use_rand else None
 
 
-def tome_plan(metric: torch.Tensor, h: int, w: int, opts: ToMeOptions, seed: Optional[int]) -> Optional[MergePlan]:
-    """Plan for a (B, h*w, C) metric on an h x w grid, or None when nothing would be merged.
+def tome_plan(
+    metric: torch.Tensor, h: int, w: int, opts: ToMeOptions, seed: Optional[int], frames: int = 1
+) -> Optional[MergePlan]:
+    """Plan for a (B, frames*h*w, C) metric on a frames x h x w grid, or None when nothing would
+    be merged.
 
     The partition has no batch dimension: every sample of the call (cond and uncond halves,
-    several images) uses the same destinations; matching is per sample.
+    several images) uses the same destinations; matching is per sample and global, so in a video
+    a source merges into the most similar destination of any frame. Video windows span opts.st
+    frames (images and st = 1: one frame).
     """
-    n = h * w
+    n = frames * h * w
     if metric.shape[1] != n:
-        raise ValueError(f"metric has {metric.shape[1]} tokens, grid {h}x{w} has {n}")
-    dst, src = _cached_partition(h, w, opts.sx, opts.sy, seed, metric.device)
+        raise ValueError(f"metric has {metric.shape[1]} tokens, grid {frames}x{h}x{w} has {n}")
+    st = opts.st if frames > 1 else 1
+    dst, src = _cached_partition(h, w, opts.sx, opts.sy, seed, metric.device, frames, st)
     r = tokens_to_remove(opts.ratio, n, src.numel())
     if r == 0 or dst.numel() == 0:
         return None
-    return bipartite_plan(metric, dst, src, r, grid=(h, w))
+    return bipartite_plan(metric, dst, src, r, grid=(h, w) if frames == 1 else (frames, h, w))
 
 
 class TomePolicy:
@@ -55,5 +61,5 @@ class TomePolicy:
         self.opts = opts
         self.queries_only = queries_only
 
-    def plan(self, metric: torch.Tensor, h: int, w: int, seed: Optional[int]) -> Optional[MergePlan]:
-        return tome_plan(metric, h, w, self.opts, seed)
+    def plan(self, metric: torch.Tensor, h: int, w: int, seed: Optional[int], frames: int = 1) -> Optional[MergePlan]:
+        return tome_plan(metric, h, w, self.opts, seed, frames)

@@ -29,6 +29,15 @@ def denoiser_of(obj, transformers: bool = True):
     raise TypeError(f"tomesd-ext cannot patch {what}: supported are {supported}")
 
 
+def second_denoisers(obj) -> list:
+    """Further denoisers of a pipeline that apply_tome patches beside the first: the
+    low-noise expert ``transformer_2`` of two-expert pipelines (Wan 2.2 A14B)."""
+    from .dit_families import family_of
+
+    second = getattr(obj, "transformer_2", None)
+    return [second] if second is not None and family_of(second) is not None else []
+
+
 def attention_levels(model) -> List[int]:
     """Downsample factors d of the levels that hold transformer blocks (down block i runs at 2**i)."""
     levels = set()

@@ -32,10 +32,12 @@ log = logging.getLogger("tomesd_ext")
 
 
 class CallState:
-    """The image grid and text length of the transformer call in progress."""
+    """The transformer call in progress: its text length, and ``lead``, the image tokens before
+    the merged span (the first latent frame when ``keep_first_frame`` holds it back)."""
 
     def __init__(self):
         self.n_txt = 0
+        self.lead = 0
 
 
 class DitCallStart:
@@ -47,8 +49,17 @@ class DitCallStart:
     def __call__(self, module, args, kwargs):
         self.patch.rewrap()
         info = self.family.read(bind(module.forward, args, kwargs).arguments, module)
-        self.state.n_txt = info.n_txt
-        self.patch.runtime.begin_call(info.grid, timestep_key(info.timestep))
+        grid, state = info.grid, self.state
+        state.n_txt, state.lead = info.n_txt, 0
+        if grid is not None and len(grid) == 3:
+            if self.patch.opts.keep_first_frame:
+                state.lead = grid[1] * grid[2]
+                grid = (grid[0] - 1,) + tuple(grid[1:])
+            if grid[0] == 1:
+                grid = tuple(grid[1:])
+            if grid[0] < 1:
+                grid = None
+        self.patch.runtime.begin_call(grid, timestep_key(info.timestep))
         if self.before is not None:
             self.before(info.sample, info.grid)
 
@@ -69,14 +80,18 @@ class BlockMerge:
         bound = bind(module.forward, args, kwargs)
         a = bound.arguments
         x = a.get(self.blocks.hidden)
-        n = rt.latent_hw[0] * rt.latent_hw[1]
-        start = self.state.n_txt if self.blocks.joined else 0
+        n = rt.grid_tokens
+        start = (self.state.n_txt if self.blocks.joined else 0) + self.state.lead
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[1] < start + n:
             return None
         plan = self.slot.get(shared_metric(x[:, start : start + n]))
         if plan is None:
             return None
-        if self.family.positions(a, plan, self.state.n_txt) is not None:  # cannot follow the tokens
+        reason = self.family.positions(a, plan, self.state)
+        if reason is not None:  # its positional inputs cannot follow the tokens
+            if not getattr(rt, "_reason_said", False):
+                rt._reason_said = True
+                log.warning("tomesd-ext: %s calls with %s are not merged (said once per patch)", self.family.name, reason)
             return None
         merged = merge_span(x, plan, start)
         a[self.blocks.hidden] = merged
@@ -96,7 +111,8 @@ class BlockUnmerge:
             return None
         x, merged, plan, start = pending
         if isinstance(output, tuple):
-            return output[:-1] + (unmerge_update(x, merged, output[-1], plan, start),)
+            i = self.merge.blocks.out % len(output)
+            return output[:i] + (unmerge_update(x, merged, output[i], plan, start),) + output[i + 1 :]
         return unmerge_update(x, merged, output, plan, start)
 
 
@@ -138,14 +154,15 @@ class KeysValuesProcessor(WrappedProcessor):
         slot = self.slot
         rt = slot.runtime if slot is not None else None
         plan = None
+        state = self.state
         if rt is not None and rt.active and hidden_states.ndim == 3:
-            n = rt.latent_hw[0] * rt.latent_hw[1]
-            start = self.state.n_txt if self.blocks.attn_joined else 0
+            n = rt.grid_tokens
+            start = (state.n_txt if self.blocks.attn_joined else 0) + state.lead
             if hidden_states.shape[1] >= start + n:
                 plan = slot.get(shared_metric(hidden_states[:, start : start + n]))
         if plan is None:
             return self.inner(attn, hidden_states, *args, **kwargs)
-        mode = _KeysValuesAtSdpa(plan, self.state.n_txt if self.family.text_first else 0)
+        mode = _KeysValuesAtSdpa(plan, (state.n_txt if self.family.text_first else 0) + state.lead)
         with mode:
             out = self.inner(attn, hidden_states, *args, **kwargs)
         if mode.hits == 0 and not getattr(rt, "_kv_missed_said", False):

@@ -11,15 +11,17 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+import torch
+
 from ..core.dit import gather_span
 
 
 @dataclass(frozen=True)
 class CallInfo:
-    """One transformer call: the image token grid (h, w), the text length, the timestep, the
-    latent input (importance mode reads its CFG layout)."""
+    """One transformer call: the image token grid (h, w) or video token grid (frames, h, w), the
+    text length, the timestep, the latent input (importance mode reads its CFG layout)."""
 
-    grid: Optional[Tuple[int, int]]
+    grid: Optional[Tuple[int, ...]]
     n_txt: int
     timestep: object
     sample: object = None
@@ -37,14 +39,16 @@ class BlockList:
     joined: bool
     attn_joined: bool
     attentions: Tuple[str, ...]
+    out: int = -1  # which output of the block is the token sequence, when it returns several
 
 
 @dataclass(frozen=True)
 class Family:
     """name: the core family key (DIT_DEFAULTS); text_first: the attention sequence is [text,
     image] (else image first); read: (bound forward arguments, model) -> CallInfo; positions:
-    (bound block arguments, plan, n_txt) -> None, gathers positional inputs in place, or returns a
-    reason the call cannot merge."""
+    (bound block arguments, plan, span) -> None, gathers positional inputs in place, or returns a
+    reason the call cannot merge; span.n_txt is the call's text length, span.lead the image tokens
+    before the merged span (the first frame when it is kept)."""
 
     name: str
     lists: Tuple[BlockList, ...]
@@ -105,35 +109,87 @@ def _read_z_image(a, model):
     return CallInfo(grid, 0, a.get("t"), x)
 
 
-def _rotary_after_text(a, plan, n_txt):
-    emb = a.get("image_rotary_emb")
-    if emb is not None:
-        a["image_rotary_emb"] = tuple(gather_span(t, plan, n_txt, 0) for t in emb)
+def _gather(a, name, plan, start, dim, element=None):
+    """Gather argument ``name`` (or element ``element`` of a tuple argument) at the plan's anchors."""
+    value = a.get(name)
+    if value is None:
+        return
+    if element is None:
+        a[name] = gather_span(value, plan, start, dim)
+    elif element == "all":
+        a[name] = tuple(gather_span(t, plan, start, dim) for t in value)
+    else:
+        a[name] = tuple(gather_span(t, plan, start, dim) if i == element else t for i, t in enumerate(value))
 
 
-def _qwen_positions(a, plan, n_txt):
-    emb = a.get("image_rotary_emb")
-    if emb is not None:
-        a["image_rotary_emb"] = (gather_span(emb[0], plan, 0, 0),) + tuple(emb[1:])
-    if a.get("modulate_index") is not None:
-        a["modulate_index"] = gather_span(a["modulate_index"], plan, 0, 1)
+def _rotary_after_text(a, plan, span):
+    _gather(a, "image_rotary_emb", plan, span.n_txt + span.lead, 0, "all")
 
 
-def _z_image_positions(a, plan, n_txt):
+def _qwen_positions(a, plan, span):
+    _gather(a, "image_rotary_emb", plan, span.lead, 0, 0)
+    _gather(a, "modulate_index", plan, span.lead, 1)
+
+
+def _z_image_positions(a, plan, span):
     if a.get("noise_mask") is not None:
         return "per-token modulation (omni inputs)"
-    for name in ("attn_mask", "freqs_cis"):
-        if a.get(name) is not None:
-            a[name] = gather_span(a[name], plan, 0, 1)
+    _gather(a, "attn_mask", plan, span.lead, 1)
+    _gather(a, "freqs_cis", plan, span.lead, 1)
 
 
-def _pixart_positions(a, plan, n_txt):
+def _pixart_positions(a, plan, span):
     if a.get("attention_mask") is not None:
         return "a self-attention mask"
 
 
-def _none(a, plan, n_txt):
+def _wan_positions(a, plan, span):
+    _gather(a, "rotary_emb", plan, span.lead, 1, "all")
+    temb = a.get("temb")
+    if temb is not None and temb.ndim == 4:  # per-token modulation (Wan 2.2 TI2V)
+        _gather(a, "temb", plan, span.lead, 1)
+
+
+def _hunyuan_positions(a, plan, span):
+    extra = a.get("args") or ()
+    replace = a.get("token_replace_emb", extra[0] if extra else None)
+    first_frame = a.get("num_tokens", extra[1] if len(extra) > 1 else None)
+    if replace is not None and first_frame is not None and span.lead < int(first_frame):
+        return "image-to-video token replace (pass keep_first_frame=True)"
+    key = "image_rotary_emb" if "image_rotary_emb" in a else "freqs_cis"
+    _gather(a, key, plan, span.lead, 0, "all")
+    mask = a.get("attention_mask")
+    if mask is not None:
+        a["attention_mask"] = gather_span(mask, plan, span.lead, mask.ndim - 1)
+
+
+def _ltx_positions(a, plan, span):
+    _gather(a, "image_rotary_emb", plan, span.lead, 1, "all")
+    temb = a.get("temb")
+    if temb is not None and temb.ndim == 3 and temb.shape[1] > 1:  # per-token timestep (conditioning frames)
+        _gather(a, "temb", plan, span.lead, 1)
+
+
+def _none(a, plan, span):
     return None
+
+
+def _read_video_latent(a, model):
+    """Grid of a (B, C, F, H, W) latent patched by config.patch_size (p_t, p_h, p_w) or
+    config.patch_size / patch_size_t."""
+    x, cfg = a.get("hidden_states"), model.config
+    grid = None
+    if isinstance(x, torch.Tensor) and x.ndim == 5:
+        p = cfg.patch_size
+        pt, ph, pw = tuple(p) if isinstance(p, (list, tuple)) else (getattr(cfg, "patch_size_t", 1) or 1, p, p)
+        grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+    return CallInfo(grid, _n_txt(a), a.get("timestep"), x)
+
+
+def _read_ltx(a, model):
+    f, h, w = a.get("num_frames"), a.get("height"), a.get("width")
+    grid = (int(f), int(h), int(w)) if None not in (f, h, w) and a.get("video_coords") is None else None
+    return CallInfo(grid, _n_txt(a), a.get("timestep"), a.get("hidden_states"))
 
 
 FAMILIES = {
@@ -165,6 +221,22 @@ FAMILIES = {
         False, _read_patched_latent, _pixart_positions,
     ),
 }
+
+VIDEO_FAMILIES = {
+    "WanTransformer3DModel": Family(
+        "wan", (BlockList("blocks", "hidden_states", False, False, ("attn1",)),), False, _read_video_latent, _wan_positions,
+    ),
+    "HunyuanVideoTransformer3DModel": Family(
+        "hunyuan-video",
+        (BlockList("transformer_blocks", "hidden_states", False, False, ("attn",), out=0),
+         BlockList("single_transformer_blocks", "hidden_states", False, False, ("attn",), out=0)),
+        False, _read_video_latent, _hunyuan_positions,
+    ),
+    "LTXVideoTransformer3DModel": Family(
+        "ltx-video", (BlockList("transformer_blocks", "hidden_states", False, False, ("attn1",)),), False, _read_ltx, _ltx_positions,
+    ),
+}
+FAMILIES.update(VIDEO_FAMILIES)
 
 SUPPORTED_DITS = ", ".join(FAMILIES)
 

@@ -9,7 +9,7 @@ from functools import partial
 from typing import Union
 
 from ..core import ImportancePolicy, MergeRuntime, TomePolicy, ToMeOptions, merge, unmerge
-from .discovery import resolve_max_downsample, transformer_blocks
+from .discovery import resolve_max_downsample, second_denoisers, transformer_blocks
 from .dit import attach_dit
 from .dit_families import family_of
 from .importance import track_importance
@@ -110,13 +110,17 @@ def apply_tome(
     min_tokens=None,
     dit_mode: str = "auto",
     skip_ends=None,
+    st: int = 2,
+    keep_first_frame: bool = False,
 ):
     """Patch a diffusers pipeline's denoiser in place; returns the argument.
 
     Denoisers: UNet2DConditionModel / ControlNetModel (SD 1.x, 2.x, SDXL) and the image
     transformers FluxTransformer2DModel, Flux2Transformer2DModel, SD3Transformer2DModel,
     QwenImageTransformer2DModel, ZImageTransformer2DModel, PixArtTransformer2DModel (image tokens
-    only; dit_mode and skip_ends apply to them, max_downsample and merge_* to UNets).
+    only; dit_mode and skip_ends apply to them, max_downsample and merge_* to UNets) and the video
+    transformers WanTransformer3DModel (a Wan 2.2 pipeline's transformer_2 too),
+    HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel (st, keep_first_frame).
 
     mode="importance" draws destinations from the tokens with the largest CFG difference of the
     previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
@@ -128,8 +132,13 @@ def apply_tome(
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, mode=mode,
         pool_factor=pool_factor, cfg_layout=cfg_layout, prune_steps=prune_steps, reuse=reuse,
         reuse_steps=reuse_steps, min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=skip_ends,
+        st=st, keep_first_frame=keep_first_frame,
     )
-    return _install(pipe_or_model, opts)
+    second = second_denoisers(pipe_or_model)
+    _install(pipe_or_model, opts)
+    for model in second:  # two-expert pipelines: both transformers
+        _install(model, opts)
+    return pipe_or_model
 
 
 def apply_query_merge(pipe_or_model, ratio: float = 0.3, *, seed=None, max_downsample=1, min_tokens=0):
@@ -145,6 +154,8 @@ def apply_query_merge(pipe_or_model, ratio: float = 0.3, *, seed=None, max_downs
 
 def remove_tome(pipe_or_model):
     """Undo apply_tome / apply_query_merge (a no-op on an unpatched model); returns the argument."""
+    for model in second_denoisers(pipe_or_model):
+        uninstall_patch(model, PATCH_ATTR)
     return uninstall_patch(pipe_or_model, PATCH_ATTR)
 
 

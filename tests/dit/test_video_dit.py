@@ -1,0 +1,99 @@
+"""apply_tome on diffusers' video transformers (Wan, HunyuanVideo, LTX-Video): spatio-temporal merging."""
+
+import pytest
+import torch
+
+from tomesd_ext import apply_tome, remove_tome
+from tomesd_ext.core import window_partition
+
+from .dit_models import VIDEO_FAMILIES, make_video
+
+
+def run(m, kw, sample):
+    with torch.no_grad():
+        return sample(m(**kw))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("mode", ("block", "kv"))
+def test_ratio_zero_and_removal_exact_odd_frames_and_sizes(family, mode):
+    m, kw, sample = make_video(family, frames=5, h=7, w=5)
+    ref = run(m, kw, sample)
+    apply_tome(m, 0.0, dit_mode=mode, seed=2, min_tokens=0)
+    assert torch.equal(run(m, kw, sample), ref)
+    apply_tome(m, 0.5, dit_mode=mode, seed=2, min_tokens=0)
+    out = run(m, kw, sample)
+    assert torch.isfinite(out).all() and 0 < rel(out, ref) < 0.5
+    remove_tome(m)
+    assert torch.equal(run(m, kw, sample), ref)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_batch_and_cfg_rows(family):
+    m, kw, sample = make_video(family, batch=1, frames=3)
+    two = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in kw.items()}
+    a, b = run(m, two, sample).chunk(2)
+    noise = (a - b).abs().max()  # these models' batched kernels differ per row by float noise already
+    apply_tome(m, 0.5, seed=0, min_tokens=0)
+    a, b = run(m, two, sample).chunk(2)
+    assert (a - b).abs().max() <= max(2 * noise, 1e-6)  # one plan for the batch: the rows stay alike
+    m3, kw3, _ = make_video(family, batch=3, frames=3)
+    apply_tome(m3, 0.5, seed=0, min_tokens=0)
+    assert run(m3, kw3, sample).shape[0] == 3
+
+
+def test_keep_first_frame_leaves_its_tokens_alone():
+    f, h, w = 4, 6, 5
+    m, kw, sample = make_video("wan", frames=f, h=h, w=w)
+    seen = []
+    m.blocks[0].attn1.register_forward_pre_hook(lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+    apply_tome(m, 0.5, seed=0, min_tokens=0, keep_first_frame=True, dit_mode="block")
+    run(m, kw, sample)
+    rest = (f - 1) * h * w
+    assert seen[-1] == h * w + rest - int(0.5 * rest)
+    apply_tome(m, 0.5, seed=0, min_tokens=0, dit_mode="block")
+    run(m, kw, sample)
+    assert seen[-1] == f * h * w - int(0.5 * f * h * w)
+
+
+def test_spatio_temporal_windows_have_one_destination_each():
+    f, h, w, st, sy, sx = 5, 6, 4, 2, 2, 2
+    dst, src = window_partition(h, w, sx, sy, 11, frames=f, st=st)
+    assert dst.numel() == (f // st) * (h // sy) * (w // sx) and dst.numel() + src.numel() == f * h * w
+    fr, rows, cols = dst // (h * w), (dst % (h * w)) // w, dst % w
+    windows = set(zip((fr // st).tolist(), (rows // sy).tolist(), (cols // sx).tolist()))
+    assert len(windows) == dst.numel()  # every window holds exactly one destination
+    assert len(set((fr % st).tolist())) > 1  # destinations are drawn across the window's frames
+    # an image is the one-frame case: same draws as before frames/st existed
+    assert torch.equal(window_partition(8, 6, 2, 2, 5)[0], window_partition(8, 6, 2, 2, 5, frames=1, st=1)[0])
+
+
+def test_temporal_windows_change_the_plan_and_single_frame_is_an_image():
+    m, kw, sample = make_video("wan", frames=4)
+    apply_tome(m, 0.5, seed=0, min_tokens=0, st=1)
+    spatial = run(m, kw, sample)
+    apply_tome(m, 0.5, seed=0, min_tokens=0, st=2)
+    assert not torch.equal(run(m, kw, sample), spatial)
+    m1, kw1, _ = make_video("wan", frames=1)
+    ref = run(m1, kw1, sample)
+    apply_tome(m1, 0.5, seed=0, min_tokens=0)
+    assert not torch.equal(run(m1, kw1, sample), ref)  # one frame: merged as an image grid
+
+
+def test_two_expert_pipelines_patch_both_transformers():
+    class Pipe:  # Wan 2.2 A14B: transformer (high noise) and transformer_2 (low noise)
+        pass
+
+    pipe = Pipe()
+    pipe.transformer, kw, sample = make_video("wan", seed=0)
+    pipe.transformer_2, _, _ = make_video("wan", seed=1)
+    refs = [run(pipe.transformer, kw, sample), run(pipe.transformer_2, kw, sample)]
+    apply_tome(pipe, 0.5, seed=0, min_tokens=0)
+    outs = [run(pipe.transformer, kw, sample), run(pipe.transformer_2, kw, sample)]
+    assert all(not torch.equal(o, r) for o, r in zip(outs, refs))
+    remove_tome(pipe)
+    assert all(torch.equal(run(t, kw, sample), r) for t, r in zip((pipe.transformer, pipe.transformer_2), refs))
