@@ -10,7 +10,7 @@ from .build import (
     build_vae,
 )
 from .configs import CONFIGS, get_config
-from .dit_build import build_transformer, meta_transformer, parameter_count
+from .dit_build import build_transformer, meta_transformer, parameter_count, too_large
 from .dit_call import LATENT_CHANNELS, dit_call, text_conditioning
 from .dit_configs import DIT_CONFIGS, DIT_NAMES, get_dit_config
 from .lora import random_lora
@@ -54,5 +54,6 @@ __all__ = [
     "random_lora",
     "sharpen_self_attention",
     "text_conditioning",
+    "too_large",
     "write_tiny_tokenizer",
 ]

@@ -46,6 +46,19 @@ def parameter_count(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def too_large(name):
+    """The reason full-depth model ``name`` is not built by default (naming its reduced-depth
+    variant), or None when it fits (fp32 weights <= FP32_LIMIT_GB)."""
+    entry = get_dit_config(name)
+    if not entry["use_instead"]:
+        return None
+    gb = parameter_count(meta_transformer(name)) * 4 / 1e9
+    if gb <= FP32_LIMIT_GB:
+        return None
+    return (f"model {name!r} ({entry['source']}, full depth) needs {gb:.1f} GB of fp32 weights, more than "
+            f"{FP32_LIMIT_GB:g} GB on a 24 GB machine; use {entry['use_instead']!r} (same block width, fewer blocks)")
+
+
 def build_transformer(name, seed=0, dtype=torch.float32, device="cpu", allow_large=False):
     """Random-weight diffusers transformer of model ``name`` (one of ``DIT_NAMES``).
 
@@ -53,12 +66,7 @@ def build_transformer(name, seed=0, dtype=torch.float32, device="cpu", allow_lar
     ValueError for a full-depth model over ``FP32_LIMIT_GB`` of fp32 weights, naming the
     reduced-depth variant to use (``allow_large=True`` builds it anyway, e.g. on a GPU).
     """
-    entry = get_dit_config(name)
-    if entry["use_instead"] and not allow_large:
-        gb = parameter_count(meta_transformer(name)) * 4 / 1e9
-        if gb > FP32_LIMIT_GB:
-            raise ValueError(
-                f"model {name!r} ({entry['source']}, full depth) needs {gb:.1f} GB of fp32 weights, more than "
-                f"{FP32_LIMIT_GB:g} GB on a 24 GB machine; use {entry['use_instead']!r} (same block width, fewer blocks)"
-            )
-    return build_seeded(_factory(entry), seed, dtype, device, keep_buffers=True)
+    reason = None if allow_large else too_large(name)
+    if reason:
+        raise ValueError(reason)
+    return build_seeded(_factory(get_dit_config(name)), seed, dtype, device, keep_buffers=True)

@@ -2,7 +2,8 @@
 
 Each entry of ``DIT_CONFIGS``: ``family`` (flux, flux2, sd3, pixart, qwen-image, z-image),
 ``source`` (the Hugging Face repository whose ``transformer/config.json`` the numbers copy),
-``transformer`` (the constructor arguments of the family's diffusers class), ``cfg`` (whether
+``transformer`` (the constructor arguments of the family's diffusers class), ``scheduler`` ("flow": rectified flow, sigma = t / 1000;
+else the DDPM training config of the denoiser), ``cfg`` (whether
 the real pipeline runs classifier-free guidance: batch 2 = uncond + cond; guidance-distilled
 models run batch 1), ``text_tokens`` (the text sequence one forward sees, as the pipeline pads
 or a typical prompt gives), and for full-depth models too large for a 24 GB CPU machine in
@@ -124,8 +125,18 @@ Z_IMAGE_TURBO = {  # Tongyi-MAI/Z-Image-Turbo
 }
 
 
+PIXART_SIGMA_SCHEDULER = {  # the DPMSolverMultistepScheduler config of PixArt-Sigma: DDPM betas
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+}
+
+
 def _entry(family, source, transformer, cfg, text_tokens, use_instead=None):
-    return {"family": family, "source": source, "transformer": transformer, "cfg": cfg,
+    scheduler = PIXART_SIGMA_SCHEDULER if family == "pixart" else "flow"
+    return {"family": family, "source": source, "transformer": transformer, "scheduler": scheduler, "cfg": cfg,
             "text_tokens": text_tokens, "use_instead": use_instead}
 
 
