@@ -162,14 +162,19 @@ def test_bad_options_raise_before_patching(tiny_unet, kwargs, message):
 
 
 def test_unsupported_models_raise_naming_the_class():
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
-    dit = PixArtTransformer2DModel(
+    from tomesd_ext.diffusers import apply_query_merge
+
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=8)
+    with pytest.raises(TypeError, match="DiTTransformer2DModel.*supported are UNet2DConditionModel.*PixArtTransformer2DModel"):
+        apply_tome(dit)
+    pixart = PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=8,
         cross_attention_dim=16, caption_channels=8, norm_num_groups=1,
     )
-    with pytest.raises(TypeError, match="PixArtTransformer2DModel.*supported are UNet2DConditionModel"):
-        apply_tome(dit)
+    with pytest.raises(TypeError, match="PixArtTransformer2DModel.*no transformer support"):
+        apply_query_merge(pixart)
     with pytest.raises(TypeError, match="cannot patch dict"):
         apply_tome({})
 

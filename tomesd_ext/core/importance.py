@@ -201,7 +201,7 @@ def with_prune_weights(plan: MergePlan, dst: torch.Tensor) -> MergePlan:
     D = dst.shape[-1]
     dst = dst.expand(plan.batch, D)
     weight = (plan.group >= D).float().scatter_(1, dst, 1.0)
-    return MergePlan(plan.group, plan.size, plan.n_tokens, plan.grid, weight)
+    return MergePlan(plan.group, plan.size, plan.n_tokens, plan.grid, weight, anchor=plan.anchor)
 
 
 NO_CFG_WARNING = (

@@ -71,7 +71,8 @@ def plan_from_matches(
     source; dst_idx (D,), src_idx (S,) disjoint raster indices of the n_tokens. Groups are
     [destinations (D) | kept sources (S - r), by descending score]; sizes count the members.
     replace: also record each group's representative token (MergePlan.rep), so merging copies the
-    destination's value instead of averaging (VidToMe).
+    destination's value instead of averaging (VidToMe). Every plan records its anchors (the
+    destination, or the kept token itself) in MergePlan.anchor.
     """
     P, D, S = score.shape[0], dst_idx.numel(), src_idx.numel()
     device = score.device
@@ -86,5 +87,5 @@ def plan_from_matches(
     group.scatter_(1, src_full.gather(1, merged), merged_target)
     size = torch.ones(P, D + S - r, device=device)
     size[:, :D].scatter_add_(1, merged_target, torch.ones(P, r, device=device))
-    rep = torch.cat([dst_idx.expand(P, D), kept_idx], dim=1) if replace else None
-    return MergePlan(group, size, n_tokens, grid, rep=rep)
+    anchor = torch.cat([dst_idx.expand(P, D), kept_idx], dim=1)
+    return MergePlan(group, size, n_tokens, grid, rep=anchor if replace else None, anchor=anchor)

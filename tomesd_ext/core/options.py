@@ -97,6 +97,7 @@ MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 MODES = ("tome", "importance")
 CFG_LAYOUTS = ("auto", "halves", "interleaved", "off")
 REUSE_CHOICES = ("block", "level")
+DIT_MODES = ("auto", "block", "kv")
 
 # Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
 MIN_TOKENS_DEFAULT = 2048
@@ -171,6 +172,13 @@ TOME_OPTIONS = _table(
     Option("prune_steps", "int", 0, "int in [0, 10000]",
            "Importance mode: the first steps drop merged tokens instead of averaging them (the paper's prune "
            "phase; its SD demo uses 2). 0 = off.", lo=0, hi=10000),
+    Option("dit_mode", "choice", "auto", "`\"auto\"`, `\"block\"`, `\"kv\"`",
+           "Transformers (Flux, SD3, PixArt...): block = image tokens merged through the whole block (attention "
+           "and MLP) and its update unmerged; kv = keys and values only, queries kept; auto = the family's "
+           "measured default. UNets ignore it.", choices=DIT_MODES),
+    Option("skip_ends", "int", None, "None or int in [0, 64]",
+           "Transformers: this many blocks at each end of the network stay unmerged; None = the family's "
+           "measured default. UNets ignore it.", lo=0, hi=64),
 )
 
 
@@ -196,6 +204,8 @@ class ToMeOptions:
     reuse: "block" (every block matches on its own metric, ToMe-SD) or "level" (the first block
         of a level to run in a step computes the plan, the level's other blocks reuse it).
     reuse_steps: keep plans for this many consecutive steps (1 = recompute every step).
+    dit_mode, skip_ends: transformers only (core/dit.py): "block" or "kv" merging, and the blocks
+        left unmerged at each end; "auto" / None take the family's measured defaults.
     min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
         the matching and bookkeeping cost more than the smaller attention saves; the default
         comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always;
@@ -218,6 +228,8 @@ class ToMeOptions:
     reuse: str = "block"
     reuse_steps: int = 1
     min_tokens: Optional[int] = None
+    dit_mode: str = "auto"
+    skip_ends: Optional[int] = None
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -256,6 +268,9 @@ class ToMeOptions:
             raise OptionError("merge_attn, merge_crossattn and merge_mlp are all False: nothing to merge")
         check_option(table["reuse"], o.reuse)
         check_option(table["reuse_steps"], o.reuse_steps)
+        check_option(table["dit_mode"], o.dit_mode)
+        if o.skip_ends is not None:
+            check_option(table["skip_ends"], o.skip_ends)
         seed = resolve_seed(o.seed)
         return replace(o, ratio=ratio, seed=seed, pool_factor=pool_factor, min_tokens=min_tokens)
 

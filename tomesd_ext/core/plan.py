@@ -20,6 +20,8 @@ class MergePlan:
     rep: optional (B, M) long, the representative token of each group when every group takes
         that token's value instead of a mean ("replace" merges, VidToMe): merge() gathers x at
         rep, which equals the weighted mean with weight 1 for representatives and 0 otherwise.
+    anchor: optional (B, M) long, the token whose position each group carries (its destination,
+        or the kept token itself); positional tables follow merged tokens through it (core/dit.py).
     B may be 1 for a plan shared by every sample of a batch.
     """
 
@@ -29,6 +31,7 @@ class MergePlan:
     grid: Optional[Tuple[int, int]] = None
     weight: Optional[torch.Tensor] = None
     rep: Optional[torch.Tensor] = None
+    anchor: Optional[torch.Tensor] = None
 
     @property
     def n_groups(self) -> int:

@@ -1,5 +1,6 @@
 """Where a diffusers denoiser has what token merging attaches to (SD 1.x, SD 2.x, SDXL UNets and
-ControlNets): the denoiser of a pipeline, its spatial transformer blocks and their levels."""
+ControlNets; image transformers through dit_families.py): the denoiser of a pipeline, its spatial
+transformer blocks and their levels."""
 
 from __future__ import annotations
 
@@ -8,18 +9,24 @@ from typing import List
 SUPPORTED = "UNet2DConditionModel (SD 1.x, SD 2.x, SDXL and their img2img/inpaint/ControlNet pipelines) and ControlNetModel"
 
 
-def denoiser_of(obj):
-    """The UNet to patch: obj itself, or a pipeline's `unet`; TypeError naming what is supported."""
+def denoiser_of(obj, transformers: bool = True):
+    """The denoiser to patch: obj itself, or a pipeline's `unet` (or, with ``transformers``, an
+    image transformer of dit_families.FAMILIES or a pipeline's `transformer`); TypeError naming
+    what is supported."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    if isinstance(obj, (UNet2DConditionModel, ControlNetModel)):
-        return obj
-    unet = getattr(obj, "unet", None)
-    if isinstance(unet, (UNet2DConditionModel, ControlNetModel)):
-        return unet
-    inner = getattr(obj, "transformer", None) or unet
+    from .dit_families import SUPPORTED_DITS, family_of
+
+    def fits(m):
+        return isinstance(m, (UNet2DConditionModel, ControlNetModel)) or (transformers and family_of(m) is not None)
+
+    for candidate in (obj, getattr(obj, "unet", None), getattr(obj, "transformer", None)):
+        if candidate is not None and fits(candidate):
+            return candidate
+    inner = getattr(obj, "transformer", None) or getattr(obj, "unet", None)
     what = type(obj).__name__ + (f" (denoiser {type(inner).__name__})" if inner is not None else "")
-    raise TypeError(f"tomesd-ext cannot patch {what}: supported are {SUPPORTED}")
+    supported = SUPPORTED + (f"; transformers: {SUPPORTED_DITS}" if transformers else " (this method has no transformer support)")
+    raise TypeError(f"tomesd-ext cannot patch {what}: supported are {supported}")
 
 
 def attention_levels(model) -> List[int]:

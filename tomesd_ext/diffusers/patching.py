@@ -78,9 +78,10 @@ class ModelPatch:
     def hook(self, handle) -> None:
         self.handles.append(handle)
 
-    def track_calls(self, before=None) -> None:
-        """The denoiser's pre-hook (``CallStart``) and end-of-call hook (``CallEnd``)."""
-        self.hook(self.model.register_forward_pre_hook(CallStart(self, before), with_kwargs=True))
+    def track_calls(self, before=None, start=None) -> None:
+        """The denoiser's pre-hook (``start``, default ``CallStart``) and end-of-call hook (``CallEnd``)."""
+        start = start if start is not None else CallStart(self, before)
+        self.hook(self.model.register_forward_pre_hook(start, with_kwargs=True))
         self.hook(self.model.register_forward_hook(CallEnd(self.runtime), always_call=True))
 
     def wrap(self, attn, make) -> None:
@@ -146,10 +147,11 @@ def check_not_patched_elsewhere(model) -> None:
         )
 
 
-def install_patch(pipe_or_model, attr: str, build):
+def install_patch(pipe_or_model, attr: str, build, transformers: bool = False):
     """Replace the patch stored under ``attr`` on the denoiser by ``build(model)`` (a ModelPatch that
-    ``build`` attaches); a build that fails leaves nothing behind. Returns the argument."""
-    model = denoiser_of(pipe_or_model)
+    ``build`` attaches); a build that fails leaves nothing behind. transformers: the method also
+    patches image transformers. Returns the argument."""
+    model = denoiser_of(pipe_or_model, transformers)
     check_kernel_setting()  # a bad TOMESD_EXT_KERNELS fails here, not at every forward
     check_not_patched_elsewhere(model)
     uninstall_patch(model, attr)

@@ -10,6 +10,8 @@ from typing import Union
 
 from ..core import ImportancePolicy, MergeRuntime, TomePolicy, ToMeOptions, merge, unmerge
 from .discovery import resolve_max_downsample, transformer_blocks
+from .dit import attach_dit
+from .dit_families import family_of
 from .importance import track_importance
 from .patching import ModelPatch, building, install_patch, installed_patch, uninstall_patch
 from .processors import MergedAttnProcessor
@@ -78,10 +80,13 @@ class UnmergeOutput:
 def _install(pipe_or_model, opts: ToMeOptions, queries_only: bool = False):
     def build(model):
         policy = ImportancePolicy(opts) if opts.mode == "importance" else TomePolicy(opts, queries_only)
+        family = family_of(model)
+        if family is not None:
+            return building(ModelPatch(model, MergeRuntime(policy, 1)), partial(attach_dit, family=family))
         runtime = MergeRuntime(policy, resolve_max_downsample(model, opts.max_downsample))
         return building(ModelPatch(model, runtime), _attach)
 
-    return install_patch(pipe_or_model, PATCH_ATTR, build)
+    return install_patch(pipe_or_model, PATCH_ATTR, build, transformers=not queries_only)
 
 
 def apply_tome(
@@ -103,8 +108,15 @@ def apply_tome(
     reuse: str = "block",
     reuse_steps: int = 1,
     min_tokens=None,
+    dit_mode: str = "auto",
+    skip_ends=None,
 ):
-    """Patch a diffusers pipeline's UNet (or a UNet / ControlNetModel) in place; returns the argument.
+    """Patch a diffusers pipeline's denoiser in place; returns the argument.
+
+    Denoisers: UNet2DConditionModel / ControlNetModel (SD 1.x, 2.x, SDXL) and the image
+    transformers FluxTransformer2DModel, Flux2Transformer2DModel, SD3Transformer2DModel,
+    QwenImageTransformer2DModel, ZImageTransformer2DModel, PixArtTransformer2DModel (image tokens
+    only; dit_mode and skip_ends apply to them, max_downsample and merge_* to UNets).
 
     mode="importance" draws destinations from the tokens with the largest CFG difference of the
     previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
@@ -115,7 +127,7 @@ def apply_tome(
         ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, seed=seed,
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, mode=mode,
         pool_factor=pool_factor, cfg_layout=cfg_layout, prune_steps=prune_steps, reuse=reuse,
-        reuse_steps=reuse_steps, min_tokens=min_tokens,
+        reuse_steps=reuse_steps, min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=skip_ends,
     )
     return _install(pipe_or_model, opts)
 

@@ -1,0 +1,195 @@
+"""apply_tome on diffusers' image transformers (Flux, Flux.2, SD3, Qwen-Image, Z-Image, PixArt).
+
+The family facts (dit_families.py) say where the image tokens are; the algorithm is core/dit.py:
+
+- block mode: a forward pre-hook on each merged block merges the image span of its token
+  sequence and gathers the positional inputs (rotary tables, masks) at the groups' anchors; its
+  forward hook unmerges the block's update (``unmerge_update``). Text tokens pass untouched.
+- kv mode: the processor of each image attention is wrapped; during its call a torch function
+  mode merges the keys and values of the image span at ``scaled_dot_product_attention`` (after
+  rotary positions were applied), with proportional attention. Backends that do not call torch's
+  SDPA (flash-attn, sage) run unmerged, said once.
+
+The call pre-hook reads the image grid from the call (position ids, latent shape, img_shapes)
+and starts the runtime's call; a call whose grid cannot be read merges nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..core import ImportancePolicy, timestep_key
+from ..core.dit import merge_keys_values, merge_span, merged_blocks, shared_metric, unmerge_update, dit_settings
+from .dit_families import Family, bind
+from .dit_importance import track_dit_importance
+from .processors import WrappedProcessor
+
+log = logging.getLogger("tomesd_ext")
+
+
+class CallState:
+    """The image grid and text length of the transformer call in progress."""
+
+    def __init__(self):
+        self.n_txt = 0
+
+
+class DitCallStart:
+    """Forward pre-hook of the transformer: read grid, text length and timestep; begin the call."""
+
+    def __init__(self, patch, family: Family, state: CallState, before=None):
+        self.patch, self.family, self.state, self.before = patch, family, state, before
+
+    def __call__(self, module, args, kwargs):
+        self.patch.rewrap()
+        info = self.family.read(bind(module.forward, args, kwargs).arguments, module)
+        self.state.n_txt = info.n_txt
+        self.patch.runtime.begin_call(info.grid, timestep_key(info.timestep))
+        if self.before is not None:
+            self.before(info.sample, info.grid)
+
+
+class BlockMerge:
+    """Pre-hook of one block (block mode): merge its image span, gather its positional inputs."""
+
+    def __init__(self, slot, family: Family, blocks, state: CallState):
+        self.slot, self.family, self.blocks, self.state = slot, family, blocks, state
+        self.pending = None  # (x, x_merged, plan, start) between the pre- and the forward hook
+
+    def __call__(self, module, args, kwargs):
+        self.slot.reset()
+        self.pending = None
+        rt = self.slot.runtime
+        if not rt.active:
+            return None
+        bound = bind(module.forward, args, kwargs)
+        a = bound.arguments
+        x = a.get(self.blocks.hidden)
+        n = rt.latent_hw[0] * rt.latent_hw[1]
+        start = self.state.n_txt if self.blocks.joined else 0
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[1] < start + n:
+            return None
+        plan = self.slot.get(shared_metric(x[:, start : start + n]))
+        if plan is None:
+            return None
+        if self.family.positions(a, plan, self.state.n_txt) is not None:  # cannot follow the tokens
+            return None
+        merged = merge_span(x, plan, start)
+        a[self.blocks.hidden] = merged
+        self.pending = (x, merged, plan, start)
+        return bound.args, bound.kwargs
+
+
+class BlockUnmerge:
+    """Forward hook of a merged block: full-length output (the last output when it returns several)."""
+
+    def __init__(self, merge: BlockMerge):
+        self.merge = merge
+
+    def __call__(self, module, args, output):
+        pending, self.merge.pending = self.merge.pending, None
+        if pending is None:
+            return None
+        x, merged, plan, start = pending
+        if isinstance(output, tuple):
+            return output[:-1] + (unmerge_update(x, merged, output[-1], plan, start),)
+        return unmerge_update(x, merged, output, plan, start)
+
+
+class _KeysValuesAtSdpa(TorchFunctionMode):
+    """While active: self/joint attention through torch's SDPA gets the image span of its keys
+    and values merged by ``plan`` (queries and the output keep every token)."""
+
+    def __init__(self, plan, start):
+        super().__init__()
+        self.plan, self.start, self.hits = plan, start, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        a = dict(zip(_SDPA_ARGS, args), **(kwargs or {}))
+        q, k = a.get("query"), a.get("key")
+        end = self.start + self.plan.n_tokens
+        if (
+            k is not None and k.ndim == 4 and q.shape[-2] == k.shape[-2] >= end
+            and not a.get("is_causal") and not a.get("enable_gqa")
+        ):
+            a["key"], a["value"], a["attn_mask"] = merge_keys_values(k, a["value"], self.plan, self.start, a.get("attn_mask"))
+            self.hits += 1
+        return func(**a)
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class KeysValuesProcessor(WrappedProcessor):
+    """kv mode around one image attention: the plan from the image span of the processor's input,
+    keys and values merged at SDPA (``_KeysValuesAtSdpa``)."""
+
+    def __init__(self, inner=None, slot=None, blocks=None, family=None, state=None):
+        super().__init__(inner)
+        self.slot, self.blocks, self.family, self.state = slot, blocks, family, state
+
+    def forward(self, attn, hidden_states, *args, **kwargs):
+        slot = self.slot
+        rt = slot.runtime if slot is not None else None
+        plan = None
+        if rt is not None and rt.active and hidden_states.ndim == 3:
+            n = rt.latent_hw[0] * rt.latent_hw[1]
+            start = self.state.n_txt if self.blocks.attn_joined else 0
+            if hidden_states.shape[1] >= start + n:
+                plan = slot.get(shared_metric(hidden_states[:, start : start + n]))
+        if plan is None:
+            return self.inner(attn, hidden_states, *args, **kwargs)
+        mode = _KeysValuesAtSdpa(plan, self.state.n_txt if self.family.text_first else 0)
+        with mode:
+            out = self.inner(attn, hidden_states, *args, **kwargs)
+        if mode.hits == 0 and not getattr(rt, "_kv_missed_said", False):
+            rt._kv_missed_said = True
+            log.warning(
+                "tomesd-ext: dit_mode='kv' merges keys and values at torch's scaled_dot_product_attention, which this "
+                "attention backend does not call, so it runs unmerged; use the default (native) attention backend or "
+                "dit_mode='block' (said once per patch)"
+            )
+        return out
+
+
+class ResetOnExit:
+    def __init__(self, slot):
+        self.slot = slot
+
+    def __call__(self, module, args, *output):
+        self.slot.reset()
+
+
+def attach_dit(patch, family: Family) -> None:
+    """Hooks of one DiT patch: the call pre-hook, then per merged block the block hooks (block
+    mode) or the wrapped image attentions (kv mode)."""
+    model, runtime, opts = patch.model, patch.runtime, patch.opts
+    mode, skip = dit_settings(family.name, opts.dit_mode, opts.skip_ends)
+    state = CallState()
+    patch.dit_mode, patch.skip_ends = mode, skip
+    before = None
+    if isinstance(runtime.policy, ImportancePolicy):
+        patch.importance = track_dit_importance(patch)
+        before = patch.importance.before
+    patch.track_calls(start=DitCallStart(patch, family, state, before))
+    order = [(spec, block) for spec in family.lists for block in getattr(model, spec.name, None) or []]
+    for i in merged_blocks(len(order), skip):
+        spec, block = order[i]
+        slot = runtime.new_slot()
+        if mode == "block":
+            merge = BlockMerge(slot, family, spec, state)
+            patch.hook(block.register_forward_pre_hook(merge, with_kwargs=True))
+            patch.hook(block.register_forward_hook(BlockUnmerge(merge), always_call=True))
+            continue
+        patch.hook(block.register_forward_pre_hook(ResetOnExit(slot)))
+        patch.hook(block.register_forward_hook(ResetOnExit(slot), always_call=True))
+        for name in spec.attentions:
+            attn = getattr(block, name, None)
+            if attn is not None and hasattr(attn, "processor"):
+                patch.wrap(attn, partial(KeysValuesProcessor, slot=slot, blocks=spec, family=family, state=state))

@@ -1,0 +1,87 @@
+"""Importance mode on diffusers' image transformers: the CFG map from the transformer's output.
+
+As for UNets (importance.py), the map of step t drives step t+1. Two CFG shapes occur:
+
+- one batched call on the latents twice over (SD3, PixArt, Z-Image): rows pair up as "halves" or
+  "interleaved" (``detect_cfg_layout``);
+- two calls per step on the same latent and timestep (Qwen-Image runs cond, then uncond): the
+  second call's output minus the first's.
+
+Outputs are latents (B, C, H, W), lists of (C, 1, H, W) (Z-Image) or packed tokens (B, N, C) whose
+first h*w tokens are the image grid (Flux-style packing). DiT plans are shared by the batch, so the
+map is the mean over the images of the call. No CFG (guidance-distilled Flux, cfg 1): ToMe's window
+partition with one warning, as for UNets.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from ..core import detect_cfg_layout, importance_map
+
+
+def _latent(t, grid) -> Optional[torch.Tensor]:
+    """A call's input or output as (B, C, H, W), or None when it has no image grid."""
+    if isinstance(t, (list, tuple)):
+        if not t or not all(isinstance(x, torch.Tensor) and x.shape == t[0].shape for x in t):
+            return None
+        t = torch.stack(list(t))
+    if not isinstance(t, torch.Tensor):
+        return None
+    if t.ndim == 5 and t.shape[2] == 1:
+        t = t[:, :, 0]
+    if t.ndim == 3 and grid is not None and t.shape[1] >= grid[0] * grid[1]:
+        h, w = grid
+        return t[:, : h * w].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+    return t if t.ndim == 4 else None
+
+
+class DitImportance:
+    """``before(sample, grid)`` in the call pre-hook, ``post_hook`` on the transformer's output."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.layout = None
+        self.pending = None  # (step key, input) of a call that may be the first of a cond/uncond pair
+        self.prev_out = None
+        self.grid = None
+        self.sample = None
+
+    def before(self, sample, grid) -> None:
+        policy = self.policy
+        self.grid, self.sample = grid, _latent(sample, grid)
+        self.layout = detect_cfg_layout(self.sample, policy.opts.cfg_layout) if self.sample is not None else None
+        x = self.sample
+        if x is not None:
+            policy.use_map([torch.zeros(1, dtype=torch.long)], 1, tuple(x.shape[-2:]))
+
+    def post_hook(self, module, args, output) -> None:
+        policy, x = self.policy, self.sample
+        out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        out = _latent(out, self.grid)
+        if x is None or out is None or out.shape[0] != x.shape[0]:
+            policy.set_map(None)
+            return
+        out = out.detach()[:, : x.shape[1]]  # learned sigma: (prediction, variance)
+        if self.layout is not None:
+            policy.set_map(importance_map(out, self.layout).mean(0, keepdim=True))
+            self.pending = None
+            return
+        prev = self.pending
+        if prev is not None and prev[0] == policy.step_key and torch.equal(prev[1], x) and prev[2].shape == out.shape:
+            policy.set_map(importance_map(torch.cat([prev[2], out]), "halves").mean(0, keepdim=True))
+            self.pending = None
+            return
+        if prev is not None and prev[0] != policy.step_key and policy.hmap is None:
+            policy.no_map(lambda text: warnings.warn(text, stacklevel=2))
+        self.pending = (policy.step_key, x, out) if policy.opts.cfg_layout != "off" else None
+
+
+def track_dit_importance(patch) -> DitImportance:
+    """The output hook feeding ``patch.policy``; its ``before`` runs in the DiT call pre-hook."""
+    hooks = DitImportance(patch.policy)
+    patch.hook(patch.model.register_forward_hook(hooks.post_hook))
+    return hooks
