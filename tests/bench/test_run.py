@@ -94,7 +94,7 @@ def test_single_file_checkpoint_loads_offline(tmp_path, monkeypatch):
         subject = load_subject(path)
     assert subject.real_weights
     reference = build_unet("tiny", 3).state_dict()
-    loaded = subject.unet.state_dict()
+    loaded = subject.denoiser.state_dict()
     assert loaded.keys() == reference.keys()
     for key, value in reference.items():
         torch.testing.assert_close(loaded[key], value.half().float(), rtol=0, atol=0)

@@ -36,3 +36,31 @@ def rgb_to_latent(image: torch.Tensor) -> torch.Tensor:
 def latent_to_rgb(latent: torch.Tensor) -> torch.Tensor:
     """latent: (B, 4, h, w) -> RGB (B, 3, h, w), one pixel per latent, not clamped."""
     return torch.einsum("blhw,lc->bchw", latent.float(), _factors(device=latent.device))
+
+
+def _projection(channels: int) -> torch.Tensor:
+    """(channels, 3) fixed map RGB -> latent channels: orthonormal columns (QR of a Gaussian drawn
+    with seed 0) times sqrt(channels / 3), so a latent channel varies about as much as an RGB one."""
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(channels, 3, generator=gen, dtype=torch.float64))
+    return (q * (channels / 3) ** 0.5).float()
+
+
+def rgb_to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """image (B, 3, H, W) in [-1, 1] -> latent (B, channels, H/8, W/8): the SD map for 4 channels,
+    else the fixed projection of the 8x8-averaged pixels (diffusion transformers' 16/32-channel VAEs)."""
+    if channels == 4:
+        return rgb_to_latent(image)
+    if image.shape[-1] % PATCH or image.shape[-2] % PATCH:
+        raise ValueError(f"image size {tuple(image.shape[-2:])} is not a multiple of {PATCH}")
+    pooled = F.avg_pool2d(image.float(), PATCH)
+    return torch.einsum("bchw,lc->blhw", pooled, _projection(channels).to(pooled.device))
+
+
+def channels_to_rgb(latent: torch.Tensor) -> torch.Tensor:
+    """Inverse of rgb_to_channels (exact on 8x8-averaged images): (B, C, h, w) -> (B, 3, h, w)."""
+    channels = latent.shape[1]
+    if channels == 4:
+        return latent_to_rgb(latent)
+    inverse = torch.linalg.pinv(_projection(channels).double()).float().to(latent.device)  # (3, C)
+    return torch.einsum("blhw,cl->bchw", latent.float(), inverse)

@@ -1,8 +1,9 @@
 """The methods the bench compares: one entry per method, a name -> (apply, remove) pair.
 
-To add a method, `register(Method(name, apply, remove, ...))`: `apply(unet, ratio, ctx)` patches
-the UNet in place, `remove(unet)` restores it exactly. `ctx` carries the shared settings (seed,
-the level the peers should use) so every method runs with the same ones.
+To add a method, `register(Method(name, apply, remove, ...))`: `apply(model, ratio, ctx)` patches
+the denoiser (a UNet or a diffusion transformer) in place, `remove(model)` restores it exactly.
+`ctx` carries the shared settings (seed, the level the peers should use) so every method runs
+with the same ones. `models` says which denoisers a method takes ("unet", "dit").
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ BASELINE = "baseline"
 @dataclass(frozen=True)
 class MethodContext:
     """Settings shared by every method of a run: the partition seed and the levels to merge
-    (max_downsample resolved from "auto" for this model, so peers get the same)."""
+    (max_downsample resolved from "auto" for a UNet, so peers get the same; None for a DiT)."""
 
     seed: int
-    max_downsample: int
+    max_downsample: Optional[int]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Method:
     description: str
     uses_ratio: bool = True  # False: one row per resolution, ratio None
     unavailable: Callable[[], Optional[str]] = lambda: None  # why it cannot run here, or None
+    models: tuple = ("unet",)  # the denoisers it takes: "unet", "dit"
 
 
 METHODS: Dict[str, Method] = {}
@@ -136,6 +138,41 @@ def _kernel_method(mode: str) -> tuple:
     return apply, remove
 
 
+def dit_support_missing() -> Optional[str]:
+    """Why the installed apply_tome cannot merge diffusion transformers, or None (it has dit_mode)."""
+    import inspect
+
+    from ..diffusers import apply_tome
+
+    if "dit_mode" in inspect.signature(apply_tome).parameters:
+        return None
+    return "the installed tomesd_ext.apply_tome has no dit_mode: diffusion-transformer merging (issue 12) is not in this checkout"
+
+
+def _dit_mode_missing(mode: str) -> Callable[[], Optional[str]]:
+    """unavailable() of a tome-<mode> method: no DiT support, or a dit_mode the option table lacks."""
+
+    def missing():
+        reason = dit_support_missing()
+        if reason:
+            return reason
+        from ..core.options import TOME_OPTIONS
+
+        choices = TOME_OPTIONS["dit_mode"].choices
+        return None if mode in choices else f"apply_tome has no dit_mode {mode!r} (allowed: {', '.join(choices)})"
+
+    return missing
+
+
+def _dit_mode_method(mode: str) -> Callable:
+    def apply(model, ratio, ctx):
+        from ..diffusers import apply_tome
+
+        apply_tome(model, ratio, seed=ctx.seed, dit_mode=mode)
+
+    return apply
+
+
 def _cuda_missing():
     import torch
 
@@ -180,8 +217,17 @@ def _todo_remove(unet):
     remove_todo(unet)
 
 
-register(Method(BASELINE, _noop, _noop, "the unmerged model", uses_ratio=False))
-register(Method("tome", _tome_apply, _tome_remove, "ours: tomesd_ext.apply_tome (defaults, seeded)"))
+register(Method(BASELINE, _noop, _noop, "the unmerged model", uses_ratio=False, models=("unet", "dit")))
+register(Method("tome", _tome_apply, _tome_remove, "ours: tomesd_ext.apply_tome (defaults, seeded; DiTs: dit_mode='auto')",
+                models=("unet", "dit")))
+_DIT_MODES = {
+    "block": "image tokens merged through the whole block (attention and MLP), unmerged after",
+    "attn": "image tokens merged around attention only",
+    "kv": "keys/values of image tokens merged, queries kept (no unmerge)",
+}
+for _mode, _what in _DIT_MODES.items():
+    register(Method(f"tome-{_mode}", _dit_mode_method(_mode), _tome_remove, f"ours on a DiT, dit_mode='{_mode}': {_what}",
+                    unavailable=_dit_mode_missing(_mode), models=("dit",)))
 register(
     Method(
         "importance",

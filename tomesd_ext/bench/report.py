@@ -81,6 +81,20 @@ def table(rows: List[dict], title: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
+def block_table(rows: List[dict]) -> str:
+    """Per-block lines of a diffusion transformer's rows (one input: timings pool all inputs):
+    median seconds of one call of the first block of each kind, and speed-up against baseline."""
+    rows = [r for r in rows if r.get("block_seconds") and r["input"] == rows[0]["input"]]
+    base = next((r["block_seconds"] for r in rows if r["method"] == "baseline"), {})
+    names = sorted({k for r in rows for k in r["block_seconds"]})
+    lines = ["first block of each kind, median s per call (speed-up vs baseline):"]
+    for r in rows:
+        cells = [f"{k}[0] {r['block_seconds'][k]:.3f} ({base[k] / r['block_seconds'][k]:.2f}x)"
+                 for k in names if k in r["block_seconds"] and k in base]
+        lines.append(f"  {r['method']:<12} {_fmt(r['ratio'], '.2f'):>5} {r['resolution']:>5}  " + "   ".join(cells))
+    return "\n".join(lines)
+
+
 def markdown_table(rows: List[dict]) -> str:
     """Rows as a GitHub markdown table (for docs/benchmarks.md)."""
     lines = [

@@ -7,6 +7,8 @@ For every resolution:
 3. `repeats` timed rounds, each running every configuration once, interleaved (A/B/C, then
    B/C/A, ...) so noise on a shared machine hits all alike; round i uses input i mod #inputs.
    Speed does not depend on the input's content, so a configuration's timings pool all inputs.
+   Diffusion transformers: the timed calls also time the first block of each kind
+   (parts.block_timer), reported per row as `block_seconds` (median per block call).
    repeats = 0 times the calls of step 2 instead (for long runs; documented in the header),
    after one untimed baseline call when there is no warm-up, so nothing is timed cold.
 Rows: one per (method, ratio, resolution, input); the JSON is rewritten after every row.
@@ -23,7 +25,8 @@ from .denoise import denoise
 from .inputs import make_input
 from .methods import BASELINE, MethodContext, get_method
 from .micro import micro, micro_table
-from .report import header, table, write_json
+from .parts import block_timer
+from .report import block_table, header, table, write_json
 from .memory import PeakMemory
 from .timing import round_order, summary, timed
 
@@ -75,17 +78,17 @@ def label(method: str, ratio: Optional[float]) -> str:
 
 
 @contextlib.contextmanager
-def applied(unet, method: str, ratio, ctx: MethodContext):
+def applied(model, method: str, ratio, ctx: MethodContext):
     m = get_method(method)
-    m.apply(unet, ratio, ctx)
+    m.apply(model, ratio, ctx)
     try:
         yield
     finally:
-        m.remove(unet)
+        m.remove(model)
 
 
-def attention_backend(unet) -> str:
-    for module in unet.modules():
+def attention_backend(model) -> str:
+    for module in model.modules():
         processor = getattr(module, "processor", None)
         if processor is not None and hasattr(module, "to_q"):
             return type(processor).__name__ + " (torch scaled_dot_product_attention)" * ("2_0" in type(processor).__name__)
@@ -105,13 +108,13 @@ def run_bench(
 
     from ..diffusers.discovery import resolve_max_downsample
 
-    unet = subject.unet
-    doc = {"header": header(subject, settings.as_header(), attention_backend(unet)), "rows": []}
+    model = subject.denoiser
+    doc = {"header": header(subject, settings.as_header(), attention_backend(model)), "rows": []}
     result = BenchResult(doc)
     configs = settings.configs()
     cfg = settings.batch % 2 == 0
     n_images = settings.batch // 2 if cfg else settings.batch
-    ctx = MethodContext(seed=settings.seed, max_downsample=resolve_max_downsample(unet, "auto"))
+    ctx = MethodContext(seed=settings.seed, max_downsample=None if subject.is_dit else resolve_max_downsample(model, "auto"))
     calls = len(configs) * (settings.warmup + len(settings.inputs) + settings.repeats)
     calls += settings.repeats == 0 and settings.warmup == 0
     bar = tqdm(total=calls * len(settings.resolutions), disable=not progress, desc="bench", unit="call")
@@ -122,11 +125,11 @@ def run_bench(
 
     try:
         for res in settings.resolutions:
-            inputs = [make_input(k, n_images, res, settings.seed, subject.encode) for k in settings.inputs]
+            inputs = [make_input(k, n_images, res, settings.seed, subject.encode, subject.latent_channels) for k in settings.inputs]
             cond = subject.conditioning(n_images, cfg, res, settings.seed)
             for _ in range(settings.warmup):
                 for method, ratio in configs:
-                    with applied(unet, method, ratio, ctx):
+                    with applied(model, method, ratio, ctx):
                         call(method, ratio, inputs[0], cond)
                     bar.update()
             if settings.repeats == 0 and settings.warmup == 0:
@@ -137,19 +140,22 @@ def run_bench(
             for inp in inputs:
                 reference = None
                 for method, ratio in configs:
-                    with applied(unet, method, ratio, ctx), PeakMemory(subject.device) as mem:
+                    with applied(model, method, ratio, ctx), PeakMemory(subject.device) as mem:
                         output, s = timed(lambda: call(method, ratio, inp, cond), subject.device)
                     first_pass[(method, ratio)].append(s)
                     bar.update()
                     reference = reference or (output, [metrics.to_image(x) for x in subject.decode(output.image_latent)])
                     fidelity[(method, ratio, inp.name)] = _fidelity(subject, output, reference, mem.mb, result, res, inp.name, label(method, ratio))
             seconds: Dict[tuple, List[float]] = {c: [] for c in configs}
+            blocks: Dict[tuple, Dict[str, List[float]]] = {c: {} for c in configs}
             for rep in range(settings.repeats):
                 inp = inputs[rep % len(inputs)]
                 for method, ratio in round_order(configs, rep, "rotate"):
-                    with applied(unet, method, ratio, ctx):
+                    with applied(model, method, ratio, ctx), block_timer(model) as block_times:
                         _, s = timed(lambda: call(method, ratio, inp, cond), subject.device)
                     seconds[(method, ratio)].append(s)
+                    for name, times in block_times.items():
+                        blocks[(method, ratio)].setdefault(name, []).extend(times)
                     bar.update()
             if settings.repeats == 0:
                 seconds = first_pass
@@ -163,6 +169,8 @@ def run_bench(
                         **stats, "speedup": base / stats["seconds_median"],
                         **fidelity[(method, ratio, inp.name)], "input": inp.name, "steps": settings.steps,
                     }
+                    if subject.is_dit:
+                        row["block_seconds"] = {k: summary(v)["seconds_median"] for k, v in blocks[(method, ratio)].items()} or None
                     doc["rows"].append(row)
                     new_rows.append(row)
                     if json_path:
@@ -171,8 +179,10 @@ def run_bench(
                         after_row(row)
             bar.clear()
             out(table(new_rows, f"\n{subject.name} {res}px, batch {settings.batch}, steps {settings.steps}"))
+            if any(r.get("block_seconds") for r in new_rows):
+                out(block_table(new_rows))
             if settings.micro:
-                micro_rows = [micro(unet.config, res, settings.batch, r, subject.device, subject.dtype, seed=settings.seed)
+                micro_rows = [micro(model.config, res, settings.batch, r, subject.device, subject.dtype, seed=settings.seed)
                               for r in settings.ratios]
                 doc.setdefault("micro", []).extend(micro_rows)
                 if json_path:

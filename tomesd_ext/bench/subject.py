@@ -1,5 +1,6 @@
-"""The model under test: a built-in architecture with seeded random weights, or a local
-checkpoint (diffusers folder or single-file .safetensors) with real weights.
+"""The model under test: a built-in architecture with seeded random weights (a UNet or a
+diffusion transformer), or a local checkpoint (diffusers folder or single-file .safetensors)
+with real weights (UNet pipelines).
 
 Built-in models get the sharpened-attention fidelity variant by default
 (models.sharpen_self_attention, docs/bench.md "Sharpened attention"): with plain random weights
@@ -15,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .latent_map import latent_to_rgb, rgb_to_latent
+from .latent_map import channels_to_rgb, latent_to_rgb, rgb_to_channels, rgb_to_latent
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -45,26 +46,52 @@ def model_kind(spec: str) -> str:
 
 @dataclass
 class Subject:
-    """unet (on device, dtype), DDIM scheduler, and for real weights the pipeline (VAE, text encoders)."""
+    """denoiser (a UNet or a diffusion transformer, on device, dtype), its scheduler (DDIM, or
+    FlowSchedule for rectified-flow transformers), and for real weights the pipeline (VAE, text
+    encoders). family: "unet" or the transformer family (models.model_family); text_tokens: the
+    text sequence of one transformer forward."""
 
     name: str
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     scheduler: object
     device: torch.device
     dtype: torch.dtype
     pipe: Optional[object] = None  # real weights only
     sharpened: bool = False
+    family: str = "unet"
+    text_tokens: int = 77
 
     @property
     def real_weights(self) -> bool:
         return self.pipe is not None
 
     @property
+    def is_dit(self) -> bool:
+        return self.family != "unet"
+
+    @property
+    def latent_channels(self) -> int:
+        from ..models import LATENT_CHANNELS
+
+        return LATENT_CHANNELS[self.family] if self.is_dit else 4
+
+    @property
     def is_sdxl(self) -> bool:
-        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        return getattr(self.denoiser.config, "addition_embed_type", None) == "text_time"
+
+    def forward(self, latents: torch.Tensor, timestep, cond: dict) -> torch.Tensor:
+        """One denoiser call on latents (B, C, h, w) at scheduler timestep; returns (B, C, h, w)
+        (noise prediction of a UNet; velocity or epsilon of a transformer, models.dit_call)."""
+        if not self.is_dit:
+            return self.denoiser(latents, timestep, **cond).sample
+        from ..models import dit_call
+
+        return dit_call(self.denoiser, self.family, latents, timestep, cond["text"], cond["pooled"])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) in [-1, 1] -> latents (n, 4, H/8, W/8), float32 on the CPU."""
+        """(n, 3, H, W) in [-1, 1] -> latents (n, C, H/8, W/8), float32 on the CPU."""
+        if self.is_dit:
+            return rgb_to_channels(images, self.latent_channels)
         if not self.real_weights:
             return rgb_to_latent(images)
         vae = self.pipe.vae
@@ -73,7 +100,9 @@ class Subject:
         return (dist.mean * vae.config.scaling_factor).float().cpu()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (n, 4, h, w) -> RGB (n, 3, H, W) in about [-1, 1] (VAE, or the linear map at h x w)."""
+        """latents (n, C, h, w) -> RGB (n, 3, H, W) in about [-1, 1] (VAE, or the linear map at h x w)."""
+        if self.is_dit:
+            return channels_to_rgb(latents.float().cpu())
         if not self.real_weights:
             return latent_to_rgb(latents.float().cpu())
         vae = self.pipe.vae
@@ -85,10 +114,16 @@ class Subject:
         """UNet keyword arguments for a batch of n_images (doubled as [uncond, cond] with CFG).
 
         Real weights: the pipeline's own prompt encoding of PROMPT and the empty negative prompt.
-        Random weights: seeded N(0, 1) text embeddings (and SDXL's pooled embeds and time ids).
+        Random weights: seeded N(0, 1) text embeddings (and SDXL's pooled embeds and time ids);
+        transformers: {"text": (B, L, D), "pooled": (B, P) or None} (models.text_conditioning).
         """
         halves = 2 if cfg else 1
-        cfg_dim = self.unet.config.cross_attention_dim
+        if self.is_dit:
+            from ..models import text_conditioning
+
+            cond = text_conditioning(self.family, self.denoiser.config, halves * n_images, self.text_tokens, seed, halves)
+            return {k: None if v is None else v.to(self.device, self.dtype) for k, v in cond.items()}
+        cfg_dim = self.denoiser.config.cross_attention_dim
         if self.real_weights and hasattr(self.pipe, "encode_prompt"):
             with torch.no_grad():
                 enc = self.pipe.encode_prompt(
@@ -107,7 +142,7 @@ class Subject:
             hidden = torch.randn(halves, 1, 77, cfg_dim, generator=gen).repeat_interleave(n_images, 0).flatten(0, 1)
             text = None
             if self.is_sdxl:
-                width = self.unet.config.projection_class_embeddings_input_dim - 6 * self.unet.config.addition_time_embed_dim
+                width = self.denoiser.config.projection_class_embeddings_input_dim - 6 * self.denoiser.config.addition_time_embed_dim
                 text = torch.randn(halves, 1, width, generator=gen).repeat_interleave(n_images, 0).flatten(0, 1)
         kwargs = {"encoder_hidden_states": hidden.to(self.device, self.dtype)}
         if self.is_sdxl:
@@ -131,7 +166,10 @@ def load_subject(spec: str, device="cpu", dtype="fp32", seed: int = 0, sharpen: 
     torch_dtype = DTYPES[dtype]
     kind = model_kind(spec)
     if kind == "builtin":
-        from ..models import build_scheduler, build_unet, sharpen_self_attention
+        from ..models import build_scheduler, build_unet, model_family, sharpen_self_attention
+
+        if model_family(spec) != "unet":
+            return _load_transformer(spec, device, torch_dtype, seed, sharpen)
 
         unet = build_unet(spec, seed=seed, dtype=torch.float32)
         if sharpen:
@@ -143,6 +181,22 @@ def load_subject(spec: str, device="cpu", dtype="fp32", seed: int = 0, sharpen: 
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return Subject(spec, pipe.unet.eval(), _ddim(pipe.scheduler.config), device, torch_dtype, pipe=pipe)
+
+
+def _load_transformer(spec: str, device, torch_dtype, seed: int, sharpen: bool) -> Subject:
+    """A built-in diffusion transformer (models.build_transformer), sharpened unless told not."""
+    from ..models import build_transformer, get_dit_config, sharpen_self_attention
+
+    from .flow import FlowSchedule
+
+    entry = get_dit_config(spec)
+    model = build_transformer(spec, seed=seed, dtype=torch.float32)
+    if sharpen:
+        sharpen_self_attention(model)
+    model = torch.nn.Module.to(model, device=device, dtype=torch_dtype)
+    schedule = FlowSchedule() if entry["scheduler"] == "flow" else _ddim(entry["scheduler"])
+    return Subject(spec, model, schedule, device, torch_dtype, sharpened=sharpen,
+                   family=entry["family"], text_tokens=entry["text_tokens"])
 
 
 def _load_pipeline(path: str, kind: str, torch_dtype):

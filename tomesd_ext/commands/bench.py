@@ -24,9 +24,9 @@ def add_parser(subparsers):
         help="measure speed, memory and fidelity of merging methods side by side",
         description="Interleaved timing (medians) and fidelity against the unmerged model on the same input.",
     )
-    p.add_argument("--model", default="sd15", help="tiny|tiny-sd2|tiny-sdxl|sd15|sd21|sdxl (seeded random weights) or a local diffusers folder / .safetensors file (default: sd15)")
+    p.add_argument("--model", default="sd15", help="a built-in UNet (tiny|tiny-sd2|tiny-sdxl|sd15|sd21|sdxl) or diffusion transformer (flux-depth4, flux2-depth2, sd35-large-depth2, sd35-medium, pixart-sigma, qwen-image-depth2, z-image-depth2, tiny-flux, ...; docs/bench.md), seeded random weights, or a local diffusers folder / .safetensors file (default: sd15)")
     p.add_argument("--resolution", type=int, nargs="+", default=[512], help="image sizes in px, multiples of 8 (default: 512)")
-    p.add_argument("--batch", type=int, default=2, help="denoiser batch; even = CFG with batch/2 images (default: 2)")
+    p.add_argument("--batch", type=int, default=None, help="denoiser batch; even = CFG with batch/2 images (default: 2; 1 for the guidance-distilled transformers Flux.1-dev, Flux.2-dev, Z-Image-Turbo)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="merge ratios (default: 0.5)")
     p.add_argument("--methods", type=_methods, default=["tome", "tomesd"], help=f"comma list from {','.join(m for m in METHODS if m != 'baseline')} (baseline is always measured; default: tome,tomesd)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; 0 = time the fidelity pass instead, for long runs (default: 3)")
@@ -50,21 +50,36 @@ def add_parser(subparsers):
 def validate(args) -> None:
     """Raise ValueError naming the bad argument, before any model is built."""
     from ..bench.inputs import INPUT_KINDS
-    from ..bench.methods import BASELINE, get_method
+    from ..bench.methods import BASELINE, METHODS, dit_support_missing, get_method
     from ..bench.subject import model_kind
+    from ..models import get_dit_config, model_family, too_large
 
     from .checks import check_checkpoint_file, check_output_file, check_output_folder, plot_path
 
-    if model_kind(args.model) == "file":
+    kind = model_kind(args.model)
+    if kind == "file":
         check_checkpoint_file("--model", args.model)
+    dit = kind == "builtin" and model_family(args.model) != "unet"
+    if dit:
+        reason = too_large(args.model)
+        if reason:
+            raise ValueError(f"--model {args.model}: {reason}")
+    if args.batch is None:  # the real pipeline's batch for one image: CFG doubles it
+        args.batch = 2 if not dit or get_dit_config(args.model)["cfg"] else 1
+    step = 16 if dit else 8  # transformers: 2x2 latent patches
     for res in args.resolution:
-        if res < 64 or res % 8:
-            raise ValueError(f"--resolution {res}: must be a multiple of 8 and >= 64")
+        if res < 64 or res % step:
+            raise ValueError(f"--resolution {res}: must be a multiple of {step} and >= 64")
     if not args.methods:
         raise ValueError("--methods is empty")
     for name in args.methods:
         method = get_method(name)
-        reason = method.unavailable()
+        if dit and "dit" not in method.models:
+            dit_methods = ",".join(m for m, v in METHODS.items() if "dit" in v.models and m != BASELINE)
+            raise ValueError(f"--methods {name}: a UNet method; for the diffusion transformer {args.model} choose from {dit_methods}")
+        if not dit and "unet" not in method.models:
+            raise ValueError(f"--methods {name}: a diffusion-transformer method; --model {args.model} is a UNet")
+        reason = method.unavailable() or (dit and name != BASELINE and dit_support_missing())
         if reason:
             raise ValueError(f"--methods {name}: {reason}")
     args.methods = [m for m in dict.fromkeys(args.methods) if m != BASELINE]
@@ -80,6 +95,10 @@ def validate(args) -> None:
             raise ValueError(f"{name} {value}: must be >= {lo}")
     if args.timestep > 999:
         raise ValueError(f"--timestep {args.timestep}: must be <= 999")
+    if dit and args.steps:
+        raise ValueError(f"--steps {args.steps}: diffusion transformers are measured on one forward; use --steps 0")
+    if dit and args.micro:
+        raise ValueError("--micro: the operator micro-bench reads UNet levels; not for diffusion transformers")
     if args.json:
         check_output_file("--json", args.json)
     if args.plot:

@@ -45,14 +45,14 @@ def add_parser(subparsers):
 def _check_model(model: str) -> None:
     from pathlib import Path
 
-    from ..models import MODEL_NAMES
+    from ..models import UNET_NAMES
     from .checks import check_checkpoint_file
 
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".safetensors":
         check_checkpoint_file("--model", str(p))
-    elif not p.exists() and (model not in MODEL_NAMES or model.endswith("sdxl")):
-        names = ", ".join(n for n in MODEL_NAMES if not n.endswith("sdxl"))
+    elif not p.exists() and (model not in UNET_NAMES or model.endswith("sdxl")):
+        names = ", ".join(n for n in UNET_NAMES if not n.endswith("sdxl"))
         raise ValueError(f"--model {model!r} is neither a local path nor a built-in SD1.x/2.x model ({names})")
 
 

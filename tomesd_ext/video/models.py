@@ -66,10 +66,10 @@ def load_pipeline(model: str, seed: int = 0, dtype=None, sharpen: float = 0.0):
                 raise ValueError(f"model {model!r} is an SDXL checkpoint; video editing supports SD1.x/2.x")
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     else:
-        from ..models import MODEL_NAMES, build_pipeline
+        from ..models import UNET_NAMES, build_pipeline
 
-        if model not in MODEL_NAMES or model.endswith("sdxl"):
-            names = [n for n in MODEL_NAMES if not n.endswith("sdxl")]
+        if model not in UNET_NAMES or model.endswith("sdxl"):
+            names = [n for n in UNET_NAMES if not n.endswith("sdxl")]
             raise ValueError(f"model {model!r} is neither a local path nor a built-in SD1.x/2.x model {names}")
         pipe = build_pipeline(model, "txt2img", seed=seed, dtype=dtype, scheduler="ddim")
     pipe.set_progress_bar_config(disable=True)
