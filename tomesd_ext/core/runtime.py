@@ -122,14 +122,7 @@ class MergeRuntime:
         h, w = grid
         f = self.frames
         opts = self.opts
-        if f * h * w < opts.min_tokens:  # auto-skip: merging cannot pay at this token count
-            if not self._skip_said:
-                self._skip_said = True
-                log.warning(
-                    "tomesd-ext: the %s token grid (%d tokens) is below min_tokens=%d, so it is not merged "
-                    "(merging does not pay there); pass min_tokens=0 to merge it anyway (said once per patch)",
-                    "x".join(map(str, ((f,) if f > 1 else ()) + (h, w))), f * h * w, opts.min_tokens,
-                )
+        if self.below_min_tokens((f,) * (f > 1) + (h, w)):
             return None
         video = {"frames": f} if f > 1 else {}
         seed = partition_seed(opts, self.step_key, f, h, w) if f > 1 else partition_seed(opts, self.step_key, h, w)
@@ -138,10 +131,32 @@ class MergeRuntime:
         key = (None if opts.reuse == "level" else scope, f, h, w, metric.shape[0], metric.device)
         return self.cache.get(key, lambda: self.policy.plan(metric, h, w, seed, **video))
 
+    def below_min_tokens(self, shape) -> bool:
+        """Whether a token grid of this shape ((h, w) or (frames, h, w)) is below ``opts.min_tokens``
+        (auto-skip: merging cannot pay at this token count); the first time, one log line says so."""
+        n = 1
+        for side in shape:
+            n *= side
+        if n >= self.opts.min_tokens:
+            return False
+        if not self._skip_said:
+            self._skip_said = True
+            log.warning(
+                "tomesd-ext: the %s token grid (%d tokens) is below min_tokens=%d, so it is not merged "
+                "(merging does not pay there); pass min_tokens=0 to merge it anyway (said once per patch)",
+                "x".join(map(str, shape)), n, self.opts.min_tokens,
+            )
+        return True
+
     @property
     def grid_tokens(self) -> int:
         """Tokens of the call's grid at full resolution (frames * H * W); 0 when unknown."""
         return 0 if self.latent_hw is None else self.frames * self.latent_hw[0] * self.latent_hw[1]
+
+    @property
+    def grid_shape(self) -> tuple:
+        """The call's full-resolution grid: (h, w), or (frames, h, w) for a video."""
+        return ((self.frames,) if self.frames > 1 else ()) + tuple(self.latent_hw or ())
 
     def new_slot(self, scope: Hashable = None) -> "BlockSlot":
         """A slot for one block (scope: its cache key; default a fresh number)."""

@@ -75,7 +75,7 @@ class BlockMerge:
         self.slot.reset()
         self.pending = None
         rt = self.slot.runtime
-        if not rt.active:
+        if not rt.active or rt.below_min_tokens(rt.grid_shape):
             return None
         bound = bind(module.forward, args, kwargs)
         a = bound.arguments
@@ -155,7 +155,7 @@ class KeysValuesProcessor(WrappedProcessor):
         rt = slot.runtime if slot is not None else None
         plan = None
         state = self.state
-        if rt is not None and rt.active and hidden_states.ndim == 3:
+        if rt is not None and rt.active and hidden_states.ndim == 3 and not rt.below_min_tokens(rt.grid_shape):
             n = rt.grid_tokens
             start = (state.n_txt if self.blocks.attn_joined else 0) + state.lead
             if hidden_states.shape[1] >= start + n:
