@@ -10,7 +10,7 @@ from tomesd_ext import apply_tome, remove_tome
 
 from .dit_models import FAMILIES, cfg_batch, make
 
-MODES = ("block", "kv")
+MODES = ("block", "attn", "kv")
 
 
 def rel(a, b):

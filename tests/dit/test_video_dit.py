@@ -19,7 +19,7 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
-@pytest.mark.parametrize("mode", ("block", "kv"))
+@pytest.mark.parametrize("mode", ("block", "attn", "kv"))
 def test_ratio_zero_and_removal_exact_odd_frames_and_sizes(family, mode):
     m, kw, sample = make_video(family, frames=5, h=7, w=5)
     ref = run(m, kw, sample)

@@ -7,6 +7,8 @@ the two ways the transformer papers use (ToMA, ICML 2025; SDTM, CVPR 2025; ToDo 
   is unmerged after it, ``y = x + unmerge(f(merge(x)) - merge(x))``: every token keeps its own
   residual stream while projections, attention and MLP all run on fewer tokens (the large
   saving: in a DiT block the linear layers cost more than attention).
+- ``attn``: the same around each image attention only (its normed input merged, its output
+  unmerged): projections and attention run on fewer tokens, the MLP on all of them.
 - ``kv``: queries keep every token; inside attention, after rotary positions are applied, the
   keys and values of the image tokens are merged, and log(group size) is added to a merged key's
   logits (proportional attention: a group of similar keys weighs as much as its members). No
@@ -67,6 +69,13 @@ def unmerge_update(x: torch.Tensor, x_merged: torch.Tensor, y_merged: torch.Tens
     update = y_merged[:, start : start + m] - x_merged[:, start : start + m]
     span = x[:, start : start + n] + unmerge(update, plan).to(x.dtype)
     return torch.cat([y_merged[:, :start], span, y_merged[:, start + m :]], dim=1)
+
+
+def unmerge_span(y: torch.Tensor, plan: MergePlan, start: int) -> torch.Tensor:
+    """y: (B, L - r, C), the output of an operator that ran on merge_span(x, plan, start) ->
+    (B, L, C): every image token gets its group's output (attention-only merging)."""
+    m = plan.n_groups
+    return torch.cat([y[:, :start], unmerge(y[:, start : start + m], plan), y[:, start + m :]], dim=1)
 
 
 def gather_span(t: torch.Tensor, plan: MergePlan, start: int, dim: int) -> torch.Tensor:

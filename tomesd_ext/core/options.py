@@ -97,7 +97,7 @@ MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 MODES = ("tome", "importance")
 CFG_LAYOUTS = ("auto", "halves", "interleaved", "off")
 REUSE_CHOICES = ("block", "level")
-DIT_MODES = ("auto", "block", "kv")
+DIT_MODES = ("auto", "block", "attn", "kv")
 
 # Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
 MIN_TOKENS_DEFAULT = 2048
@@ -172,10 +172,10 @@ TOME_OPTIONS = _table(
     Option("prune_steps", "int", 0, "int in [0, 10000]",
            "Importance mode: the first steps drop merged tokens instead of averaging them (the paper's prune "
            "phase; its SD demo uses 2). 0 = off.", lo=0, hi=10000),
-    Option("dit_mode", "choice", "auto", "`\"auto\"`, `\"block\"`, `\"kv\"`",
-           "Transformers (Flux, SD3, PixArt...): block = image tokens merged through the whole block (attention "
-           "and MLP) and its update unmerged; kv = keys and values only, queries kept; auto = the family's "
-           "measured default. UNets ignore it.", choices=DIT_MODES),
+    Option("dit_mode", "choice", "auto", "`\"auto\"`, `\"block\"`, `\"attn\"`, `\"kv\"`",
+           "Transformers (Flux, SD3, PixArt, Wan...): block = image tokens merged through the whole block (attention "
+           "and MLP) and its update unmerged; attn = merged around attention only; kv = keys and values only, "
+           "queries kept; auto = the family's measured default. UNets ignore it.", choices=DIT_MODES),
     Option("st", "int", 2, "int in [1, 16]",
            "Video transformers: window depth in latent frames, one destination per st x sy x sx window, so "
            "tokens merge across neighbouring frames; 1 = per-frame windows. Images ignore it.", lo=1, hi=16),

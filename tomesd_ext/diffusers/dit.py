@@ -5,6 +5,8 @@ The family facts (dit_families.py) say where the image tokens are; the algorithm
 - block mode: a forward pre-hook on each merged block merges the image span of its token
   sequence and gathers the positional inputs (rotary tables, masks) at the groups' anchors; its
   forward hook unmerges the block's update (``unmerge_update``). Text tokens pass untouched.
+- attn mode: the same pre-hook / forward hook pair on each image attention module instead of the
+  block (its output is unmerged by copy: it is no residual stream).
 - kv mode: the processor of each image attention is wrapped; during its call a torch function
   mode merges the keys and values of the image span at ``scaled_dot_product_attention`` (after
   rotary positions were applied), with proportional attention. Backends that do not call torch's
@@ -23,8 +25,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..core import ImportancePolicy, timestep_key
-from ..core.dit import merge_keys_values, merge_span, merged_blocks, shared_metric, unmerge_update, dit_settings
-from .dit_families import Family, bind
+from ..core.dit import dit_settings, merge_keys_values, merge_span, merged_blocks, shared_metric, unmerge_span, unmerge_update
+from .dit_families import CallArgs, Family, bind
 from .dit_importance import track_dit_importance
 from .processors import WrappedProcessor
 
@@ -77,8 +79,8 @@ class BlockMerge:
         rt = self.slot.runtime
         if not rt.active or rt.below_min_tokens(rt.grid_shape):
             return None
-        bound = bind(module.forward, args, kwargs)
-        a = bound.arguments
+        call = CallArgs(module.forward, args, kwargs)
+        a = call.named
         x = a.get(self.blocks.hidden)
         n = rt.grid_tokens
         start = (self.state.n_txt if self.blocks.joined else 0) + self.state.lead
@@ -96,7 +98,51 @@ class BlockMerge:
         merged = merge_span(x, plan, start)
         a[self.blocks.hidden] = merged
         self.pending = (x, merged, plan, start)
-        return bound.args, bound.kwargs
+        return call.args_kwargs()
+
+
+class AttnMerge(BlockMerge):
+    """Pre-hook of one image attention (attn mode): merge the image span of its input, gather its
+    positional inputs; ``AttnUnmerge`` copies each group's output back to its tokens."""
+
+    def __init__(self, slot, family: Family, blocks, state: CallState):
+        super().__init__(slot, family, blocks, state)
+        self.hidden, self.joined = "hidden_states", blocks.attn_joined
+
+    def __call__(self, module, args, kwargs):
+        self.pending = None
+        rt = self.slot.runtime
+        if not rt.active or rt.below_min_tokens(rt.grid_shape):
+            return None
+        call = CallArgs(module.forward, args, kwargs)
+        a = call.named
+        x = a.get(self.hidden)
+        n = rt.grid_tokens
+        start = (self.state.n_txt if self.joined else 0) + self.state.lead
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[1] < start + n:
+            return None
+        plan = self.slot.get(shared_metric(x[:, start : start + n]))
+        if plan is None or self.family.positions(a, plan, self.state) is not None:
+            return None
+        a[self.hidden] = merge_span(x, plan, start)
+        self.pending = (plan, start)
+        return call.args_kwargs()
+
+
+class AttnUnmerge:
+    """Forward hook of a merged attention: its (first) output back to full length."""
+
+    def __init__(self, merge: AttnMerge):
+        self.merge = merge
+
+    def __call__(self, module, args, output):
+        pending, self.merge.pending = self.merge.pending, None
+        if pending is None:
+            return None
+        plan, start = pending
+        if isinstance(output, tuple):
+            return (unmerge_span(output[0], plan, start),) + output[1:]
+        return unmerge_span(output, plan, start)
 
 
 class BlockUnmerge:
@@ -208,5 +254,11 @@ def attach_dit(patch, family: Family) -> None:
         patch.hook(block.register_forward_hook(ResetOnExit(slot), always_call=True))
         for name in spec.attentions:
             attn = getattr(block, name, None)
-            if attn is not None and hasattr(attn, "processor"):
+            if attn is None or not hasattr(attn, "processor"):
+                continue
+            if mode == "attn":
+                merge = AttnMerge(slot, family, spec, state)
+                patch.hook(attn.register_forward_pre_hook(merge, with_kwargs=True))
+                patch.hook(attn.register_forward_hook(AttnUnmerge(merge), always_call=True))
+            else:
                 patch.wrap(attn, partial(KeysValuesProcessor, slot=slot, blocks=spec, family=family, state=state))

@@ -135,6 +135,7 @@ def _z_image_positions(a, plan, span):
     if a.get("noise_mask") is not None:
         return "per-token modulation (omni inputs)"
     _gather(a, "attn_mask", plan, span.lead, 1)
+    _gather(a, "attention_mask", plan, span.lead, 1)  # the same mask, as the attention module takes it
     _gather(a, "freqs_cis", plan, span.lead, 1)
 
 
@@ -252,3 +253,24 @@ def family_of(model) -> Optional[Family]:
 def bind(fn, args, kwargs):
     """inspect.BoundArguments of a call (defaults not applied): read and change by name."""
     return inspect.signature(fn).bind(*args, **kwargs)
+
+
+class CallArgs:
+    """A call's arguments by name, keyword-catch-all entries (``**kwargs``) included:
+    ``named`` to read and change, ``args_kwargs()`` to call again."""
+
+    def __init__(self, fn, args, kwargs):
+        self.bound = bind(fn, args, kwargs)
+        self.varkw = next((p.name for p in self.bound.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        extra = self.bound.arguments.get(self.varkw, {}) if self.varkw else {}
+        self.named = {k: v for k, v in self.bound.arguments.items() if k != self.varkw}
+        self.named.update(extra)
+        self.extra = set(extra)
+
+    def args_kwargs(self):
+        for name, value in self.named.items():
+            if name in self.extra:
+                self.bound.arguments[self.varkw][name] = value
+            else:
+                self.bound.arguments[name] = value
+        return self.bound.args, self.bound.kwargs
