@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from comfy_env import import_comfy, importance_node, tome_node
-from dit_models import comfy_from_diffusers, inputs, run_diffusers, run_dit, tiny_diffusers
+from dit_models import comfy_from_diffusers, inputs, run_diffusers, run_dit, tiny_comfy_qwen, tiny_diffusers
 
 pytestmark = pytest.mark.comfyui
 
@@ -156,3 +156,16 @@ def test_block_mode_matches_diffusers_adapter(models, family):
         delta_c, delta_d = out - ref, dout - dref
         assert delta_d.norm() / dref.norm() > 1e-2
         assert (delta_c - delta_d).norm() / delta_d.norm() < 1e-3
+
+
+@pytest.mark.parametrize("mode", ("block", "kv"))
+def test_qwen_image_merges_and_is_exact_at_ratio_zero(models, mode):
+    """Qwen-Image (5-D latents, rotary table over [text, image]) on a non-square 16x12 latent."""
+    base = tiny_comfy_qwen()
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 16, 1, 16, 12, generator=g), torch.randn(2, 7, 32, generator=g)
+    ref = run_dit(base, x, SIGMA, ctx)
+    assert torch.equal(run_dit(tome_node(base, ratio=0.0, dit_mode=mode), x, SIGMA, ctx), ref)
+    out = run_dit(tome_node(base, ratio=0.5, dit_mode=mode), x, SIGMA, ctx)
+    assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-6)
+    assert torch.equal(run_dit(base, x, SIGMA, ctx), ref)
