@@ -14,6 +14,14 @@ OptionError = core.OptionError
 OPTIONS = core.TOME_OPTIONS
 WIDGETS = ("ratio", "max_downsample", "sx", "sy", "use_rand", "seed", "merge_attn", "merge_crossattn", "merge_mlp",
            "min_tokens")
+# Transformer inputs, after the sampling window: saved workflows list widget values in input
+# order, so inputs added later go last. skip_ends -1 stands for the option's None (family default).
+SKIP_ENDS_AUTO = -1
+DIT_INPUTS = {
+    "dit_mode": widget(OPTIONS["dit_mode"]),
+    "skip_ends": ("INT", {"default": SKIP_ENDS_AUTO, "min": SKIP_ENDS_AUTO, "max": OPTIONS["skip_ends"].hi,
+                          "tooltip": OPTIONS["skip_ends"].help.replace("None =", "-1 =")}),
+}
 
 
 def tome_widgets(names=WIDGETS) -> dict:
@@ -30,15 +38,18 @@ class TomesdExtTokenMerging(ModelPatchNode):
     DESCRIPTION = (
         "Token Merging (ToMe) for UNet models (SD 1.x, SD 2.x, SDXL): merges similar tokens before "
         "self-attention (queries, keys and values) and copies the result back after it, so "
-        "sampling is faster at a small cost in detail. Put it between the model loader (and LoRA) "
-        "and the sampler. Another model type (e.g. a DiT) passes through unchanged with a warning. "
-        "A second ToMe node on the same model replaces this one."
+        "sampling is faster at a small cost in detail. On the transformers Flux.1, Flux.2, SD3/SD3.5 "
+        "and Qwen-Image it merges the image tokens of each block (dit_mode block: the whole block "
+        "runs on fewer tokens and its update is copied back; kv: keys and values only); text tokens "
+        "are never merged, and max_downsample and merge_* apply to UNets only. Put it between the "
+        "model loader (and LoRA) and the sampler. Another model type passes through unchanged with "
+        "a warning. A second ToMe node on the same model replaces this one."
     )
     OUTPUT_TOOLTIPS = ("The model with token merging (a patched clone; the input is unchanged).",)
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": MODEL_INPUT, **tome_widgets(), **WINDOW_INPUTS}}
+        return {"required": {"model": MODEL_INPUT, **tome_widgets(), **WINDOW_INPUTS, **DIT_INPUTS}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2):
@@ -54,13 +65,13 @@ class TomesdExtTokenMerging(ModelPatchNode):
 
     @staticmethod
     def options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
-                min_tokens=None) -> "ToMeOptions":
+                min_tokens=None, dit_mode="auto", skip_ends=SKIP_ENDS_AUTO) -> "ToMeOptions":
         """Validated ToMeOptions from the widget values (raises OptionError with the limit)."""
         # values go to the option check as they are: a wrong type is an OptionError naming the input
         return ToMeOptions.create(
             ratio=ratio, max_downsample=combo_value(max_downsample), sx=sx, sy=sy, use_rand=use_rand,
             seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
-            min_tokens=min_tokens,
+            min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=None if skip_ends == SKIP_ENDS_AUTO else skip_ends,
         )
 
     @staticmethod

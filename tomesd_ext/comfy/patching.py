@@ -1,7 +1,8 @@
 """Patch mechanics on a ComfyUI MODEL: clone, drop any earlier tomesd-ext patch, attach ours.
 
 Everything goes through ModelPatcher's own extension points (attn1/attn2 patches, a
-DIFFUSION_MODEL wrapper, object patches, sampler post-CFG functions), on a clone, so the input
+DIFFUSION_MODEL or APPLY_MODEL wrapper, ``patches_replace["dit"]`` blocks, the attention override,
+object patches, sampler post-CFG functions), on a clone, so the input
 MODEL, its other patches (LoRA weights, ControlNet, other nodes' attention patches) and ComfyUI's
 caching are left alone, and ComfyUI itself undoes the object patches when another model is
 loaded. ComfyUI is imported lazily, so this module imports without it.
@@ -104,10 +105,14 @@ class StandIn(torch.nn.Module):
         return module
 
 
-def _diffusion_model_wrapper_type():
+ATTENTION_OVERRIDE = "optimized_attention_override"
+
+
+def _wrapper_types():
+    """The wrapper types our patches use: DIFFUSION_MODEL (UNets), APPLY_MODEL (transformers)."""
     from comfy.patcher_extension import WrappersMP
 
-    return WrappersMP.DIFFUSION_MODEL
+    return WrappersMP.DIFFUSION_MODEL, WrappersMP.APPLY_MODEL
 
 
 def strip(m) -> None:
@@ -127,7 +132,18 @@ def strip(m) -> None:
             m.model_options["sampler_post_cfg_function"] = kept
         else:
             del m.model_options["sampler_post_cfg_function"]
-    m.remove_wrappers_with_key(_diffusion_model_wrapper_type(), WRAPPER_KEY)
+    for kind in _wrapper_types():
+        m.remove_wrappers_with_key(kind, WRAPPER_KEY)
+    to = m.model_options.get("transformer_options", {})
+    dit = to.get("patches_replace", {}).get("dit")
+    for key in [k for k, fn in (dit or {}).items() if isinstance(fn, SharedPatch)]:
+        del dit[key]
+    override = to.get(ATTENTION_OVERRIDE)
+    if isinstance(override, SharedPatch):  # ours: restore the override it wrapped, if any
+        if getattr(override, "previous", None) is None:
+            del to[ATTENTION_OVERRIDE]
+        else:
+            to[ATTENTION_OVERRIDE] = override.previous
     for key, obj in list(m.object_patches.items()):
         if isinstance(obj, StandIn):
             del m.object_patches[key]
@@ -140,13 +156,18 @@ def remove_tome_patch(model):
     return m
 
 
-def patched_clone(model, state: PatchState):
-    """A clone of ``model`` without earlier tomesd-ext patches, with the diffusion-model wrapper
-    that feeds ``state`` every call. A bad TOMESD_EXT_KERNELS fails here, not at every step."""
+def patched_clone(model, state: PatchState, apply_model_wrapper=None):
+    """A clone of ``model`` without earlier tomesd-ext patches, with the wrapper that feeds
+    ``state`` every call: the diffusion-model wrapper (UNets), or ``apply_model_wrapper`` as an
+    APPLY_MODEL wrapper (transformers). A bad TOMESD_EXT_KERNELS fails here, not at every step."""
     check_kernel_setting()
     m = model.clone()
     strip(m)
-    m.add_wrapper_with_key(_diffusion_model_wrapper_type(), WRAPPER_KEY, DiffusionModelWrapper(state))
+    diffusion_model, apply_model = _wrapper_types()
+    if apply_model_wrapper is None:
+        m.add_wrapper_with_key(diffusion_model, WRAPPER_KEY, DiffusionModelWrapper(state))
+    else:
+        m.add_wrapper_with_key(apply_model, WRAPPER_KEY, apply_model_wrapper)
     return m
 
 

@@ -23,6 +23,8 @@ import torch
 
 from ..core import MergeRuntime, TomePolicy, ToMeOptions, merge, unmerge
 from .discovery import auto_max_downsample, transformer_blocks, unet_of
+from .dit import apply_dit_patch
+from .dit_families import family_of
 from .patching import PatchState, SharedPatch, StandIn, patched_clone, sigma_range, unsupported_reason
 
 
@@ -103,6 +105,10 @@ def install_merge_patch(model, opts: ToMeOptions, start_percent: float, end_perc
     PatchState with the method's policy."""
     unet = unet_of(model)
     if unet is None:
+        dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+        if family_of(dm) is not None:
+            return model, None, (f"tomesd-ext: {opts.mode} merging skipped, this node does not support "
+                                 f"transformers ({type(dm).__name__}) yet: use the ToMe node")
         return model, None, unsupported_reason(model)
     if opts.max_downsample == "auto":
         max_ds = auto_max_downsample(unet)
@@ -133,9 +139,12 @@ def apply_tome_patch(
     """Return (patched clone, None), or (``model`` unchanged, reason) when it cannot be patched.
 
     opts: validated ``ToMeOptions`` (mode "tome"); a previous tomesd-ext patch on ``model`` is
-    replaced. Plan reuse (``reuse``, ``reuse_steps``) works as in the diffusers adapter.
+    replaced. Plan reuse (``reuse``, ``reuse_steps``) works as in the diffusers adapter. A model
+    whose denoiser is an image transformer (Flux, SD3, Qwen-Image) gets the DiT patch (dit.py).
     """
     if opts.mode != "tome":
         raise ValueError(f"opts.mode={opts.mode!r}: use apply_importance_patch for mode='importance'")
+    if unet_of(model) is None:
+        return apply_dit_patch(model, opts, start_percent, end_percent)
     m, _state, reason = install_merge_patch(model, opts, start_percent, end_percent)
     return m, reason
