@@ -17,8 +17,9 @@ WIDGETS = ("ratio", "max_downsample", "sx", "sy", "use_rand", "seed", "merge_att
 # Transformer inputs, after the sampling window: saved workflows list widget values in input
 # order, so inputs added later go last. skip_ends -1 stands for the option's None (family default).
 SKIP_ENDS_AUTO = -1
+COMFY_DIT_MODES = ("auto", "block", "kv")  # "attn" needs diffusers' attention modules (docs/comfyui.md)
 DIT_INPUTS = {
-    "dit_mode": widget(OPTIONS["dit_mode"]),
+    "dit_mode": widget(OPTIONS["dit_mode"], choices=COMFY_DIT_MODES),
     "skip_ends": ("INT", {"default": SKIP_ENDS_AUTO, "min": SKIP_ENDS_AUTO, "max": OPTIONS["skip_ends"].hi,
                           "tooltip": OPTIONS["skip_ends"].help.replace("None =", "-1 =")}),
 }

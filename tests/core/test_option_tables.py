@@ -68,15 +68,18 @@ def test_validation_follows_the_table_ranges(table, options, _apply, extra):
 
 def _check_widget(option, spec, node_default=None):
     kind, extra = spec
-    assert extra["tooltip"] == option.help
+    assert extra["tooltip"] == option.help or extra["tooltip"] == option.help.replace("None =", "-1 =")
     default = option.default if node_default is None else node_default
-    if option.kind == "choice":
-        assert kind == [str(c) for c in option.choices] and extra["default"] == str(default)
+    if option.kind == "choice":  # a node may offer fewer entries (e.g. no dit_mode "attn" in ComfyUI), in order
+        table = [str(c) for c in option.choices]
+        assert kind == [c for c in table if c in kind] and extra["default"] == str(default)
     elif option.kind == "bool":
         assert kind == "BOOLEAN" and extra["default"] is default
     elif option.kind == "seed":
         assert (kind, extra["default"], extra["min"], extra["max"]) == ("INT", NODE_SEED_DEFAULT, 0, INT_MAX)
         assert extra["control_after_generate"] is False  # the frontend would otherwise randomise it
+    elif option.kind == "int" and default is None and option.name != "min_tokens":  # None shown as -1
+        assert (kind, extra["default"], extra["min"], extra["max"]) == ("INT", -1, -1, option.hi)
     elif option.kind == "int":
         hi = INT_MAX if option.hi is None else option.hi
         assert (kind, extra["default"], extra["min"], extra["max"]) == ("INT", default, option.lo, hi)

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import MergeRuntime, TomePolicy, ToMeOptions, timestep_key
+from ..core import MergeRuntime, OptionError, TomePolicy, ToMeOptions, timestep_key
 from ..core.dit import dit_settings, gather_span, merge_keys_values, merge_span, merged_blocks, shared_metric, unmerge_update
 from .dit_families import SUPPORTED_DITS, Family, family_of, token_grid
 from .patching import ATTENTION_OVERRIDE, PatchState, SharedPatch, patched_clone, sigma_range, unsupported_reason
@@ -171,6 +171,11 @@ def apply_dit_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_pe
     if family is None:
         return model, f"{unsupported_reason(model)}, and the transformers {SUPPORTED_DITS}"
     mode, skip = dit_settings(family.key(dm), opts.dit_mode, opts.skip_ends)
+    if mode == "attn":
+        raise OptionError(
+            "dit_mode='attn' is not available in ComfyUI (its attention hook sees projected queries, keys and "
+            "values only); use 'block' or 'kv'"
+        )
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
     runtime = MergeRuntime(TomePolicy(opts), 1, sigma_start, sigma_end)
     state = DitState(runtime, family, int(getattr(dm, "patch_size", 2)))
