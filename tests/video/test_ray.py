@@ -213,3 +213,18 @@ def test_ray_options_are_checked_before_any_work(root, capsys):
             cli.main(["edit-video", str(folder / "jobs.yaml"), *bad])
         assert e.value.code == 2
     assert not (folder / "out").exists()
+
+
+def test_discard_partial_removes_only_the_dead_workers_temporaries(tmp_path):
+    """The driver knows a worker is dead even when its PID is alive on this host (another node's
+    process, or a reused PID): it removes exactly that PID's temporaries of the job's output."""
+    from tomesd_ext.video.jobs import discard_partial, parse_job
+
+    job = parse_job(0, {**DEFAULTS, "name": "j", "input": "clip.mp4", "output": "out/j", "edit_prompt": "x"}, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead, other = out / f".j.tmp-{os.getpid()}", out / f".j.tmp-{os.getpid() + 1}"
+    for p in (dead, other, out / f".jj.tmp-{os.getpid()}"):
+        (p / "frames").mkdir(parents=True)
+    discard_partial(job, os.getpid())
+    assert sorted(p.name for p in out.iterdir()) == sorted([other.name, f".jj.tmp-{os.getpid()}"])

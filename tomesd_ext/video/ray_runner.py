@@ -5,9 +5,10 @@ running one job at a time through jobs.run_job, so a job's outputs, inversion ca
 atomic writes are exactly those of the serial run. The driver (`run_batch`) hands jobs to idle
 workers in file order; while the first job of an inversion group (jobs.inversion_group) runs, the
 group's other jobs wait, then run in parallel on the cached inversion, so jobs sharing an
-inversion reuse it and never compute it twice at once. A
-worker that dies (killed, out of memory, node lost) is replaced; its job's temporaries are
-removed and the job is retried up to `retries` times, then reported failed with the reason.
+inversion reuse it and never compute it twice at once. Jobs go only to actors that have started
+(one the cluster cannot place gets none). A worker that dies (killed, out of memory, node lost)
+is replaced; its job's temporaries are removed and the job is retried up to `retries` times, then
+reported failed with the reason.
 
 Ray is optional (`pip install 'tomesd-ext[ray]'`) and imported only here, lazily.
 """
@@ -56,14 +57,16 @@ class JobWorker:
 
 def _worker_options(ray, workers: Optional[int]) -> Tuple[int, dict, int, Optional[str]]:
     """(count, actor options, torch threads, device): one actor per GPU with num_gpus=1 when the
-    cluster has GPUs; otherwise `workers` CPU actors (default: one per 4 CPUs) sharing the CPUs."""
+    cluster has GPUs; otherwise `workers` CPU actors (default: one per 4 CPUs) sharing the CPUs,
+    at most one node's CPUs each (an actor cannot span nodes)."""
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
     if gpus:
         n = workers or gpus
         return n, {"num_gpus": 1, "num_cpus": 1}, max(1, int(cpus // n)), "cuda"
     n = workers or max(1, int(cpus) // 4)
-    share = cpus / n
+    node = max((x["Resources"].get("CPU", 0) for x in ray.nodes() if x.get("Alive")), default=cpus)
+    share = min(cpus / n, node)
     return n, {"num_cpus": int(share) if share >= 1 else share}, max(1, int(share)), None
 
 
@@ -114,28 +117,37 @@ def run_batch(
     on_retry: Optional[Callable[[Job, str, int], None]] = None,
 ) -> List[Tuple[int, JobResult]]:
     """Run `jobs` on the workers of the connected Ray (ray_session); returns [(job.index,
-    JobResult)] in completion order, one per job. on_result(job, result) is called as each job ends; on_retry(job, reason, attempt) when a
-    job's worker died and the job goes back into the queue."""
+    JobResult)] in completion order, one per job. on_result(job, result) is called as each job
+    ends; on_retry(job, reason, attempt) when a job's worker died and the job is queued again."""
     ray = import_ray()
     n, options, threads, device = _worker_options(ray, workers)
     actor = ray.remote(JobWorker).options(**options)
+    starting, idle = {}, []  # pid ref of an actor not yet up -> (actor, pid ref); workers that are up
 
     def spawn():
         a = actor.remote(threads, device)
-        return a, a.pid.remote()
+        ref = a.pid.remote()
+        starting[ref] = (a, ref)
 
-    idle = [spawn() for _ in range(min(n, len(jobs)))]
+    for _ in range(min(n, len(jobs))):
+        spawn()
     pending, running = deque(jobs), {}
     busy, cached = set(), set()  # inversion groups being computed / already in the cache
+    attempts, results, start_deaths, reason = Counter(), [], 0, ""
 
     def ready(j):
         g = inversion_group(j)
         return g is None or g in cached or g not in busy
 
-    attempts, results = Counter(), []
+    def finish(job, res):
+        res.retries = attempts[job.index] - 1
+        results.append((job.index, res))
+        if on_result:
+            on_result(job, res)
+
     try:
         while pending or running:
-            while idle:
+            while idle:  # jobs go only to started actors: one that cannot be placed gets none
                 job = next((j for j in pending if ready(j)), None)
                 if job is None:
                     break
@@ -145,7 +157,21 @@ def run_batch(
                 running[worker[0].run.remote(job)] = (job, worker)
                 if inversion_group(job) not in cached:
                     busy.add(inversion_group(job))
-            ref = ray.wait(list(running), num_returns=1)[0][0]
+            if not running and not starting:  # every worker died while starting
+                for job in pending:
+                    finish(job, JobResult(job.name, "failed", output=str(job.output), message=f"no Ray worker could start: {reason}"))
+                break
+            ref = ray.wait(list(running) + list(starting), num_returns=1)[0][0]
+            if ref in starting:
+                worker = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(worker)
+                except ray.exceptions.RayError as e:
+                    reason, start_deaths = _death_reason(e), start_deaths + 1
+                    if start_deaths <= n + retries:
+                        spawn()
+                continue
             job, worker = running.pop(ref)
             busy.discard(inversion_group(job))
             try:
@@ -158,11 +184,8 @@ def run_batch(
                 idle.append(worker)
             except ray.exceptions.RayError as e:  # the worker process died
                 reason = _death_reason(e)
-                try:
-                    discard_partial(job, ray.get(worker[1]))
-                except ray.exceptions.RayError:  # died before saying its PID: it wrote nothing
-                    pass
-                idle.append(spawn())
+                discard_partial(job, ray.get(worker[1]))
+                spawn()
                 if attempts[job.index] <= retries:
                     if on_retry:
                         on_retry(job, reason, attempts[job.index])
@@ -170,11 +193,8 @@ def run_batch(
                     continue
                 res = JobResult(job.name, "failed", output=str(job.output),
                                 message=f"its worker died {attempts[job.index]} time(s) (retry limit {retries}): {reason}")
-            res.retries = attempts[job.index] - 1
-            results.append((job.index, res))
-            if on_result:
-                on_result(job, res)
+            finish(job, res)
     finally:
-        for a, _ in idle + [w for _, w in running.values()]:
+        for a, _ in idle + list(starting.values()) + [w for _, w in running.values()]:
             ray.kill(a)
     return results
