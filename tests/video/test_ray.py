@@ -8,6 +8,7 @@ order and with it a few pixels by 1/255.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -212,6 +213,17 @@ def test_ray_options_are_checked_before_any_work(root, capsys):
         with pytest.raises(SystemExit) as e:
             cli.main(["edit-video", str(folder / "jobs.yaml"), *bad])
         assert e.value.code == 2
+    assert not (folder / "out").exists()
+
+
+@needs_ray
+def test_unreachable_address_is_exit_2(root, capsys):
+    folder = _batch(root, "badaddress", GOOD[:1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    assert cli.main(["edit-video", str(folder / "jobs.yaml"), "--ray", f"127.0.0.1:{port}"]) == 2
+    assert "no Ray cluster answers" in capsys.readouterr().err
     assert not (folder / "out").exists()
 
 

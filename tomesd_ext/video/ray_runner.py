@@ -63,7 +63,7 @@ def _worker_options(ray, workers: Optional[int]) -> Tuple[int, dict, int, Option
     gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
     if gpus:
         n = workers or gpus
-        return n, {"num_gpus": 1, "num_cpus": 1}, max(1, int(cpus // n)), "cuda"
+        return n, {"num_gpus": 1, "num_cpus": 1}, 1, "cuda"
     n = workers or max(1, int(cpus) // 4)
     node = max((x["Resources"].get("CPU", 0) for x in ray.nodes() if x.get("Alive")), default=cpus)
     share = min(cpus / n, node)
@@ -95,11 +95,12 @@ def ray_session(address: Optional[str]):
     """Join the cluster at `address`, or start a local one when it is None or empty, and shut
     down at the end. A Ray already initialised in this process is used as it is (and kept)."""
     ray = import_ray()
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
         yield ray
         return
     if address:
-        _check_reachable(address)
         ray.init(address=address)
     else:
         ray.init(include_dashboard=False)
