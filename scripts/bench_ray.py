@@ -3,7 +3,8 @@
 The batch: the moving-shapes clip (8 frames, 64 px), tiny model, 4 DDIM steps; three source
 prompts x two edit prompts (three inversions, each shared by two jobs). Each run gets a fresh
 folder (outputs and inversion cache), runs the CLI as a subprocess and is timed from outside
-(process start to exit, so Python imports, cluster start and model loads are included).
+(process start to exit, so Python imports, cluster start and model loads are included); serial
+runs twice, with torch's default threads and with OMP_NUM_THREADS=1 (what a 1-CPU worker uses).
 
 Per-job overhead: one warm actor (pipeline loaded by a first job) runs the six jobs one by one;
 overhead = the driver's round-trip time of `actor.run` minus the seconds the job reports for
@@ -13,6 +14,7 @@ the time until a new actor answers (process start, imports).
 Run (from the repo root): PYTHONPATH=. python scripts/bench_ray.py [--workers 2]
 """
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -41,12 +43,15 @@ def make_batch(folder: Path) -> Path:
     return f
 
 
-def timed_cli(jobs_file: Path, *extra) -> float:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "tomesd_ext.cli", "edit-video", str(jobs_file), "--no-progress", *extra]
+def timed_cli(jobs_file: Path, *extra, threads=None):
+    """(wall seconds, sum of the jobs' own seconds from the --json summary)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    summary = jobs_file.parent / "summary.json"
+    cmd = [sys.executable, "-m", "tomesd_ext.cli", "edit-video", str(jobs_file), "--no-progress", "--json", str(summary), *extra]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    return wall, sum(r["seconds"] for r in json.loads(summary.read_text()))
 
 
 def per_job_overhead(jobs_file: Path):
@@ -82,11 +87,15 @@ def main():
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        serial = timed_cli(make_batch(tmp / "serial"))
-        on_ray = timed_cli(make_batch(tmp / "ray"), "--ray", "--ray-workers", str(args.workers))
+        runs = {
+            "serial (torch default threads)": timed_cli(make_batch(tmp / "serial")),
+            "serial (OMP_NUM_THREADS=1)": timed_cli(make_batch(tmp / "serial1"), threads=1),
+            f"--ray --ray-workers {args.workers}": timed_cli(make_batch(tmp / "ray"), "--ray", "--ray-workers", str(args.workers)),
+        }
         t_init, t_actor, over = per_job_overhead(make_batch(tmp / "overhead"))
-    print(f"six-job batch, wall time: serial {serial:.1f} s, --ray --ray-workers {args.workers} {on_ray:.1f} s "
-          f"({on_ray / serial:.2f}x)")
+    print("six-job batch: wall time (process start to exit) | sum of the jobs' own seconds")
+    for name, (wall, jobs) in runs.items():
+        print(f"  {name:34s} {wall:6.1f} s | {jobs:6.1f} s")
     print(f"ray.init (local cluster) {t_init:.1f} s; a new actor answers after {t_actor:.1f} s")
     print(f"per-job overhead on a warm actor (round trip - job seconds), {len(over)} jobs: "
           f"median {1000 * statistics.median(over):.0f} ms, max {1000 * max(over):.0f} ms")
