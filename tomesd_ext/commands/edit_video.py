@@ -63,11 +63,7 @@ def _run(args, session: ExitStack) -> int:
         if args.json:
             check_output_file("--json", args.json, stdout_ok=True)
         raw, base = load_jobs_file(args.jobs)
-        if args.ray is not None:
-            from ..video.ray_runner import ray_session
-
-            session.enter_context(ray_session(args.ray))
-    except (JobError, ValueError, ImportError, ConnectionError) as e:
+    except (JobError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results, jobs = [], []
@@ -84,6 +80,15 @@ def _run(args, session: ExitStack) -> int:
         jobs.append(job)
     show = not args.no_progress
     if args.ray is not None:
+        from ..video.jobs import is_finished
+        from ..video.ray_runner import ray_session
+
+        if any(args.force or not is_finished(j) for j in jobs):  # else no cluster is needed
+            try:
+                session.enter_context(ray_session(args.ray))
+            except ConnectionError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         results += _run_on_ray(args, jobs, show)
     else:
         results += _run_serial(args, jobs, show)
