@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
+
+
+def _count(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: an integer >= {lo}")
+        return value
+    return parse
 
 
 def add_parser(subparsers):
@@ -19,21 +33,37 @@ def add_parser(subparsers):
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this job (repeatable)")
     p.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH ('-' = stdout)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the jobs on Ray workers: a local cluster, or the cluster at ADDRESS "
+                   "(needs pip install 'tomesd-ext[ray]'; docs/video.md)")
+    p.add_argument("--ray-workers", type=_count(1), metavar="N",
+                   help="with --ray: worker actors (default: one per GPU; without GPUs one per 4 CPUs)")
+    p.add_argument("--ray-retries", type=_count(0), metavar="N",
+                   help="with --ray: restarts of a job whose worker died before it is failed (default: 2)")
     p.set_defaults(run=run)
     return p
 
 
 def run(args) -> int:
-    from tqdm.auto import tqdm
+    with ExitStack() as session:
+        return _run(args, session)
 
-    from ..video.jobs import JobError, JobResult, PipelineCache, format_table, is_finished, load_jobs_file, parse_jobs, run_job
+
+def _run(args, session: ExitStack) -> int:
+    from ..video.jobs import JobError, JobResult, format_table, load_jobs_file, parse_jobs
     from .checks import check_output_file, write_text_atomic
 
     try:
+        if args.ray is None and (args.ray_workers is not None or args.ray_retries is not None):
+            raise ValueError("--ray-workers and --ray-retries need --ray")
+        if args.ray is not None:
+            from ..video.ray_runner import import_ray
+
+            import_ray()
         if args.json:
             check_output_file("--json", args.json, stdout_ok=True)
         raw, base = load_jobs_file(args.jobs)
-    except (JobError, ValueError) as e:
+    except (JobError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results, jobs = [], []
@@ -48,23 +78,20 @@ def run(args) -> int:
         if args.only and job.name not in args.only:
             continue
         jobs.append(job)
-    pipes = PipelineCache()
     show = not args.no_progress
+    if args.ray is not None:
+        from ..video.jobs import is_finished
+        from ..video.ray_runner import ray_session
 
-    def step_bar(total, name):
-        return tqdm(total=total, desc=f"  {name} steps", leave=False, position=1, disable=not show, file=sys.stderr)
-
-    outer = tqdm(jobs, desc="jobs", position=0, disable=not show, file=sys.stderr)
-    for job in outer:
-        outer.set_postfix_str(job.name)
-        if is_finished(job) and not args.force:
-            results.append((job.index, JobResult(job.name, "skipped", output=str(job.output), message="already finished")))
-            continue
-        res = run_job(job, pipes, step_bar)
-        if res.status == "failed":
-            tqdm.write(f"job {job.name} failed: {res.message}", file=sys.stderr)
-        results.append((job.index, res))
-    outer.close()
+        if any(args.force or not is_finished(j) for j in jobs):  # else no cluster is needed
+            try:
+                session.enter_context(ray_session(args.ray))
+            except ConnectionError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        results += _run_on_ray(args, jobs, show)
+    else:
+        results += _run_serial(args, jobs, show)
     ordered = [r for _, r in sorted(results, key=lambda x: x[0])]
     print(format_table(ordered))
     n_failed = sum(r.status == "failed" for r in ordered)
@@ -77,3 +104,63 @@ def run(args) -> int:
         else:
             write_text_atomic(args.json, data)
     return 1 if n_failed else 0
+
+
+def _skipped(job):
+    from ..video.jobs import JobResult
+
+    return JobResult(job.name, "skipped", output=str(job.output), message="already finished")
+
+
+def _run_serial(args, jobs, show) -> list:
+    """[(index, JobResult)]: the jobs one after another in this process."""
+    from tqdm.auto import tqdm
+
+    from ..video.jobs import PipelineCache, is_finished, run_job
+
+    pipes, results = PipelineCache(), []
+
+    def step_bar(total, name):
+        return tqdm(total=total, desc=f"  {name} steps", leave=False, position=1, disable=not show, file=sys.stderr)
+
+    outer = tqdm(jobs, desc="jobs", position=0, disable=not show, file=sys.stderr)
+    for job in outer:
+        outer.set_postfix_str(job.name)
+        if is_finished(job) and not args.force:
+            results.append((job.index, _skipped(job)))
+            continue
+        res = run_job(job, pipes, step_bar)
+        if res.status == "failed":
+            tqdm.write(f"job {job.name} failed: {res.message}", file=sys.stderr)
+        results.append((job.index, res))
+    outer.close()
+    return results
+
+
+def _run_on_ray(args, jobs, show) -> list:
+    """[(index, JobResult)]: unfinished jobs on Ray workers (video/ray_runner.py), one bar over jobs."""
+    from tqdm.auto import tqdm
+
+    from ..video.jobs import is_finished
+    from ..video.ray_runner import run_batch
+
+    retries = 2 if args.ray_retries is None else args.ray_retries
+    todo = [j for j in jobs if args.force or not is_finished(j)]
+    results = [(j.index, _skipped(j)) for j in jobs if j not in todo]
+    bar = tqdm(total=len(jobs), initial=len(results), desc="jobs", disable=not show, file=sys.stderr)
+
+    def on_result(job, res):
+        bar.update(1)
+        bar.set_postfix_str(job.name)
+        if res.status == "failed":
+            tqdm.write(f"job {job.name} failed: {res.message}", file=sys.stderr)
+
+    def on_retry(job, reason, attempt):
+        tqdm.write(f"job {job.name}: its worker died ({reason}); retry {attempt} of {retries}", file=sys.stderr)
+
+    try:
+        if todo:
+            results += run_batch(todo, args.ray_workers, retries, on_result, on_retry)
+    finally:
+        bar.close()
+    return results

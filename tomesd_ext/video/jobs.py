@@ -12,6 +12,7 @@ output folder is replaced only when it is this job's previous output (its job.js
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -79,6 +80,7 @@ class JobResult:
     output: str = ""
     message: str = ""
     timings: Dict[str, float] = field(default_factory=dict)
+    retries: int = 0  # times the job was restarted after its worker died (edit-video --ray)
 
 
 def load_jobs_file(path) -> tuple:
@@ -272,18 +274,40 @@ def parse_jobs(raw: list, base: Path, jobs_file: Optional[Path] = None) -> list:
     return parsed
 
 
-def _input_identity(path: str) -> list:
+def _input_identity(path: str) -> str:
+    """SHA-256 of the input's bytes (a folder: of its file names and bytes, sorted by name), so a
+    cached inversion is found by content wherever the shared storage is mounted."""
     p = Path(path)
-    files = sorted(p.iterdir()) if p.is_dir() else [p]
-    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        if p.is_dir():
+            h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def inversion_group(job: Job) -> Optional[tuple]:
+    """What a job's inversion depends on (input path, frame selection, size, model, sharpening,
+    source prompt, steps), or None for sdedit: jobs with equal groups share one cached inversion,
+    so a scheduler runs them one after another. Read from the spec only (no file access)."""
+    if job.settings.mode != "invert":
+        return None
+    spec = job.spec
+    return tuple(json.dumps(spec.get(k), sort_keys=True, default=str)
+                 for k in ("input", "frames", "size", "model", "sharpen", "source_prompt", "steps", "cache_dir"))
 
 
 class PipelineCache:
-    """Keeps the pipeline (and ControlNet) of the last model used, so jobs share one load."""
+    """Keeps the pipeline (and ControlNet) of the last model used, so jobs share one load.
+    device: where to move them (None = where load_pipeline puts them, the CPU)."""
 
-    def __init__(self):
+    def __init__(self, device: Optional[str] = None):
         self.key = None
         self.value = None
+        self.device = device
 
     def get(self, model: str, controlnet: Optional[str], control: bool, sharpen: float = 0.0):
         from .models import is_builtin, load_controlnet, load_pipeline
@@ -294,6 +318,9 @@ class PipelineCache:
             pipe = load_pipeline(model, sharpen=sharpen)
             builtin = is_builtin(model)
             cn = load_controlnet(controlnet, pipe, builtin) if control else None
+            if self.device is not None:
+                pipe.to(self.device)
+                cn = cn.to(self.device) if cn is not None else None
             self.key, self.value = key, (pipe, cn)
         return self.value
 
@@ -308,14 +335,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clear_stale(out: Path) -> None:
-    """Remove .OUT.tmp-PID / .OUT.old-PID siblings of `out` left by a run that was killed (PID gone)."""
+def _clear_stale(out: Path, dead_pid: Optional[int] = None) -> None:
+    """Remove .OUT.tmp-PID / .OUT.old-PID siblings of `out` left by a run that was killed: those
+    of `dead_pid` when given (a process known to be dead, possibly on another host), else those
+    whose PID is gone on this host."""
     for kind in ("tmp", "old"):
         prefix = f".{out.name}.{kind}-"
         for p in out.parent.glob(f".*.{kind}-*"):
             pid = p.name[len(prefix):]
-            if p.name.startswith(prefix) and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            if not (p.name.startswith(prefix) and pid.isdigit()):
+                continue
+            if (int(pid) == dead_pid) if dead_pid is not None else (int(pid) == os.getpid() or not _pid_alive(int(pid))):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def discard_partial(job: Job, pid: int) -> None:
+    """Remove what the dead process `pid` left of this job's output (its temporaries)."""
+    if job.output.parent.is_dir():
+        _clear_stale(job.output, dead_pid=pid)
 
 
 def _prepare_output(out: Path) -> Path:
@@ -408,18 +445,22 @@ def is_finished(job: Job) -> bool:
 
 
 def format_table(results: List[JobResult]) -> str:
-    rows = [("job", "status", "frames", "size", "s/frame", "warp err", "output / message")]
+    """The summary table; a `retries` column is added when some job was restarted (--ray)."""
+    retried = any(r.retries for r in results)
+    rows = [("job", "status", "frames", "size", "s/frame", "warp err") + (("retries",) if retried else ()) + ("output / message",)]
     for r in results:
         spf = f"{r.seconds / r.frames:.2f}" if r.frames and r.status == "done" else "-"
         we = f"{r.warp_error:.5f}" if r.status == "done" and r.warp_error == r.warp_error else "-"
         msg = r.output if r.status != "failed" else r.message
         if r.status == "done" and r.message:
             msg += f" ({r.message})"
-        rows.append((r.name, r.status, str(r.frames or "-"), r.size or "-", spf, we, msg))
-    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+        extra = (str(r.retries),) if retried else ()
+        rows.append((r.name, r.status, str(r.frames or "-"), r.size or "-", spf, we) + extra + (msg,))
+    n = len(rows[0]) - 1
+    widths = [max(len(row[i]) for row in rows) for i in range(n)]
     lines = []
     for j, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:6], widths)) + "  " + row[6])
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:n], widths)) + "  " + row[n])
         if j == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 16)
     return "\n".join(lines)
