@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tomesd_ext import cli
-from tomesd_ext.bench.methods import dit_support_missing
 from tomesd_ext.models import DIT_NAMES
 
 TINY_DITS = [n for n in DIT_NAMES if n.startswith("tiny-")]
@@ -34,14 +33,6 @@ def test_bad_dit_input_fails_before_work(argv, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
-def test_tome_methods_need_dit_support_in_apply_tome(capsys, monkeypatch):
-    import tomesd_ext.bench.methods as methods
-
-    monkeypatch.setattr(methods, "dit_support_missing", lambda: "no dit_mode here")
-    assert cli.main(["bench", "--model", "tiny-flux", "--methods", "tome"]) == 2
-    assert "--methods tome: no dit_mode here" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("name", TINY_DITS)
 def test_tiny_dit_bench_end_to_end(name, tmp_path, capsys):
     from tomesd_ext.models import get_dit_config
@@ -59,15 +50,14 @@ def test_tiny_dit_bench_end_to_end(name, tmp_path, capsys):
     assert "first block of each kind" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(dit_support_missing() is not None, reason="apply_tome without dit_mode in this checkout (issue 12)")
 def test_tiny_dit_bench_with_merging(tmp_path):
     out = tmp_path / "r.json"
     # 768 px: a 48 x 48 token grid, above apply_tome's auto-skip threshold (2048 tokens)
     argv = ["bench", "--model", "tiny-sd3", *RUN, "--resolution", "768", "--batch", "1",
-            "--methods", "tome,tome-block,tome-kv", "--json", str(out)]
+            "--methods", "tome,tome-block,tome-attn,tome-kv", "--json", str(out)]
     assert cli.main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["baseline", "tome", "tome-block", "tome-kv"]
+    assert [r["method"] for r in rows] == ["baseline", "tome", "tome-block", "tome-attn", "tome-kv"]
     assert all(r["rel_error"] > 0 for r in rows[1:])
 
 

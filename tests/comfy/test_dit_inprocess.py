@@ -169,3 +169,13 @@ def test_qwen_image_merges_and_is_exact_at_ratio_zero(models, mode):
     out = run_dit(tome_node(base, ratio=0.5, dit_mode=mode), x, SIGMA, ctx)
     assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-6)
     assert torch.equal(run_dit(base, x, SIGMA, ctx), ref)
+
+
+def test_attn_mode_is_refused_in_comfyui(models):
+    from tomesd_ext.comfy.dit import apply_dit_patch
+    from tomesd_ext.core import OptionError, ToMeOptions
+
+    _d, base = models["flux"]
+    with pytest.raises(OptionError, match="dit_mode='attn' is not available in ComfyUI"):
+        apply_dit_patch(base, ToMeOptions.create(ratio=0.5, seed=0, dit_mode="attn"))
+    assert not _replaced(base)

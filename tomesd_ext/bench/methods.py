@@ -138,32 +138,6 @@ def _kernel_method(mode: str) -> tuple:
     return apply, remove
 
 
-def dit_support_missing() -> Optional[str]:
-    """Why the installed apply_tome cannot merge diffusion transformers, or None (it has dit_mode)."""
-    import inspect
-
-    from ..diffusers import apply_tome
-
-    if "dit_mode" in inspect.signature(apply_tome).parameters:
-        return None
-    return "the installed tomesd_ext.apply_tome has no dit_mode: diffusion-transformer merging (issue 12) is not in this checkout"
-
-
-def _dit_mode_missing(mode: str) -> Callable[[], Optional[str]]:
-    """unavailable() of a tome-<mode> method: no DiT support, or a dit_mode the option table lacks."""
-
-    def missing():
-        reason = dit_support_missing()
-        if reason:
-            return reason
-        from ..core.options import TOME_OPTIONS
-
-        choices = TOME_OPTIONS["dit_mode"].choices
-        return None if mode in choices else f"apply_tome has no dit_mode {mode!r} (allowed: {', '.join(choices)})"
-
-    return missing
-
-
 def _dit_mode_method(mode: str) -> Callable:
     def apply(model, ratio, ctx):
         from ..diffusers import apply_tome
@@ -227,7 +201,7 @@ _DIT_MODES = {
 }
 for _mode, _what in _DIT_MODES.items():
     register(Method(f"tome-{_mode}", _dit_mode_method(_mode), _tome_remove, f"ours on a DiT, dit_mode='{_mode}': {_what}",
-                    unavailable=_dit_mode_missing(_mode), models=("dit",)))
+                    models=("dit",)))
 register(
     Method(
         "importance",

@@ -50,7 +50,7 @@ def add_parser(subparsers):
 def validate(args) -> None:
     """Raise ValueError naming the bad argument, before any model is built."""
     from ..bench.inputs import INPUT_KINDS
-    from ..bench.methods import BASELINE, METHODS, dit_support_missing, get_method
+    from ..bench.methods import BASELINE, METHODS, get_method
     from ..bench.subject import model_kind
     from ..models import get_dit_config, model_family, too_large
 
@@ -79,7 +79,7 @@ def validate(args) -> None:
             raise ValueError(f"--methods {name}: a UNet method; for the diffusion transformer {args.model} choose from {dit_methods}")
         if not dit and "unet" not in method.models:
             raise ValueError(f"--methods {name}: a diffusion-transformer method; --model {args.model} is a UNet")
-        reason = method.unavailable() or (dit and name != BASELINE and dit_support_missing())
+        reason = method.unavailable()
         if reason:
             raise ValueError(f"--methods {name}: {reason}")
     args.methods = [m for m in dict.fromkeys(args.methods) if m != BASELINE]
