@@ -8,8 +8,9 @@ import torch
 
 from tomesd_ext import cli
 from tomesd_ext.models import DIT_NAMES
+from tomesd_ext.models.video_configs import VIDEO_NAMES
 
-TINY_DITS = [n for n in DIT_NAMES if n.startswith("tiny-")]
+TINY_DITS = [n for n in DIT_NAMES if n.startswith("tiny-") and n not in VIDEO_NAMES]  # video: test_video_dit_bench.py
 RUN = ["--resolution", "64", "--repeats", "1", "--warmup", "0", "--inputs", "photo", "--no-progress"]
 
 

@@ -17,19 +17,26 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 INPUT_KINDS = ("photo", "noise") + PHOTOS  # "photo" = the photos in turn, one per image
 
 
-def load_photo(name: str, resolution: int) -> torch.Tensor:
-    """skimage.data photo `name` as (3, resolution, resolution) float32 in [-1, 1]."""
+def load_photo(name: str, resolution: int, width: Optional[int] = None) -> torch.Tensor:
+    """skimage.data photo `name` as (3, resolution, width) float32 in [-1, 1] (width None: square),
+    centre-cropped to that aspect ratio."""
     from skimage import data
-    from skimage.transform import resize
 
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; choose from {', '.join(PHOTOS)}")
-    image = getattr(data, name)()[..., :3]
+    return fit_image(getattr(data, name)()[..., :3], resolution, width or resolution)
+
+
+def fit_image(image: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """(h, w, 3) uint8 -> (3, height, width) float32 in [-1, 1]: the centred crop of that aspect
+    ratio, resized (anti-aliased)."""
+    from skimage.transform import resize
+
     h, w = image.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    image = image[top : top + side, left : left + side]
-    image = resize(image, (resolution, resolution), anti_aliasing=True, preserve_range=True) / 255.0
+    ch, cw = (h, round(h * width / height)) if w * height >= h * width else (round(w * height / width), w)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    image = image[top : top + ch, left : left + cw]
+    image = resize(image, (height, width), anti_aliasing=True, preserve_range=True) / 255.0
     return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1) * 2 - 1
 
 

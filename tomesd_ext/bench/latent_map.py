@@ -46,14 +46,15 @@ def _projection(channels: int) -> torch.Tensor:
     return (q * (channels / 3) ** 0.5).float()
 
 
-def rgb_to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
-    """image (B, 3, H, W) in [-1, 1] -> latent (B, channels, H/8, W/8): the SD map for 4 channels,
-    else the fixed projection of the 8x8-averaged pixels (diffusion transformers' 16/32-channel VAEs)."""
-    if channels == 4:
+def rgb_to_channels(image: torch.Tensor, channels: int, patch: int = PATCH) -> torch.Tensor:
+    """image (B, 3, H, W) in [-1, 1] -> latent (B, channels, H/patch, W/patch): the SD map for 4
+    channels, else the fixed projection of the patch x patch-averaged pixels (diffusion
+    transformers' 16/32/128-channel VAEs; patch = the VAE's spatial compression, LTX-Video 32)."""
+    if channels == 4 and patch == PATCH:
         return rgb_to_latent(image)
-    if image.shape[-1] % PATCH or image.shape[-2] % PATCH:
-        raise ValueError(f"image size {tuple(image.shape[-2:])} is not a multiple of {PATCH}")
-    pooled = F.avg_pool2d(image.float(), PATCH)
+    if image.shape[-1] % patch or image.shape[-2] % patch:
+        raise ValueError(f"image size {tuple(image.shape[-2:])} is not a multiple of {patch}")
+    pooled = F.avg_pool2d(image.float(), patch)
     return torch.einsum("bchw,lc->blhw", pooled, _projection(channels).to(pooled.device))
 
 

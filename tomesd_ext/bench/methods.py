@@ -3,7 +3,8 @@
 To add a method, `register(Method(name, apply, remove, ...))`: `apply(model, ratio, ctx)` patches
 the denoiser (a UNet or a diffusion transformer) in place, `remove(model)` restores it exactly.
 `ctx` carries the shared settings (seed, the level the peers should use) so every method runs
-with the same ones. `models` says which denoisers a method takes ("unet", "dit").
+with the same ones. `models` says which denoisers a method takes ("unet", "dit": image
+transformers, "video": video transformers).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Method:
     description: str
     uses_ratio: bool = True  # False: one row per resolution, ratio None
     unavailable: Callable[[], Optional[str]] = lambda: None  # why it cannot run here, or None
-    models: tuple = ("unet",)  # the denoisers it takes: "unet", "dit"
+    models: tuple = ("unet",)  # the denoisers it takes: "unet", "dit" (image), "video" (video transformers)
 
 
 METHODS: Dict[str, Method] = {}
@@ -138,11 +139,11 @@ def _kernel_method(mode: str) -> tuple:
     return apply, remove
 
 
-def _dit_mode_method(mode: str) -> Callable:
+def _dit_mode_method(mode: str, **options) -> Callable:
     def apply(model, ratio, ctx):
         from ..diffusers import apply_tome
 
-        apply_tome(model, ratio, seed=ctx.seed, dit_mode=mode)
+        apply_tome(model, ratio, seed=ctx.seed, dit_mode=mode, **options)
 
     return apply
 
@@ -191,9 +192,9 @@ def _todo_remove(unet):
     remove_todo(unet)
 
 
-register(Method(BASELINE, _noop, _noop, "the unmerged model", uses_ratio=False, models=("unet", "dit")))
-register(Method("tome", _tome_apply, _tome_remove, "ours: tomesd_ext.apply_tome (defaults, seeded; DiTs: dit_mode='auto')",
-                models=("unet", "dit")))
+register(Method(BASELINE, _noop, _noop, "the unmerged model", uses_ratio=False, models=("unet", "dit", "video")))
+register(Method("tome", _tome_apply, _tome_remove, "ours: tomesd_ext.apply_tome (defaults, seeded; DiTs: dit_mode='auto'; "
+                "video transformers: st=2, spatio-temporal windows)", models=("unet", "dit", "video")))
 _DIT_MODES = {
     "block": "image tokens merged through the whole block (attention and MLP), unmerged after",
     "attn": "image tokens merged around attention only",
@@ -201,7 +202,10 @@ _DIT_MODES = {
 }
 for _mode, _what in _DIT_MODES.items():
     register(Method(f"tome-{_mode}", _dit_mode_method(_mode), _tome_remove, f"ours on a DiT, dit_mode='{_mode}': {_what}",
-                    models=("dit",)))
+                    models=("dit", "video")))
+register(Method("tome-spatial", _dit_mode_method("auto", st=1), _tome_remove,
+                "ours on a video transformer with st=1: per-frame windows (one destination per sy x sx window of "
+                "a frame; matching still across all frames)", models=("video",)))
 register(
     Method(
         "importance",

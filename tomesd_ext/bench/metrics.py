@@ -19,6 +19,15 @@ def rel_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return diff / denom
 
 
+def frame_change(video: torch.Tensor) -> float:
+    """Mean |x[:, :, t + 1] - x[:, :, t]| over consecutive latent frames of video (B, C, F, h, w)
+    (float64); the bench's temporal figure divides a method's by the unmerged run's."""
+    x = video.double()
+    if x.ndim != 5 or x.shape[2] < 2:
+        raise ValueError(f"frame_change needs (B, C, F, h, w) with F >= 2, got shape {tuple(x.shape)}")
+    return (x[:, :, 1:] - x[:, :, :-1]).abs().mean().item()
+
+
 def psnr(image: np.ndarray, reference: np.ndarray) -> Optional[float]:
     """PSNR in dB of (H, W, 3) images in [0, 1]; None when they are identical (infinite PSNR)."""
     from skimage.metrics import peak_signal_noise_ratio

@@ -16,8 +16,9 @@ from typing import Dict, List, Tuple
 import torch
 
 # Block lists of the diffusion transformers: joint/double-stream blocks (Flux, Flux.2, SD3,
-# Qwen-Image; PixArt's blocks), Flux's single-stream blocks, Z-Image's main layers.
-DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers")
+# Qwen-Image, HunyuanVideo; PixArt's and LTX-Video's blocks), the single-stream blocks of Flux and
+# HunyuanVideo, Z-Image's main layers, Wan's blocks.
+DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers", "blocks")
 
 
 def first_blocks(model) -> Dict[str, object]:

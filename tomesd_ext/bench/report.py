@@ -12,7 +12,7 @@ from typing import List, Optional
 
 ROW_FIELDS = (
     "method", "ratio", "resolution", "batch", "seconds_median", "seconds_min", "seconds_max", "speedup",
-    "peak_mem_mb", "rel_error", "psnr", "ssim", "input",
+    "peak_mem_mb", "rel_error", "psnr", "ssim", "input", "temporal",
 )
 
 
@@ -66,10 +66,13 @@ def _fmt(value, spec: str, none: str = "-") -> str:
 
 
 def table(rows: List[dict], title: Optional[str] = None) -> str:
-    """A fixed-width text table of result rows (with --steps N, also the final latents' error)."""
+    """A fixed-width text table of result rows (with --steps N, also the final latents' error; video
+    transformers: the temporal figure, frame change relative to the baseline's)."""
     latent = any(r.get("rel_error_latent") is not None for r in rows)
+    temporal = any(r.get("temporal") is not None for r in rows)
     head = f"{'method':<12} {'ratio':>5} {'res':>5} {'input':<9} {'median s':>9} {'min-max s':>15} {'speedup':>7} {'mem MB':>8} {'rel_err':>8} {'psnr':>6} {'ssim':>6}"
     head += f" {'err_latent':>10}" if latent else ""
+    head += f" {'temporal':>8}" if temporal else ""
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -77,6 +80,7 @@ def table(rows: List[dict], title: Optional[str] = None) -> str:
             f"{r['seconds_median']:>9.3f} {r['seconds_min']:>7.3f}-{r['seconds_max']:<7.3f} {r['speedup']:>6.2f}x "
             f"{_fmt(r['peak_mem_mb'], '.0f'):>8} {r['rel_error']:>8.4f} {_fmt(r['psnr'], '.2f', 'inf'):>6} {r['ssim']:>6.4f}"
             + (f" {_fmt(r.get('rel_error_latent'), '.4f'):>10}" if latent else "")
+            + (f" {_fmt(r.get('temporal'), '.4f'):>8}" if temporal else "")
         )
     return "\n".join(lines)
 
@@ -96,15 +100,17 @@ def block_table(rows: List[dict]) -> str:
 
 
 def markdown_table(rows: List[dict]) -> str:
-    """Rows as a GitHub markdown table (for docs/benchmarks.md)."""
+    """Rows as a GitHub markdown table (for docs/benchmarks.md); video rows add the temporal figure."""
+    temporal = any(r.get("temporal") is not None for r in rows)
     lines = [
-        "| method | ratio | px | input | median s | min-max s | speed-up | peak MB | rel_error | PSNR | SSIM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | ratio | px | input | median s | min-max s | speed-up | peak MB | rel_error | PSNR | SSIM |" + " temporal |" * temporal,
+        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * temporal,
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {_fmt(r['ratio'], '.1f')} | {r['resolution']} | {r['input']} | {r['seconds_median']:.2f} "
             f"| {r['seconds_min']:.2f}-{r['seconds_max']:.2f} | {r['speedup']:.2f}x | {_fmt(r['peak_mem_mb'], '.0f')} "
             f"| {r['rel_error']:.4f} | {_fmt(r['psnr'], '.2f', 'inf')} | {r['ssim']:.4f} |"
+            + (f" {_fmt(r.get('temporal'), '.4f')} |" if temporal else "")
         )
     return "\n".join(lines)

@@ -12,6 +12,9 @@ For every resolution:
    repeats = 0 times the calls of step 2 instead (for long runs; documented in the header),
    after one untimed baseline call when there is no warm-up, so nothing is timed cold.
 Rows: one per (method, ratio, resolution, input); the JSON is rewritten after every row.
+Video transformers: a resolution is (height, width) of clips of the subject's frames (the row's
+resolution "HxW", with frames and tokens); rows add temporal, the output's frame-to-frame change
+relative to the baseline's (metrics.frame_change).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import metrics
 from .denoise import denoise
-from .inputs import make_input
+from .equal_error import equal_error, equal_error_text
 from .methods import BASELINE, MethodContext, get_method
 from .micro import micro, micro_table
 from .parts import block_timer
@@ -33,7 +36,7 @@ from .timing import round_order, summary, timed
 
 @dataclass
 class BenchSettings:
-    resolutions: Sequence[int]
+    resolutions: Sequence  # px: int (square images) or (height, width) (video transformers)
     methods: Sequence[str]  # without baseline (it is always measured)
     ratios: Sequence[float]
     batch: int = 2
@@ -44,6 +47,7 @@ class BenchSettings:
     seed: int = 0
     inputs: Sequence[str] = ("photo", "noise")
     micro: bool = False  # also time the merging operators alone (micro.py), per resolution and ratio
+    equal_error: Optional[tuple] = None  # (method, ratio): report the ratio each method reaches at its error
 
     def configs(self):
         """(method, ratio) pairs: baseline first, ratio None for methods without a ratio."""
@@ -59,6 +63,7 @@ class BenchSettings:
         return {
             "batch": self.batch, "steps": self.steps, "timestep": self.timestep, "repeats": self.repeats,
             "warmup": self.warmup, "seed": self.seed, "inputs": list(self.inputs), "micro": self.micro,
+            "equal_error": None if self.equal_error is None else f"{self.equal_error[0]}:{self.equal_error[1]:g}",
             "cfg": self.batch % 2 == 0, "images_per_batch": self.batch // 2 if self.batch % 2 == 0 else self.batch,
             "peak_memory": "extra memory of one call above what was held before it (CUDA: max_memory_allocated; CPU: peak RSS sampled every 1 ms)",
             "input_latents": "VAE encoder (real weights) or the fixed linear map of tomesd_ext/bench/latent_map.py",
@@ -71,6 +76,11 @@ class BenchSettings:
 class BenchResult:
     document: dict
     images: Dict[tuple, Dict[str, object]] = field(default_factory=dict)  # (resolution, input) -> label -> image
+
+
+def size_label(res):
+    """A resolution as rows and tables show it: 512, or "480x832" for a (height, width) pair."""
+    return res if isinstance(res, int) else f"{res[0]}x{res[1]}"
 
 
 def label(method: str, ratio: Optional[float]) -> str:
@@ -125,7 +135,7 @@ def run_bench(
 
     try:
         for res in settings.resolutions:
-            inputs = [make_input(k, n_images, res, settings.seed, subject.encode, subject.latent_channels) for k in settings.inputs]
+            inputs = [subject.bench_input(k, n_images, res, settings.seed) for k in settings.inputs]
             cond = subject.conditioning(n_images, cfg, res, settings.seed)
             for _ in range(settings.warmup):
                 for method, ratio in configs:
@@ -145,7 +155,7 @@ def run_bench(
                     first_pass[(method, ratio)].append(s)
                     bar.update()
                     reference = reference or (output, [metrics.to_image(x) for x in subject.decode(output.image_latent)])
-                    fidelity[(method, ratio, inp.name)] = _fidelity(subject, output, reference, mem.mb, result, res, inp.name, label(method, ratio))
+                    fidelity[(method, ratio, inp.name)] = _fidelity(subject, output, reference, mem.mb, result, size_label(res), inp.name, label(method, ratio))
             seconds: Dict[tuple, List[float]] = {c: [] for c in configs}
             blocks: Dict[tuple, Dict[str, List[float]]] = {c: {} for c in configs}
             for rep in range(settings.repeats):
@@ -165,10 +175,12 @@ def run_bench(
                 for method, ratio in configs:
                     stats = summary(seconds[(method, ratio)])
                     row = {
-                        "method": method, "ratio": ratio, "resolution": res, "batch": settings.batch,
+                        "method": method, "ratio": ratio, "resolution": size_label(res), "batch": settings.batch,
                         **stats, "speedup": base / stats["seconds_median"],
                         **fidelity[(method, ratio, inp.name)], "input": inp.name, "steps": settings.steps,
                     }
+                    if subject.is_video:
+                        row.update(_video_geometry(subject, inputs[0]))
                     if subject.is_dit:
                         row["block_seconds"] = {k: summary(v)["seconds_median"] for k, v in blocks[(method, ratio)].items()} or None
                     doc["rows"].append(row)
@@ -178,7 +190,8 @@ def run_bench(
                     if after_row:
                         after_row(row)
             bar.clear()
-            out(table(new_rows, f"\n{subject.name} {res}px, batch {settings.batch}, steps {settings.steps}"))
+            clip = f", {subject.frames} frames ({new_rows[0]['tokens']} tokens)" if subject.is_video else ""
+            out(table(new_rows, f"\n{subject.name} {size_label(res)}px{clip}, batch {settings.batch}, steps {settings.steps}"))
             if any(r.get("block_seconds") for r in new_rows):
                 out(block_table(new_rows))
             if settings.micro:
@@ -188,9 +201,22 @@ def run_bench(
                 if json_path:
                     write_json(json_path, doc)
                 out(micro_table(micro_rows))
+        if settings.equal_error:
+            doc["equal_error"] = equal_error(doc["rows"], *settings.equal_error)
+            if json_path:
+                write_json(json_path, doc)
+            out(equal_error_text(doc["equal_error"]))
     finally:
         bar.close()
     return result
+
+
+def _video_geometry(subject, inp) -> dict:
+    """frames (pixel), latent_frames and tokens (the transformer's token grid) of a video row."""
+    _, _, f, h, w = inp.noise.shape
+    patch = subject.denoiser.config.patch_size
+    pt, ph, pw = tuple(patch) if isinstance(patch, (list, tuple)) else (getattr(subject.denoiser.config, "patch_size_t", 1), patch, patch)
+    return {"frames": subject.frames, "latent_frames": f, "tokens": (f // pt) * (h // ph) * (w // pw)}
 
 
 def _fidelity(subject, output, reference, mem_mb, result, res, input_name, config_label) -> dict:
@@ -199,7 +225,11 @@ def _fidelity(subject, output, reference, mem_mb, result, res, input_name, confi
     result.images.setdefault((res, input_name), {})[config_label] = images[0]
     psnrs = [metrics.psnr(a, b) for a, b in zip(images, ref_images)]
     finite = [p for p in psnrs if p is not None]
-    return {
+    video = {}
+    if subject.is_video:
+        change = metrics.frame_change(output.noise_pred)
+        video = {"frame_change": change, "temporal": change / metrics.frame_change(ref_out.noise_pred)}
+    return {**video,
         "peak_mem_mb": mem_mb,
         "rel_error": metrics.rel_error(output.noise_pred, ref_out.noise_pred),
         "rel_error_latent": None if output.final is None else metrics.rel_error(output.final, ref_out.final),

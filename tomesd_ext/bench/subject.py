@@ -49,7 +49,8 @@ class Subject:
     """denoiser (a UNet or a diffusion transformer, on device, dtype), its scheduler (DDIM, or
     FlowSchedule for rectified-flow transformers), and for real weights the pipeline (VAE, text
     encoders). family: "unet" or the transformer family (models.model_family); text_tokens: the
-    text sequence of one transformer forward."""
+    text sequence of one transformer forward. Video transformers work on (B, C, F, h, w) latents
+    of ``frames``-frame clips (bench_input, decode)."""
 
     name: str
     denoiser: torch.nn.Module
@@ -60,6 +61,8 @@ class Subject:
     sharpened: bool = False
     family: str = "unet"
     text_tokens: int = 77
+    video: Optional[dict] = None  # video transformers: VAE geometry and default clip (models.video_configs)
+    frames: Optional[int] = None  # video transformers: pixel frames of a clip
 
     @property
     def real_weights(self) -> bool:
@@ -76,6 +79,10 @@ class Subject:
         return LATENT_CHANNELS[self.family] if self.is_dit else 4
 
     @property
+    def is_video(self) -> bool:
+        return self.video is not None
+
+    @property
     def is_sdxl(self) -> bool:
         return getattr(self.denoiser.config, "addition_embed_type", None) == "text_time"
 
@@ -87,6 +94,18 @@ class Subject:
         from ..models import dit_call
 
         return dit_call(self.denoiser, self.family, latents, timestep, cond["text"], cond["pooled"])
+
+    def bench_input(self, kind: str, n_images: int, resolution, seed: int):
+        """BenchInput ``kind`` for n_images images (inputs.make_input) or, for a video transformer,
+        n_images clips of ``frames`` frames at resolution (height, width) (video_inputs)."""
+        if self.is_video:
+            from .video_inputs import make_video_input
+
+            height, width = resolution
+            return make_video_input(kind, n_images, height, width, self.frames, self.video, seed)
+        from .inputs import make_input
+
+        return make_input(kind, n_images, resolution, seed, self.encode, self.latent_channels)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) in [-1, 1] -> latents (n, C, H/8, W/8), float32 on the CPU."""
@@ -100,7 +119,10 @@ class Subject:
         return (dist.mean * vae.config.scaling_factor).float().cpu()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (n, C, h, w) -> RGB (n, 3, H, W) in about [-1, 1] (VAE, or the linear map at h x w)."""
+        """latents (n, C, h, w) -> RGB (n, 3, H, W) in about [-1, 1] (VAE, or the linear map at h x w);
+        video latents (n, C, F, h, w) -> every latent frame, (n * F, 3, h, w)."""
+        if self.is_video:
+            return channels_to_rgb(latents.float().cpu().transpose(1, 2).flatten(0, 1))
         if self.is_dit:
             return channels_to_rgb(latents.float().cpu())
         if not self.real_weights:
@@ -160,8 +182,10 @@ def _ddim(config):
     return DDIMScheduler.from_config(config)
 
 
-def load_subject(spec: str, device="cpu", dtype="fp32", seed: int = 0, sharpen: bool = True) -> Subject:
-    """Build or load the model named by --model (see model_kind)."""
+def load_subject(spec: str, device="cpu", dtype="fp32", seed: int = 0, sharpen: bool = True,
+                 frames: Optional[int] = None) -> Subject:
+    """Build or load the model named by --model (see model_kind); frames: clip length of a video
+    transformer (None: its default clip's)."""
     device = torch.device(device)
     torch_dtype = DTYPES[dtype]
     kind = model_kind(spec)
@@ -169,7 +193,7 @@ def load_subject(spec: str, device="cpu", dtype="fp32", seed: int = 0, sharpen: 
         from ..models import build_scheduler, build_unet, model_family, sharpen_self_attention
 
         if model_family(spec) != "unet":
-            return _load_transformer(spec, device, torch_dtype, seed, sharpen)
+            return _load_transformer(spec, device, torch_dtype, seed, sharpen, frames)
 
         unet = build_unet(spec, seed=seed, dtype=torch.float32)
         if sharpen:
@@ -183,7 +207,7 @@ def load_subject(spec: str, device="cpu", dtype="fp32", seed: int = 0, sharpen: 
     return Subject(spec, pipe.unet.eval(), _ddim(pipe.scheduler.config), device, torch_dtype, pipe=pipe)
 
 
-def _load_transformer(spec: str, device, torch_dtype, seed: int, sharpen: bool) -> Subject:
+def _load_transformer(spec: str, device, torch_dtype, seed: int, sharpen: bool, frames: Optional[int] = None) -> Subject:
     """A built-in diffusion transformer (models.build_transformer), sharpened unless told not."""
     from ..models import build_transformer, get_dit_config, sharpen_self_attention
 
@@ -195,8 +219,10 @@ def _load_transformer(spec: str, device, torch_dtype, seed: int, sharpen: bool) 
         sharpen_self_attention(model)
     model = torch.nn.Module.to(model, device=device, dtype=torch_dtype)
     schedule = FlowSchedule() if entry["scheduler"] == "flow" else _ddim(entry["scheduler"])
+    video = entry["video"]
     return Subject(spec, model, schedule, device, torch_dtype, sharpened=sharpen,
-                   family=entry["family"], text_tokens=entry["text_tokens"])
+                   family=entry["family"], text_tokens=entry["text_tokens"], video=video,
+                   frames=None if video is None else frames or video["frames"])
 
 
 def _load_pipeline(path: str, kind: str, torch_dtype):

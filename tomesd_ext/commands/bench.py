@@ -2,6 +2,8 @@
 
 Example (the README's main job):
     tomesd-ext bench --model sd15 --resolution 512 --methods tome,tomesd --ratios 0.5
+Video transformers (wan-1.3b, ltx, hunyuan-video-depth4; docs/bench.md): one forward on a clip,
+    tomesd-ext bench --model wan-1.3b --resolution 480x832 --frames 17 --methods tome,tome-spatial,tome-kv
 Bad input (unknown model or method, resolution not a multiple of 8, missing or unreadable
 checkpoint, an output path that cannot be written) is reported before any work, with exit status 2.
 """
@@ -15,9 +17,36 @@ def _methods(value: str):
     return [m.strip() for m in value.split(",") if m.strip()]
 
 
+def _size(value: str):
+    """"512" -> 512 (a square image); "480x832" -> (480, 832) (height x width, video transformers)."""
+    import argparse
+
+    try:
+        if "x" in value:
+            h, w = value.split("x")
+            return int(h), int(w)
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: use pixels, e.g. 512, or HEIGHTxWIDTH, e.g. 480x832") from None
+
+
+VIDEO_METHODS = ("tome", "tome-spatial", "tome-kv")  # the default of video transformers
+_KINDS = {"unet": "a UNet", "dit": "an image diffusion transformer", "video": "a video transformer"}
+
+
+def _wrong_model(name: str, method, denoiser: str, model: str) -> str:
+    """The error of a method that does not take this kind of denoiser, with the ones that do."""
+    from ..bench.methods import BASELINE, METHODS
+
+    owner = {("unet",): "a UNet method", ("video",): "a video-transformer method"}.get(method.models, "a diffusion-transformer method")
+    choices = ",".join(m for m, v in METHODS.items() if denoiser in v.models and m != BASELINE)
+    return f"--methods {name}: {owner}; --model {model} is {_KINDS[denoiser]} (choose from {choices})"
+
+
 def add_parser(subparsers):
     from ..bench.inputs import INPUT_KINDS
     from ..bench.methods import METHODS
+    from ..bench.video_inputs import VIDEO_INPUT_KINDS
 
     p = subparsers.add_parser(
         "bench",
@@ -25,15 +54,17 @@ def add_parser(subparsers):
         description="Interleaved timing (medians) and fidelity against the unmerged model on the same input.",
     )
     p.add_argument("--model", default="sd15", help="a built-in UNet (tiny|tiny-sd2|tiny-sdxl|sd15|sd21|sdxl) or diffusion transformer (flux-depth4, flux2-depth2, sd35-large-depth2, sd35-medium, pixart-sigma, qwen-image-depth2, z-image-depth2, tiny-flux, ...; docs/bench.md), seeded random weights, or a local diffusers folder / .safetensors file (default: sd15)")
-    p.add_argument("--resolution", type=int, nargs="+", default=[512], help="image sizes in px, multiples of 8 (default: 512)")
+    p.add_argument("--resolution", type=_size, nargs="+", default=None, help="image sizes in px, multiples of 8 (default: 512); video transformers: HEIGHTxWIDTH, multiples of the VAE factor x patch (default: the model's clip, e.g. 480x832 for wan-1.3b)")
+    p.add_argument("--frames", type=int, default=None, help="video transformers: pixel frames of the clip, 1 + a multiple of the VAE's temporal factor (Wan, HunyuanVideo 4: 17 -> 5 latent frames; LTX 8) (default: the model's clip)")
     p.add_argument("--batch", type=int, default=None, help="denoiser batch; even = CFG with batch/2 images (default: 2; 1 for the guidance-distilled transformers Flux.1-dev, Flux.2-dev, Z-Image-Turbo)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="merge ratios (default: 0.5)")
-    p.add_argument("--methods", type=_methods, default=["tome", "tomesd"], help=f"comma list from {','.join(m for m in METHODS if m != 'baseline')} (baseline is always measured; default: tome,tomesd)")
+    p.add_argument("--methods", type=_methods, default=None, help=f"comma list from {','.join(m for m in METHODS if m != 'baseline')} (baseline is always measured; default: tome,tomesd; video transformers: {','.join(VIDEO_METHODS)})")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; 0 = time the fidelity pass instead, for long runs (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before measuring (default: 1)")
     p.add_argument("--steps", type=int, default=0, help="0 = one denoiser forward; N = N DDIM steps with CFG (default: 0)")
     p.add_argument("--timestep", type=int, default=500, help="noise level of the inputs: the timestep of --steps 0, the start of --steps N (default: 500)")
-    p.add_argument("--inputs", type=_methods, default=["photo", "noise"], help=f"comma list from {','.join(INPUT_KINDS)} (default: photo,noise)")
+    p.add_argument("--inputs", type=_methods, default=None, help=f"comma list from {','.join(INPUT_KINDS)} (default: photo,noise); video transformers: from {','.join(VIDEO_INPUT_KINDS)} (default: pan)")
+    p.add_argument("--equal-error", metavar="METHOD:RATIO", help="also print, for every method run at two or more ratios, the ratio at which it reaches the error of METHOD at RATIO (interpolated; e.g. tome-spatial:0.5)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
@@ -49,9 +80,11 @@ def add_parser(subparsers):
 
 def validate(args) -> None:
     """Raise ValueError naming the bad argument, before any model is built."""
+    from ..bench.equal_error import parse_reference
     from ..bench.inputs import INPUT_KINDS
-    from ..bench.methods import BASELINE, METHODS, get_method
+    from ..bench.methods import BASELINE, get_method
     from ..bench.subject import model_kind
+    from ..bench.video_inputs import VIDEO_INPUT_KINDS
     from ..models import get_dit_config, model_family, too_large
 
     from .checks import check_checkpoint_file, check_output_file, check_output_folder, plot_path
@@ -64,21 +97,30 @@ def validate(args) -> None:
         reason = too_large(args.model)
         if reason:
             raise ValueError(f"--model {args.model}: {reason}")
+    video = get_dit_config(args.model)["video"] if dit else None
+    denoiser = "video" if video else "dit" if dit else "unet"
     if args.batch is None:  # the real pipeline's batch for one image: CFG doubles it
         args.batch = 2 if not dit or get_dit_config(args.model)["cfg"] else 1
-    step = 16 if dit else 8  # transformers: 2x2 latent patches
-    for res in args.resolution:
-        if res < 64 or res % step:
-            raise ValueError(f"--resolution {res}: must be a multiple of {step} and >= 64")
+    if video:
+        _check_clip(args, video)
+    else:
+        if args.frames is not None:
+            raise ValueError(f"--frames {args.frames}: only for video transformers; --model {args.model} is {_KINDS[denoiser]}")
+        args.resolution = args.resolution or [512]
+        step = 16 if dit else 8  # transformers: 2x2 latent patches
+        for res in args.resolution:
+            if isinstance(res, tuple):
+                raise ValueError(f"--resolution {res[0]}x{res[1]}: HEIGHTxWIDTH is for video transformers; give one number (square images)")
+            if res < 64 or res % step:
+                raise ValueError(f"--resolution {res}: must be a multiple of {step} and >= 64")
+    if args.methods is None:
+        args.methods = list(VIDEO_METHODS) if video else ["tome", "tomesd"]
     if not args.methods:
         raise ValueError("--methods is empty")
     for name in args.methods:
         method = get_method(name)
-        if dit and "dit" not in method.models:
-            dit_methods = ",".join(m for m, v in METHODS.items() if "dit" in v.models and m != BASELINE)
-            raise ValueError(f"--methods {name}: a UNet method; for the diffusion transformer {args.model} choose from {dit_methods}")
-        if not dit and "unet" not in method.models:
-            raise ValueError(f"--methods {name}: a diffusion-transformer method; --model {args.model} is a UNet")
+        if denoiser not in method.models:
+            raise ValueError(_wrong_model(name, method, denoiser, args.model))
         reason = method.unavailable()
         if reason:
             raise ValueError(f"--methods {name}: {reason}")
@@ -86,9 +128,15 @@ def validate(args) -> None:
     for r in args.ratios:
         if not 0.0 <= r < 1.0:
             raise ValueError(f"--ratios {r}: must be in [0, 1)")
+    kinds = VIDEO_INPUT_KINDS if video else INPUT_KINDS
+    args.inputs = args.inputs or (["pan"] if video else ["photo", "noise"])
     for kind in args.inputs:
-        if kind not in INPUT_KINDS:
-            raise ValueError(f"--inputs {kind}: choose from {', '.join(INPUT_KINDS)}")
+        if kind not in kinds:
+            raise ValueError(f"--inputs {kind}: choose from {', '.join(kinds)}" + " (a video transformer)" * bool(video))
+    if args.equal_error:
+        method, ratio = args.equal_error = parse_reference(args.equal_error)
+        if method not in args.methods or not any(abs(r - ratio) < 1e-9 for r in args.ratios):
+            raise ValueError(f"--equal-error {method}:{ratio:g}: the run must measure it: add {method} to --methods and {ratio:g} to --ratios")
     checks = (("--batch", args.batch, 1), ("--repeats", args.repeats, 0), ("--warmup", args.warmup, 0), ("--steps", args.steps, 0), ("--timestep", args.timestep, 1))
     for name, value, lo in checks:
         if value < lo:
@@ -112,6 +160,22 @@ def validate(args) -> None:
             raise ValueError("--device cuda: CUDA is not available here")
 
 
+def _check_clip(args, video: dict) -> None:
+    """Video transformers: default clip, --frames and --resolution (HEIGHTxWIDTH) against the VAE."""
+    from ..models import meta_transformer
+
+    args.frames = video["frames"] if args.frames is None else args.frames
+    t = video["temporal"]
+    if args.frames < t + 1 or (args.frames - 1) % t:
+        raise ValueError(f"--frames {args.frames}: must be 1 + a multiple of {t} (the VAE's temporal factor), >= {t + 1}")
+    patch = meta_transformer(args.model).config.patch_size
+    step = video["spatial"] * (patch[-1] if isinstance(patch, (list, tuple)) else patch)
+    args.resolution = [r if isinstance(r, tuple) else (r, r) for r in args.resolution or [(video["height"], video["width"])]]
+    for h, w in args.resolution:
+        if min(h, w) < 2 * step or h % step or w % step:
+            raise ValueError(f"--resolution {h}x{w}: height and width must be multiples of {step} (VAE x patch) and >= {2 * step}")
+
+
 def run(args) -> int:
     try:
         validate(args)
@@ -124,10 +188,10 @@ def run(args) -> int:
     settings = BenchSettings(
         resolutions=args.resolution, methods=args.methods, ratios=args.ratios, batch=args.batch,
         repeats=args.repeats, warmup=args.warmup, steps=args.steps, timestep=args.timestep,
-        seed=args.seed, inputs=args.inputs, micro=args.micro,
+        seed=args.seed, inputs=args.inputs, micro=args.micro, equal_error=args.equal_error,
     )
     print(f"building {args.model} ({args.dtype}, {args.device}) ...", file=sys.stderr, flush=True)
-    subject = load_subject(args.model, args.device, args.dtype, args.seed, args.sharpen)
+    subject = load_subject(args.model, args.device, args.dtype, args.seed, args.sharpen, args.frames)
     result = run_bench(subject, settings, json_path=args.json, progress=args.progress)
     if args.json:
         print(f"wrote {args.json}")

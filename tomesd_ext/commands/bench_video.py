@@ -48,6 +48,11 @@ def _check_model(model: str) -> None:
     from ..models import UNET_NAMES
     from .checks import check_checkpoint_file
 
+    from ..models.video_configs import VIDEO_NAMES
+
+    if model in VIDEO_NAMES:  # one transformer forward, measured by the image bench's runner
+        raise ValueError(f"--model {model!r} is a video transformer: measure it with `tomesd-ext bench --model {model} "
+                         "--frames N --resolution HxW` (docs/bench.md, \"Video transformers\"); bench-video edits clips with SD1.x/2.x")
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".safetensors":
         check_checkpoint_file("--model", str(p))

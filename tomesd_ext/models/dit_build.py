@@ -14,7 +14,8 @@ FP32_LIMIT_GB = 16.0  # weights of a model built by default: leaves room for act
 
 
 def transformer_class(family):
-    """The diffusers class of a family (flux, flux2, sd3, pixart, qwen-image, z-image)."""
+    """The diffusers class of a family (flux, flux2, sd3, pixart, qwen-image, z-image, wan, ltx-video,
+    hunyuan-video)."""
     import diffusers
 
     names = {
@@ -24,6 +25,9 @@ def transformer_class(family):
         "pixart": "PixArtTransformer2DModel",
         "qwen-image": "QwenImageTransformer2DModel",
         "z-image": "ZImageTransformer2DModel",
+        "wan": "WanTransformer3DModel",
+        "ltx-video": "LTXVideoTransformer3DModel",
+        "hunyuan-video": "HunyuanVideoTransformer3DModel",
     }
     if family not in names:
         raise KeyError(f"unknown family {family!r}; choose one of {', '.join(names)}")

@@ -19,6 +19,7 @@ What each pipeline passes (diffusers 0.42):
   timestep sigma.
 - Z-Image: lists: x[i] (16, 1, h, w), cap_feats[i] (L, 2560), t = 1 - sigma; its output is
   -v (the pipeline negates it), negated back here.
+Video transformers (Wan, LTX-Video, HunyuanVideo) take (B, C, F, h, w) latents: video_call.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from typing import Optional
 
 import torch
 
-LATENT_CHANNELS = {"flux": 16, "flux2": 32, "sd3": 16, "pixart": 4, "qwen-image": 16, "z-image": 16}
+from .video_call import VIDEO_CHANNELS, video_call
+
+LATENT_CHANNELS = {"flux": 16, "flux2": 32, "sd3": 16, "pixart": 4, "qwen-image": 16, "z-image": 16, **VIDEO_CHANNELS}
 FLOW = ("flux", "flux2", "sd3", "qwen-image", "z-image")
 GUIDANCE = {"flux": 3.5, "flux2": 4.0}  # distilled guidance embedded by Flux.1-dev / Flux.2-dev
 
@@ -60,7 +63,8 @@ def text_conditioning(family: str, config, batch: int, text_tokens: int, seed: i
     """Seeded N(0, 1) text conditioning for ``batch`` rows: ``halves`` = 2 gives [uncond, cond]
     halves (each half's rows equal). Returns {"text": (B, L, D), "pooled": (B, P) or None}."""
     dims = {"flux": "joint_attention_dim", "flux2": "joint_attention_dim", "sd3": "joint_attention_dim",
-            "pixart": "caption_channels", "qwen-image": "joint_attention_dim", "z-image": "cap_feat_dim"}
+            "pixart": "caption_channels", "qwen-image": "joint_attention_dim", "z-image": "cap_feat_dim",
+            "wan": "text_dim", "ltx-video": "caption_channels", "hunyuan-video": "text_embed_dim"}
     gen = torch.Generator().manual_seed(seed + 7)
     per_half = batch // halves
 
@@ -68,14 +72,17 @@ def text_conditioning(family: str, config, batch: int, text_tokens: int, seed: i
         return torch.randn(halves, 1, *shape, generator=gen).repeat_interleave(per_half, 0).flatten(0, 1)
 
     text = draw(text_tokens, config[dims[family]])
-    pooled = draw(config["pooled_projection_dim"]) if family in ("flux", "sd3") else None
+    pooled = draw(config["pooled_projection_dim"]) if family in ("flux", "sd3", "hunyuan-video") else None
     return {"text": text, "pooled": pooled}
 
 
 def dit_call(model, family: str, latents: torch.Tensor, timestep, text: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One forward of ``model`` (a transformer of ``family``) on latents (B, C, h, w) at scheduler
-    ``timestep`` (float in [0, 1000]); text (B, L, D), pooled (B, P) for flux/sd3. Returns
-    (B, C, h, w): velocity for flow families, epsilon for PixArt (module docstring)."""
+    ``timestep`` (float in [0, 1000]); text (B, L, D), pooled (B, P) for flux/sd3/hunyuan-video. Returns
+    (B, C, h, w): velocity for flow families, epsilon for PixArt (module docstring). Video
+    families take and return (B, C, F, h, w) (video_call)."""
+    if family in VIDEO_CHANNELS:
+        return video_call(model, family, latents, timestep, text, pooled)
     b, c, h, w = latents.shape
     if c != LATENT_CHANNELS[family]:
         raise ValueError(f"{family} takes {LATENT_CHANNELS[family]} latent channels, got {c}")

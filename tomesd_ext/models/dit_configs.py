@@ -1,6 +1,7 @@
 """Architecture configs (plain data) of the diffusion transformers and their reduced/tiny twins.
 
-Each entry of ``DIT_CONFIGS``: ``family`` (flux, flux2, sd3, pixart, qwen-image, z-image),
+Each entry of ``DIT_CONFIGS``: ``family`` (flux, flux2, sd3, pixart, qwen-image, z-image; the
+video families wan, ltx-video, hunyuan-video come from ``video_configs``),
 ``source`` (the Hugging Face repository whose ``transformer/config.json`` the numbers copy),
 ``transformer`` (the constructor arguments of the family's diffusers class), ``scheduler`` ("flow": rectified flow, sigma = t / 1000;
 else the DDPM training config of the denoiser), ``cfg`` (whether
@@ -8,11 +9,14 @@ the real pipeline runs classifier-free guidance: batch 2 = uncond + cond; guidan
 models run batch 1), ``text_tokens`` (the text sequence one forward sees, as the pipeline pads
 or a typical prompt gives), and for full-depth models too large for a 24 GB CPU machine in
 fp32, ``use_instead``: the reduced-depth variant to run (same block width, fewer blocks).
-Tiny entries keep each family's structure (block kinds, qk norm, RoPE axes, joint/single
+``video``: None for image models, the VAE geometry and default clip of video models
+(``video_configs``). Tiny entries keep each family's structure (block kinds, qk norm, RoPE axes, joint/single
 streams, patching) at toy widths, for tests.
 """
 
 import copy
+
+from .video_configs import VIDEO_CONFIGS
 
 FLUX1_DEV = {  # black-forest-labs/FLUX.1-dev
     "patch_size": 1,
@@ -137,7 +141,7 @@ PIXART_SIGMA_SCHEDULER = {  # the DPMSolverMultistepScheduler config of PixArt-S
 def _entry(family, source, transformer, cfg, text_tokens, use_instead=None):
     scheduler = PIXART_SIGMA_SCHEDULER if family == "pixart" else "flow"
     return {"family": family, "source": source, "transformer": transformer, "scheduler": scheduler, "cfg": cfg,
-            "text_tokens": text_tokens, "use_instead": use_instead}
+            "text_tokens": text_tokens, "use_instead": use_instead, "video": None}
 
 
 _FLUX1 = "black-forest-labs/FLUX.1-dev"
@@ -185,6 +189,7 @@ DIT_CONFIGS = {
         **Z_IMAGE_TURBO, "dim": 64, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2,
         "cap_feat_dim": 32, "axes_dims": [8, 12, 12]}, False, 16),
 }
+DIT_CONFIGS.update(VIDEO_CONFIGS)
 
 DIT_NAMES = tuple(DIT_CONFIGS)
 

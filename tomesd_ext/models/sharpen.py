@@ -13,6 +13,13 @@ rows); text-stream projections (``add_q_proj``/``add_k_proj``) and text-only blo
 a scale on the projection is normalised away, so only the tie applies (``norm_k`` := ``norm_q``);
 a token's logit with itself is then sqrt(head_dim). Z-Image is single-stream: its projections
 act on text tokens too.
+
+Video transformers (Wan, LTX-Video, HunyuanVideo): exactly the self-attentions that merging acts
+on, as the family table of ``tomesd_ext.diffusers.dit_families`` names them (Wan ``blocks.*.attn1``,
+LTX ``transformer_blocks.*.attn1``, HunyuanVideo ``transformer_blocks.*.attn`` (image stream;
+``add_*_proj`` untouched) and ``single_transformer_blocks.*.attn`` (single stream: text too));
+cross-attentions and HunyuanVideo's text token refiner are left alone. All three have qk
+RMSNorm (LTX's without a weight): tie only.
 """
 
 import torch
@@ -25,7 +32,7 @@ def _tie_dit_attention(attn, scale):
     """Tie one DiT attention's key projection (and qk norm) to its query's; True if it did."""
     if getattr(attn, "fused_projections", False):
         raise ValueError("attention projections are fused; sharpen before fuse_qkv_projections")
-    qk_norm = getattr(attn, "norm_q", None) is not None and getattr(attn.norm_q, "weight", None) is not None
+    qk_norm = getattr(attn, "norm_q", None) is not None  # RMSNorm (with or without a weight) cancels a scale
     if hasattr(attn, "to_qkv_mlp_proj"):  # Flux.2 single block: rows [q | k | v | mlp]
         inner = attn.inner_dim
         for p in (attn.to_qkv_mlp_proj.weight, attn.to_qkv_mlp_proj.bias):
@@ -46,7 +53,22 @@ def _tie_dit_attention(attn, scale):
     return True
 
 
+def _sharpen_video(model, family, scale):
+    """Tie the attentions the merging family table names in every block of each block list."""
+    found = 0
+    for blocks in family.lists:
+        for block in getattr(model, blocks.name):
+            for attr in blocks.attentions:
+                found += _tie_dit_attention(getattr(block, attr), scale)
+    return found
+
+
 def _sharpen_dit(model, scale):
+    from ..diffusers.dit_families import VIDEO_FAMILIES, family_of
+
+    family = family_of(model)
+    if family is not None and family in VIDEO_FAMILIES.values():
+        return _sharpen_video(model, family, scale)
     found = 0
     for name, module in model.named_modules():
         if name.split(".")[0] in _TEXT_ONLY or getattr(module, "is_cross_attention", False):
