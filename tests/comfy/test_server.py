@@ -14,6 +14,9 @@ import nodes
 
 pytestmark = pytest.mark.comfyui
 API_FILES = sorted(f for f in os.listdir(API_COPIES) if f.endswith(".api.json"))
+# the transformer workflows need their own files (test_sd35_workflow_...; Flux: see docs/comfyui.md)
+DIT_FILES = ("flux1_txt2img_tome.api.json", "sd35_txt2img_tome.api.json")
+UNET_FILES = [f for f in API_FILES if f not in DIT_FILES]
 UI_FILES = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".json"))
 SIZE = int(os.environ.get("TOMESD_EXT_TEST_SIZE", "64"))
 STEPS = int(os.environ.get("TOMESD_EXT_TEST_STEPS", "2"))
@@ -87,7 +90,7 @@ def _frames_and_size(path):
         return 1, img.size
 
 
-@pytest.mark.parametrize("name", API_FILES)
+@pytest.mark.parametrize("name", UNET_FILES)
 def test_api_workflow_runs_and_saves_images(sd15_server, name):
     comfy_server = sd15_server
     """SDXL workflows run here on the SD1.5 random checkpoint (no SDXL weights are available
@@ -190,6 +193,55 @@ def test_vid2vid_vidtome_merges_and_nothing_merged_equals_no_node(sd15_server):
     assert change > 1e-3
 
 
+def test_sd35_workflow_runs_on_random_files(comfy_server):
+    """sd35_txt2img_tome as shipped, on random-weight files under the names it expects (a 2-block
+    MMDiT + the full-size 16-channel VAE as sd3.5_large.safetensors, full-size CLIP-L and
+    CLIP-bigG as clip_l / clip_g: tests/comfy/dit_files.py). Only widget values change: 64 px,
+    2 steps, min_tokens 0 (so the 4x4 token grid merges), the ToMe ratio, the file prefix. The
+    KSampler's latents (a SaveLatent node is added): ratio 0 equals the graph without the node,
+    the workflow's ratio 0.5 differs from it; the saved image is 64x64."""
+    from safetensors.torch import load_file
+
+    import dit_files
+
+    comfy_server.add_model("checkpoints", "sd3.5_large.safetensors", dit_files.sd35_checkpoint())
+    comfy_server.add_model("text_encoders", "clip_l.safetensors", dit_files.clip_file("l"))
+    comfy_server.add_model("text_encoders", "clip_g.safetensors", dit_files.clip_file("g"))
+    base = load_workflow("sd35_txt2img_tome.api.json")
+    tome = next(k for k, v in base.items() if v["class_type"] == "TomesdExtTokenMerging")
+    sampler = next(k for k, v in base.items() if v["class_type"] == "KSampler")
+
+    def run(ratio, prefix):
+        prompt = json.loads(json.dumps(base))
+        for node in prompt.values():
+            inputs = node["inputs"]
+            if node["class_type"] == "EmptySD3LatentImage":
+                inputs["width"] = inputs["height"] = SIZE
+            if node["class_type"] == "SaveImage":
+                inputs["filename_prefix"] = prefix
+        prompt[sampler]["inputs"]["steps"] = STEPS
+        if ratio is None:
+            prompt[sampler]["inputs"]["model"] = prompt[tome]["inputs"]["model"]
+            del prompt[tome]
+        else:
+            prompt[tome]["inputs"].update(ratio=ratio, min_tokens=0)
+        prompt["tomesd_ext_save_latent"] = {"class_type": "SaveLatent",
+                                            "inputs": {"samples": [sampler, 0], "filename_prefix": prefix}}
+        entry = comfy_server.run_prompt(prompt)
+        (image,) = comfy_server.output_files(entry)
+        assert _frames_and_size(image) == (1, (SIZE, SIZE))
+        (saved,) = [f for out in entry["outputs"].values() for f in out.get("latents", [])]
+        return load_file(os.path.join(comfy_server.base, "output", saved.get("subfolder", ""), saved["filename"]))["latent_tensor"]
+
+    merged = run(base[tome]["inputs"]["ratio"], "tests/sd35_merged")
+    off = run(0.0, "tests/sd35_off")
+    plain = run(None, "tests/sd35_plain")
+    assert plain.shape == (1, 16, SIZE // 8, SIZE // 8) and torch.isfinite(plain).all()
+    assert torch.equal(off, plain)
+    assert not torch.equal(merged, plain)
+    assert "tomesd-ext: token merging skipped" not in comfy_server.read_log()
+
+
 @pytest.mark.skipif(not os.environ.get("TOMESD_EXT_WORKFLOW_GRID"), reason="set TOMESD_EXT_WORKFLOW_GRID=out.png to render the README grid")
 def test_render_workflow_grid(sd15_server):
     comfy_server = sd15_server
@@ -199,7 +251,7 @@ def test_render_workflow_grid(sd15_server):
 
     size, steps = int(os.environ.get("TOMESD_EXT_GRID_SIZE", "256")), int(os.environ.get("TOMESD_EXT_GRID_STEPS", "8"))
     rows = []
-    for name in API_FILES:
+    for name in UNET_FILES:
         prompt = _small(load_workflow(name), "grid/" + name.split(".")[0])
         tome = next((k for k, v in prompt.items() if v["class_type"] in nodes.NODE_DEFINITIONS
                      and "ratio" in v["inputs"]), None)
