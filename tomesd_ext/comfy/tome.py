@@ -140,7 +140,7 @@ def apply_tome_patch(
 
     opts: validated ``ToMeOptions`` (mode "tome"); a previous tomesd-ext patch on ``model`` is
     replaced. Plan reuse (``reuse``, ``reuse_steps``) works as in the diffusers adapter. A model
-    whose denoiser is an image transformer (Flux, SD3, Qwen-Image) gets the DiT patch (dit.py).
+    whose denoiser is an image transformer (Flux, SD3, Qwen-Image, PixArt, Lumina2 / Z-Image) gets the DiT patch (dit.py).
     """
     if opts.mode != "tome":
         raise ValueError(f"opts.mode={opts.mode!r}: use apply_importance_patch for mode='importance'")
