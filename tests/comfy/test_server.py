@@ -14,7 +14,7 @@ import nodes
 
 pytestmark = pytest.mark.comfyui
 API_FILES = sorted(f for f in os.listdir(API_COPIES) if f.endswith(".api.json"))
-# the transformer workflows need their own files (test_sd35_workflow_...; Flux: see docs/comfyui.md)
+# the transformer workflows need their own files (test_dit_workflow_runs_on_random_files)
 DIT_FILES = ("flux1_txt2img_tome.api.json", "sd35_txt2img_tome.api.json")
 UNET_FILES = [f for f in API_FILES if f not in DIT_FILES]
 UI_FILES = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".json"))
@@ -193,21 +193,23 @@ def test_vid2vid_vidtome_merges_and_nothing_merged_equals_no_node(sd15_server):
     assert change > 1e-3
 
 
-def test_sd35_workflow_runs_on_random_files(comfy_server):
-    """sd35_txt2img_tome as shipped, on random-weight files under the names it expects (a 2-block
-    MMDiT + the full-size 16-channel VAE as sd3.5_large.safetensors, full-size CLIP-L and
-    CLIP-bigG as clip_l / clip_g: tests/comfy/dit_files.py). Only widget values change: 64 px,
-    2 steps, min_tokens 0 (so the 4x4 token grid merges), the ToMe ratio, the file prefix. The
-    KSampler's latents (a SaveLatent node is added): ratio 0 equals the graph without the node,
-    the workflow's ratio 0.5 differs from it; the saved image is 64x64."""
+@pytest.mark.parametrize("name", ["sd35_txt2img_tome", "flux1_txt2img_tome"])
+def test_dit_workflow_runs_on_random_files(comfy_server, name):
+    """A transformer workflow as shipped, on random-weight files under the names it expects
+    (tests/comfy/dit_files.py; SD3.5: a 2-block MMDiT + the full-size 16-channel VAE as
+    sd3.5_large.safetensors, full-size CLIP-L and CLIP-bigG; Flux.1-dev: a 3072-wide Flux with 1
+    double + 1 single block, full-size T5-XXL in fp8, CLIP-L, the 16-channel VAE). Only widget
+    values change: the latent size (64 px), steps (2), min_tokens 0 (so the 4x4 token grid
+    merges), the ToMe ratio, the file prefix. The sampler's latents (a SaveLatent node is added):
+    ratio 0 equals the graph without the node, the workflow's ratio 0.5 differs from it; the
+    saved image is 64x64."""
     from safetensors.torch import load_file
 
     import dit_files
 
-    comfy_server.add_model("checkpoints", "sd3.5_large.safetensors", dit_files.sd35_checkpoint())
-    comfy_server.add_model("text_encoders", "clip_l.safetensors", dit_files.clip_file("l"))
-    comfy_server.add_model("text_encoders", "clip_g.safetensors", dit_files.clip_file("g"))
-    base = load_workflow("sd35_txt2img_tome.api.json")
+    for folder, file_name, path in (dit_files.sd35_files() if name.startswith("sd35") else dit_files.flux_files()):
+        comfy_server.add_model(folder, file_name, path)
+    base = load_workflow(f"{name}.api.json")
     tome = next(k for k, v in base.items() if v["class_type"] == "TomesdExtTokenMerging")
     sampler = next(k for k, v in base.items() if v["class_type"] == "KSampler")
 
@@ -233,9 +235,9 @@ def test_sd35_workflow_runs_on_random_files(comfy_server):
         (saved,) = [f for out in entry["outputs"].values() for f in out.get("latents", [])]
         return load_file(os.path.join(comfy_server.base, "output", saved.get("subfolder", ""), saved["filename"]))["latent_tensor"]
 
-    merged = run(base[tome]["inputs"]["ratio"], "tests/sd35_merged")
-    off = run(0.0, "tests/sd35_off")
-    plain = run(None, "tests/sd35_plain")
+    merged = run(base[tome]["inputs"]["ratio"], f"tests/{name}_merged")
+    off = run(0.0, f"tests/{name}_off")
+    plain = run(None, f"tests/{name}_plain")
     assert plain.shape == (1, 16, SIZE // 8, SIZE // 8) and torch.isfinite(plain).all()
     assert torch.equal(off, plain)
     assert not torch.equal(merged, plain)
