@@ -39,8 +39,8 @@ class TomesdExtTokenMerging(ModelPatchNode):
     DESCRIPTION = (
         "Token Merging (ToMe) for UNet models (SD 1.x, SD 2.x, SDXL): merges similar tokens before "
         "self-attention (queries, keys and values) and copies the result back after it, so "
-        "sampling is faster at a small cost in detail. On the transformers Flux.1, Flux.2, SD3/SD3.5 "
-        "and Qwen-Image it merges the image tokens of each block (dit_mode block: the whole block "
+        "sampling is faster at a small cost in detail. On the transformers Flux.1, Flux.2, SD3/SD3.5, "
+        "Qwen-Image, PixArt and Lumina2/Z-Image it merges the image tokens of each block (dit_mode block: the whole block "
         "runs on fewer tokens and its update is copied back; kv: keys and values only); text tokens "
         "are never merged, and max_downsample and merge_* apply to UNets only. Put it between the "
         "model loader (and LoRA) and the sampler. Another model type passes through unchanged with "

@@ -37,6 +37,14 @@ NOTES = {
                                "v1-5-pruned-emaonly-fp16.safetensors). Importance merging needs cfg > 1.",
     "sdxl_txt2img_tome": "Needs an SDXL checkpoint in models/checkpoints (the graph names "
                          "sd_xl_base_1.0.safetensors; pick yours in Load Checkpoint).",
+    "flux1_txt2img_tome": "Flux.1-dev: flux1-dev.safetensors in models/diffusion_models (Load Diffusion Model); "
+                          "clip_l.safetensors and t5xxl_fp16.safetensors in models/text_encoders (DualCLIPLoader, "
+                          "type flux); ae.safetensors in models/vae. cfg stays 1 (FluxGuidance sets the distilled "
+                          "guidance). ToMe sits between the model loader and the sampler.",
+    "sd35_txt2img_tome": "SD 3.5: sd3.5_large.safetensors (or sd3.5_medium.safetensors) in models/checkpoints; "
+                         "clip_l.safetensors and clip_g.safetensors in models/text_encoders (DualCLIPLoader, type "
+                         "sd3: no T5; for T5 use TripleCLIPLoader with t5xxl_fp16.safetensors). ToMe sits between "
+                         "the checkpoint loader and the sampler.",
     "sd15_vid2vid_vidtome": "Needs an SD 1.5 checkpoint in models/checkpoints and an input video "
                             "tomesd_ext_input.mp4 in ComfyUI/input (or choose/upload one in Load Video). "
                             "Keep it short: every frame goes through the sampler in one batch.",

@@ -81,7 +81,8 @@ class ComfyServer:
     def __init__(self, base_dir: str, checkpoints=None, python=sys.executable):
         self.base = base_dir
         checkpoints = checkpoints or {}
-        for sub in ("models/checkpoints", "custom_nodes", "input", "output", "temp", "user"):
+        for sub in ("models/checkpoints", "models/diffusion_models", "models/text_encoders", "models/vae",
+                    "custom_nodes", "input", "output", "temp", "user"):
             os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
         for name, target in checkpoints.items():
             self.add_checkpoint(name, target)
@@ -103,7 +104,11 @@ class ComfyServer:
 
     def add_checkpoint(self, name, target):
         """Symlink a checkpoint into models/checkpoints (ComfyUI rescans the folder on use)."""
-        link = os.path.join(self.base, "models", "checkpoints", name)
+        self.add_model("checkpoints", name, target)
+
+    def add_model(self, folder, name, target):
+        """Symlink a model file into models/<folder> (checkpoints, text_encoders, ...)."""
+        link = os.path.join(self.base, "models", folder, name)
         if not os.path.lexists(link):
             os.symlink(target, link)
 
@@ -241,7 +246,7 @@ def widget_inputs(info):
     return out
 
 
-def check_widget_value(name, spec, value, file_lists=("ckpt_name", "file")):
+def check_widget_value(name, spec, value, file_lists=("ckpt_name", "file", "unet_name", "clip_name1", "clip_name2", "vae_name")):
     """None if ``value`` fits the input spec of /object_info, else a message."""
     kind, opts = _kind(spec), (spec[1] if len(spec) > 1 else {}) or {}
     if kind == "COMBO":

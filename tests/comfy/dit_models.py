@@ -51,18 +51,23 @@ def comfy_from_diffusers(model, family: str):
 
 def tiny_comfy_qwen(seed: int = 0):
     """A ComfyUI Qwen-Image MODEL built with ComfyUI's own class at a tiny width, random weights."""
-    import comfy.model_patcher
     import comfy.supported_models
 
     config = {"image_model": "qwen_image", "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
               "joint_attention_dim": 32, "axes_dims_rope": (4, 6, 6), "in_channels": 64, "out_channels": 16}
-    model_config = comfy.supported_models.QwenImage(config)
+    return comfy_random(comfy.supported_models.QwenImage(config), seed)
+
+
+def comfy_random(model_config, seed: int = 0, scale: float = 0.1):
+    """A ComfyUI MODEL (float32, CPU) of a supported_models config, its weights ~ N(0, scale²)."""
+    import comfy.model_patcher
+
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model({}, "")
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in base.diffusion_model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
+            p.copy_(torch.randn_like(p) * scale)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
 

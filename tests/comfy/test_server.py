@@ -14,6 +14,9 @@ import nodes
 
 pytestmark = pytest.mark.comfyui
 API_FILES = sorted(f for f in os.listdir(API_COPIES) if f.endswith(".api.json"))
+# the transformer workflows need their own files (test_dit_workflow_runs_on_random_files)
+DIT_FILES = ("flux1_txt2img_tome.api.json", "sd35_txt2img_tome.api.json")
+UNET_FILES = [f for f in API_FILES if f not in DIT_FILES]
 UI_FILES = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".json"))
 SIZE = int(os.environ.get("TOMESD_EXT_TEST_SIZE", "64"))
 STEPS = int(os.environ.get("TOMESD_EXT_TEST_STEPS", "2"))
@@ -87,7 +90,7 @@ def _frames_and_size(path):
         return 1, img.size
 
 
-@pytest.mark.parametrize("name", API_FILES)
+@pytest.mark.parametrize("name", UNET_FILES)
 def test_api_workflow_runs_and_saves_images(sd15_server, name):
     comfy_server = sd15_server
     """SDXL workflows run here on the SD1.5 random checkpoint (no SDXL weights are available
@@ -190,6 +193,57 @@ def test_vid2vid_vidtome_merges_and_nothing_merged_equals_no_node(sd15_server):
     assert change > 1e-3
 
 
+@pytest.mark.parametrize("name", ["sd35_txt2img_tome", "flux1_txt2img_tome"])
+def test_dit_workflow_runs_on_random_files(comfy_server, name):
+    """A transformer workflow as shipped, on random-weight files under the names it expects
+    (tests/comfy/dit_files.py; SD3.5: a 2-block MMDiT + the full-size 16-channel VAE as
+    sd3.5_large.safetensors, full-size CLIP-L and CLIP-bigG; Flux.1-dev: a 3072-wide Flux with 1
+    double + 1 single block, full-size T5-XXL in fp8, CLIP-L, the 16-channel VAE). Only widget
+    values change: the latent size (64 px), steps (2), min_tokens 0 (so the 4x4 token grid
+    merges), the ToMe ratio, the file prefix. The sampler's latents (a SaveLatent node is added):
+    ratio 0 equals the graph without the node, the workflow's ratio 0.5 differs from it; the
+    saved image is 64x64."""
+    from safetensors.torch import load_file
+
+    import dit_files
+
+    for folder, file_name, path in (dit_files.sd35_files() if name.startswith("sd35") else dit_files.flux_files()):
+        comfy_server.add_model(folder, file_name, path)
+    base = load_workflow(f"{name}.api.json")
+    tome = next(k for k, v in base.items() if v["class_type"] == "TomesdExtTokenMerging")
+    sampler = next(k for k, v in base.items() if v["class_type"] == "KSampler")
+
+    def run(ratio, prefix):
+        prompt = json.loads(json.dumps(base))
+        for node in prompt.values():
+            inputs = node["inputs"]
+            if node["class_type"] == "EmptySD3LatentImage":
+                inputs["width"] = inputs["height"] = SIZE
+            if node["class_type"] == "SaveImage":
+                inputs["filename_prefix"] = prefix
+        prompt[sampler]["inputs"]["steps"] = STEPS
+        if ratio is None:
+            prompt[sampler]["inputs"]["model"] = prompt[tome]["inputs"]["model"]
+            del prompt[tome]
+        else:
+            prompt[tome]["inputs"].update(ratio=ratio, min_tokens=0)
+        prompt["tomesd_ext_save_latent"] = {"class_type": "SaveLatent",
+                                            "inputs": {"samples": [sampler, 0], "filename_prefix": prefix}}
+        entry = comfy_server.run_prompt(prompt)
+        (image,) = comfy_server.output_files(entry)
+        assert _frames_and_size(image) == (1, (SIZE, SIZE))
+        (saved,) = [f for out in entry["outputs"].values() for f in out.get("latents", [])]
+        return load_file(os.path.join(comfy_server.base, "output", saved.get("subfolder", ""), saved["filename"]))["latent_tensor"]
+
+    merged = run(base[tome]["inputs"]["ratio"], f"tests/{name}_merged")
+    off = run(0.0, f"tests/{name}_off")
+    plain = run(None, f"tests/{name}_plain")
+    assert plain.shape == (1, 16, SIZE // 8, SIZE // 8) and torch.isfinite(plain).all()
+    assert torch.equal(off, plain)
+    assert not torch.equal(merged, plain)
+    assert "tomesd-ext: token merging skipped" not in comfy_server.read_log()
+
+
 @pytest.mark.skipif(not os.environ.get("TOMESD_EXT_WORKFLOW_GRID"), reason="set TOMESD_EXT_WORKFLOW_GRID=out.png to render the README grid")
 def test_render_workflow_grid(sd15_server):
     comfy_server = sd15_server
@@ -199,7 +253,7 @@ def test_render_workflow_grid(sd15_server):
 
     size, steps = int(os.environ.get("TOMESD_EXT_GRID_SIZE", "256")), int(os.environ.get("TOMESD_EXT_GRID_STEPS", "8"))
     rows = []
-    for name in API_FILES:
+    for name in UNET_FILES:
         prompt = _small(load_workflow(name), "grid/" + name.split(".")[0])
         tome = next((k for k, v in prompt.items() if v["class_type"] in nodes.NODE_DEFINITIONS
                      and "ratio" in v["inputs"]), None)

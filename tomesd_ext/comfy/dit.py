@@ -169,6 +169,11 @@ def apply_dit_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_pe
     dm = getattr(getattr(model, "model", None), "diffusion_model", None)
     family = family_of(dm)
     if family is None:
+        from .dit_hooks import apply_hooked_patch, hooked_family_of  # blocks without patches_replace
+
+        hooked = hooked_family_of(dm)
+        if hooked is not None:
+            return apply_hooked_patch(model, dm, hooked, opts, start_percent, end_percent), None
         return model, f"{unsupported_reason(model)}, and the transformers {SUPPORTED_DITS}"
     mode, skip = dit_settings(family.key(dm), opts.dit_mode, opts.skip_ends)
     if mode == "attn":

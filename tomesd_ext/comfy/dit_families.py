@@ -14,7 +14,7 @@ rotary table ``args["pe"]`` holds them; the patch size that turns the latent int
   blocks; a call with reference latents is not merged (their per-token timestep index would move).
 
 PixArt (``pixartms.PixArtMS``) and Lumina2 / Z-Image (``lumina.model.NextDiT``) run their blocks
-without ``patches_replace`` in v0.8.0, so they are not patched (the node passes them through).
+without ``patches_replace`` in v0.8.0: dit_hooks.py attaches to them (hooks for the call only).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ FLUX = Family("Flux", lambda dm: "flux2" if dm.params.global_modulation else "fl
 SD3 = Family("SD3 (MMDiT)", lambda dm: "sd3", _doubles("joint_blocks"), (), None, True)
 QWEN = Family("Qwen-Image", lambda dm: "qwen-image", _doubles("transformer_blocks"), (), 2, False)
 
-SUPPORTED_DITS = "Flux.1, Flux.2, SD3 / SD3.5 (MMDiT), Qwen-Image"
+SUPPORTED_DITS = "Flux.1, Flux.2, SD3 / SD3.5 (MMDiT), Qwen-Image, PixArt-α/Σ, Lumina2 / Z-Image"
 
 
 def family_of(diffusion_model) -> Optional[Family]:
