@@ -1,0 +1,79 @@
+"""Tiny random-weight video transformers built with ComfyUI's own classes (Wan 2.1,
+HunyuanVideo, LTX-Video) for the ComfyUI video DiT tests, and the same Wan weights in diffusers'
+``WanTransformer3DModel`` through diffusers' own key conversion (ComfyUI v0.8.0 has no diffusers ->
+ComfyUI conversion for Wan; its keys are the original Wan checkpoint's, which
+``convert_wan_transformer_to_diffusers`` reads)."""
+
+from __future__ import annotations
+
+import torch
+
+# dim 64 = 2 heads of 32 (rotary axes 12/10/10 in both libraries)
+WAN = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 2,
+       "in_dim": 16, "out_dim": 16, "text_dim": 32, "freq_dim": 256, "patch_size": (1, 2, 2), "window_size": (-1, -1),
+       "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}
+HUNYUAN = {"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
+           "vec_in_dim": 16, "axes_dim": [4, 6, 6], "meanflow": False, "context_in_dim": 32, "hidden_size": 64,
+           "mlp_ratio": 2.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2, "theta": 256, "qkv_bias": True,
+           "guidance_embed": False, "byt5": False, "use_cond_type_embedding": False, "vision_in_dim": None,
+           "meanflow_sum": False}
+LTXV = {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 16,
+        "num_attention_heads": 4, "caption_channels": 32, "num_layers": 2}
+CONFIGS = {"wan": ("WAN21_T2V", WAN), "hunyuan": ("HunyuanVideo", HUNYUAN), "ltxv": ("LTXV", LTXV)}
+CHANNELS = {"wan": 16, "hunyuan": 16, "ltxv": 128}
+SCALE = 0.1
+
+
+def tiny_comfy_video(family: str, seed: int = 0):
+    """A ComfyUI MODEL (ModelPatcher) of ComfyUI's own class at a tiny width, seeded random weights."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    name, config = CONFIGS[family]
+    model_config = getattr(comfy.supported_models, name)(dict(config))
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({}, "")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in base.diffusion_model.parameters():
+            p.copy_(torch.randn_like(p) * SCALE)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
+def diffusers_wan_from_comfy(patcher):
+    """diffusers' WanTransformer3DModel holding the weights of a tiny ComfyUI Wan MODEL."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    c = WAN
+    model = WanTransformer3DModel(
+        patch_size=c["patch_size"], num_attention_heads=c["num_heads"], attention_head_dim=c["dim"] // c["num_heads"],
+        in_channels=c["in_dim"], out_channels=c["out_dim"], text_dim=c["text_dim"], freq_dim=c["freq_dim"],
+        ffn_dim=c["ffn_dim"], num_layers=c["num_layers"], cross_attn_norm=True, eps=c["eps"],
+    ).eval()
+    # copies: the conversion pops and reshapes entries of the dict it is given
+    sd = {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    missing, unexpected = model.load_state_dict(convert_wan_transformer_to_diffusers(sd), strict=True)
+    assert not missing and not unexpected
+    return model
+
+
+def video_inputs(family: str, batch: int = 2, thw=(3, 8, 8), n_txt: int = 7, seed: int = 1):
+    """(latent (B, C, T, H, W), text context (B, n_txt, 32), extra conds) of one call."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, CHANNELS[family], *thw, generator=g)
+    ctx = torch.randn(batch, n_txt, 32, generator=g)
+    conds = {}
+    if family == "hunyuan":
+        conds["y"] = torch.randn(batch, 16, generator=g)
+    if family == "ltxv":
+        conds.update(frame_rate=25, attention_mask=None)
+    return x, ctx, conds
+
+
+def run_diffusers_wan(model, x, sigma, context):
+    """diffusers' Wan on the same call: its velocity (B, C, T, H, W)."""
+    with torch.no_grad():
+        t = torch.full((x.shape[0],), float(sigma) * 1000)
+        return model(x, timestep=t, encoder_hidden_states=context).sample
