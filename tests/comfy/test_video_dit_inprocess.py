@@ -136,3 +136,22 @@ def test_wan_block_mode_matches_diffusers_adapter(models, batch, thw, kw):
     finally:
         remove_tome(d)
     assert_same_merge(ref, out, dref, dout, tol=1e-4)
+
+
+def test_wan_kv_merges_self_attention_only_when_text_has_the_video_length(models):
+    """kv mode on Wan with a 32-token text context and a 2x4x4 = 32-token video: each block's self
+    attention gets 16 merged keys, its cross attention all 32 text keys (seen by a foreign
+    attention override, which ours calls after merging)."""
+    base = models["wan"]
+    lengths = []
+
+    def foreign(func, *args, **kwargs):
+        k = args[1]
+        lengths.append(k.shape[-2] if kwargs.get("skip_reshape") else k.shape[1])
+        return func(*args, **kwargs)
+
+    m = base.clone()
+    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = foreign
+    x, ctx, _ = video_inputs("wan", thw=(2, 8, 8), n_txt=32)
+    run_dit(tome_node(m, ratio=0.5, dit_mode="kv"), x, SIGMA, ctx)
+    assert lengths == [16, 32, 16, 32]

@@ -179,8 +179,9 @@ def apply_dit_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_pe
 
 def install_blocks(model, state, mode: str, order, skip: int, classes):
     """The patched clone of ``model``: the call wrapper, and on the ``patches_replace["dit"]`` keys
-    ``order`` (all but ``skip`` at each end) classes[0] (block mode) or classes[1] plus
-    ``KeysValuesAttention`` (kv mode), each built as cls(state, slot, kind)."""
+    ``order`` (all but ``skip`` at each end) classes[0] (block mode) or classes[1] plus the
+    attention override classes[2] (kv mode; default ``KeysValuesAttention``), the block classes
+    built as cls(state, slot, kind)."""
     if mode == "attn":
         raise OptionError(
             "dit_mode='attn' is not available in ComfyUI (its attention hook sees projected queries, keys and "
@@ -193,5 +194,6 @@ def install_blocks(model, state, mode: str, order, skip: int, classes):
         m.set_model_patch_replace(block(state, state.runtime.new_slot(), kind), "dit", kind, index)
     if mode == "kv":
         to = m.model_options.setdefault("transformer_options", {})
-        to[ATTENTION_OVERRIDE] = KeysValuesAttention(state, to.get(ATTENTION_OVERRIDE))
+        attention = classes[2] if len(classes) > 2 else KeysValuesAttention
+        to[ATTENTION_OVERRIDE] = attention(state, to.get(ATTENTION_OVERRIDE))
     return m

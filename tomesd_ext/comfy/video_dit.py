@@ -37,7 +37,7 @@ import torch
 
 from ..core import MergeRuntime, TomePolicy, ToMeOptions, timestep_key
 from ..core.dit import dit_settings, gather_span, merge_span, shared_metric, unmerge_update
-from .dit import install_blocks
+from .dit import KeysValuesAttention, install_blocks
 from .patching import PatchState, SharedPatch, sigma_range
 
 
@@ -239,6 +239,18 @@ class VideoKeysValuesPlan(_VideoBlock):
             self.state.kv = None
 
 
+class FirstAttentionOnly(KeysValuesAttention):
+    """kv mode: the block's plan serves its first attention call only, the self (joint) attention
+    in all three families; the cross attention after it is left alone even when the text happens
+    to have as many tokens as the video (Wan's umT5 context is always 512)."""
+
+    def __call__(self, func, *args, **kwargs):
+        try:
+            return super().__call__(func, *args, **kwargs)
+        finally:
+            self.state.kv = None
+
+
 def apply_video_patch(model, dm, family: VideoFamily, opts: ToMeOptions, start_percent: float = 0.0,
                       end_percent: float = 1.0):
     """The patched clone of ``model`` whose diffusion model ``dm`` is of ``family``.
@@ -249,4 +261,4 @@ def apply_video_patch(model, dm, family: VideoFamily, opts: ToMeOptions, start_p
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
     runtime = MergeRuntime(TomePolicy(opts), 1, sigma_start, sigma_end)
     state = VideoState(runtime, family, family.patch(dm), opts.keep_first_frame)
-    return install_blocks(model, state, mode, family.blocks(dm), skip, (VideoBlockMerge, VideoKeysValuesPlan))
+    return install_blocks(model, state, mode, family.blocks(dm), skip, (VideoBlockMerge, VideoKeysValuesPlan, FirstAttentionOnly))
