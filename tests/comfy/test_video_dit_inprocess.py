@@ -155,3 +155,27 @@ def test_wan_kv_merges_self_attention_only_when_text_has_the_video_length(models
     x, ctx, _ = video_inputs("wan", thw=(2, 8, 8), n_txt=32)
     run_dit(tome_node(m, ratio=0.5, dit_mode="kv"), x, SIGMA, ctx)
     assert lengths == [16, 32, 16, 32]
+
+
+@pytest.mark.parametrize("kw", [{}, {"keep_first_frame": True}])
+def test_wan22_per_frame_timesteps_match_diffusers_adapter(models, kw):
+    """Wan 2.2 (48 channels): a denoise mask gives each latent frame its own timestep, so the
+    blocks' modulation is per frame (ComfyUI) / per token (diffusers) and follows the merged
+    tokens. The first frame keeps the call's timestep: diffusers' adapter keys its partition on
+    the first token's timestep, ComfyUI's on the call's, so only then do the two draw the same plan."""
+    from tomesd_ext import apply_tome, remove_tome
+
+    base = tiny_comfy_video("wan22")
+    d = diffusers_wan_from_comfy(base)
+    x, ctx, _ = video_inputs("wan22", thw=(3, 8, 8))
+    scale = torch.tensor([1.0, 0.6, 0.3]).expand(2, 3)
+    mask = scale[:, None, :, None, None].expand(2, 1, 3, 8, 8).contiguous()
+    ref = run_dit(base, x, SIGMA, ctx, denoise_mask=mask)
+    out = run_dit(tome_node(base, ratio=0.5, seed=5, dit_mode="block", **kw), x, SIGMA, ctx, denoise_mask=mask)
+    dref = run_diffusers_wan(d, x, SIGMA, ctx, frame_scale=scale)
+    apply_tome(d, 0.5, seed=5, min_tokens=0, dit_mode="block", **kw)
+    try:
+        dout = run_diffusers_wan(d, x, SIGMA, ctx, frame_scale=scale)
+    finally:
+        remove_tome(d)
+    assert_same_merge(ref, out, dref, dout, tol=1e-4)

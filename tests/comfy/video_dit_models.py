@@ -19,8 +19,11 @@ HUNYUAN = {"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16
            "meanflow_sum": False}
 LTXV = {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 16,
         "num_attention_heads": 4, "caption_channels": 32, "num_layers": 2}
-CONFIGS = {"wan": ("WAN21_T2V", WAN), "hunyuan": ("HunyuanVideo", HUNYUAN), "ltxv": ("LTXV", LTXV)}
-CHANNELS = {"wan": 16, "hunyuan": 16, "ltxv": 128}
+# Wan 2.2 TI2V's layout: 48 latent channels, one timestep per latent frame (from the denoise mask)
+WAN22 = dict(WAN, in_dim=48, out_dim=48)
+CONFIGS = {"wan": ("WAN21_T2V", WAN), "wan22": ("WAN22_T2V", WAN22), "hunyuan": ("HunyuanVideo", HUNYUAN),
+           "ltxv": ("LTXV", LTXV)}
+CHANNELS = {"wan": 16, "wan22": 48, "hunyuan": 16, "ltxv": 128}
 SCALE = 0.1
 
 
@@ -46,10 +49,10 @@ def diffusers_wan_from_comfy(patcher):
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    c = WAN
+    c, dm = WAN, patcher.model.diffusion_model
     model = WanTransformer3DModel(
         patch_size=c["patch_size"], num_attention_heads=c["num_heads"], attention_head_dim=c["dim"] // c["num_heads"],
-        in_channels=c["in_dim"], out_channels=c["out_dim"], text_dim=c["text_dim"], freq_dim=c["freq_dim"],
+        in_channels=dm.patch_embedding.in_channels, out_channels=dm.out_dim, text_dim=c["text_dim"], freq_dim=c["freq_dim"],
         ffn_dim=c["ffn_dim"], num_layers=c["num_layers"], cross_attn_norm=True, eps=c["eps"],
     ).eval()
     # copies: the conversion pops and reshapes entries of the dict it is given
@@ -72,8 +75,12 @@ def video_inputs(family: str, batch: int = 2, thw=(3, 8, 8), n_txt: int = 7, see
     return x, ctx, conds
 
 
-def run_diffusers_wan(model, x, sigma, context):
-    """diffusers' Wan on the same call: its velocity (B, C, T, H, W)."""
+def run_diffusers_wan(model, x, sigma, context, frame_scale=None):
+    """diffusers' Wan on the same call: its velocity (B, C, T, H, W). frame_scale: (B, T), Wan
+    2.2's per-frame timestep factors (ComfyUI's denoise mask), given per token as diffusers takes it."""
     with torch.no_grad():
         t = torch.full((x.shape[0],), float(sigma) * 1000)
+        if frame_scale is not None:
+            hw = (x.shape[3] // 2) * (x.shape[4] // 2)
+            t = (t[:, None] * frame_scale).repeat_interleave(hw, dim=1)
         return model(x, timestep=t, encoder_hidden_states=context).sample
