@@ -10,7 +10,8 @@ import torch
 
 from comfy_env import import_comfy, tome_node
 from dit_models import assert_same_merge, run_dit
-from video_dit_models import diffusers_wan_from_comfy, run_diffusers_wan, tiny_comfy_video, video_inputs
+from video_dit_models import (diffusers_ltx_from_comfy, diffusers_wan_from_comfy, run_diffusers_ltx, run_diffusers_wan,
+                              tiny_comfy_video, video_inputs)
 
 pytestmark = pytest.mark.comfyui
 
@@ -114,6 +115,22 @@ def test_hunyuan_blocks_and_skip_ends(models):
     assert _replaced(tome_node(base, ratio=0.5, skip_ends=1)) == [("double_block", 1), ("single_block", 0)]
 
 
+def _node_and_adapter(base, comfy_call, d, diffusers_call, kw):
+    """(ref, out, dref, dout): ComfyUI's model unpatched and through the node, diffusers' model
+    unpatched and under apply_tome, at ratio 0.5, seed 5, block mode and ``kw``.
+    comfy_call(patcher) and diffusers_call() run one call on the same input."""
+    from tomesd_ext import apply_tome, remove_tome
+
+    ref, out = comfy_call(base), comfy_call(tome_node(base, ratio=0.5, seed=5, dit_mode="block", **kw))
+    dref = diffusers_call()
+    apply_tome(d, 0.5, seed=5, min_tokens=0, dit_mode="block", **kw)
+    try:
+        dout = diffusers_call()
+    finally:
+        remove_tome(d)
+    return ref, out, dref, dout
+
+
 @pytest.mark.parametrize("batch, thw, kw", [
     (2, (3, 8, 8), {}),
     (1, (5, 6, 10), {"st": 1}),
@@ -122,19 +139,11 @@ def test_hunyuan_blocks_and_skip_ends(models):
 def test_wan_block_mode_matches_diffusers_adapter(models, batch, thw, kw):
     """Same Wan weights (diffusers' own conversion of the ComfyUI state dict), input, ratio, seed
     and st: the node's and apply_tome's merged outputs agree to float noise."""
-    from tomesd_ext import apply_tome, remove_tome
-
     base = models["wan"]
     d = diffusers_wan_from_comfy(base)
     x, ctx, _ = video_inputs("wan", batch=batch, thw=thw)
-    ref = run_dit(base, x, SIGMA, ctx)
-    out = run_dit(tome_node(base, ratio=0.5, seed=5, dit_mode="block", **kw), x, SIGMA, ctx)
-    dref = run_diffusers_wan(d, x, SIGMA, ctx)
-    apply_tome(d, 0.5, seed=5, min_tokens=0, dit_mode="block", **kw)
-    try:
-        dout = run_diffusers_wan(d, x, SIGMA, ctx)
-    finally:
-        remove_tome(d)
+    ref, out, dref, dout = _node_and_adapter(base, lambda m: run_dit(m, x, SIGMA, ctx), d,
+                                             lambda: run_diffusers_wan(d, x, SIGMA, ctx), kw)
     assert_same_merge(ref, out, dref, dout, tol=1e-4)
 
 
@@ -163,19 +172,24 @@ def test_wan22_per_frame_timesteps_match_diffusers_adapter(models, kw):
     blocks' modulation is per frame (ComfyUI) / per token (diffusers) and follows the merged
     tokens. The first frame keeps the call's timestep: diffusers' adapter keys its partition on
     the first token's timestep, ComfyUI's on the call's, so only then do the two draw the same plan."""
-    from tomesd_ext import apply_tome, remove_tome
-
     base = tiny_comfy_video("wan22")
     d = diffusers_wan_from_comfy(base)
     x, ctx, _ = video_inputs("wan22", thw=(3, 8, 8))
     scale = torch.tensor([1.0, 0.6, 0.3]).expand(2, 3)
     mask = scale[:, None, :, None, None].expand(2, 1, 3, 8, 8).contiguous()
-    ref = run_dit(base, x, SIGMA, ctx, denoise_mask=mask)
-    out = run_dit(tome_node(base, ratio=0.5, seed=5, dit_mode="block", **kw), x, SIGMA, ctx, denoise_mask=mask)
-    dref = run_diffusers_wan(d, x, SIGMA, ctx, frame_scale=scale)
-    apply_tome(d, 0.5, seed=5, min_tokens=0, dit_mode="block", **kw)
-    try:
-        dout = run_diffusers_wan(d, x, SIGMA, ctx, frame_scale=scale)
-    finally:
-        remove_tome(d)
+    ref, out, dref, dout = _node_and_adapter(base, lambda m: run_dit(m, x, SIGMA, ctx, denoise_mask=mask), d,
+                                             lambda: run_diffusers_wan(d, x, SIGMA, ctx, frame_scale=scale), kw)
     assert_same_merge(ref, out, dref, dout, tol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [{}, {"keep_first_frame": True, "st": 1}])
+def test_ltx_block_mode_matches_diffusers_adapter(models, kw):
+    """LTX-Video (rotary cos/sin tables gathered at the anchors), 3 latent frames of 4x6 tokens:
+    the node and apply_tome agree to float noise (the node keys the partition on ComfyUI's 0-1
+    timestep times the model's multiplier, the number diffusers' model takes)."""
+    base = models["ltxv"]
+    d = diffusers_ltx_from_comfy(base)
+    x, ctx, conds = video_inputs("ltxv", thw=(3, 4, 6))
+    ref, out, dref, dout = _node_and_adapter(base, lambda m: run_dit(m, x, SIGMA, ctx, **conds), d,
+                                             lambda: run_diffusers_ltx(d, x, SIGMA, ctx), kw)
+    assert_same_merge(ref, out, dref, dout, tol=1e-5)

@@ -1,8 +1,9 @@
-"""Tiny random-weight video transformers built with ComfyUI's own classes (Wan 2.1,
-HunyuanVideo, LTX-Video) for the ComfyUI video DiT tests, and the same Wan weights in diffusers'
-``WanTransformer3DModel`` through diffusers' own key conversion (ComfyUI v0.8.0 has no diffusers ->
-ComfyUI conversion for Wan; its keys are the original Wan checkpoint's, which
-``convert_wan_transformer_to_diffusers`` reads)."""
+"""Tiny random-weight video transformers built with ComfyUI's own classes (Wan 2.1 / 2.2,
+HunyuanVideo, LTX-Video) for the ComfyUI video DiT tests, and the same Wan and LTX-Video weights in
+diffusers' ``WanTransformer3DModel`` / ``LTXVideoTransformer3DModel`` through diffusers' own key
+conversions (ComfyUI v0.8.0 has no diffusers -> ComfyUI conversion for these; its keys are the
+original checkpoints', which ``convert_wan_transformer_to_diffusers`` and
+``convert_ltx_transformer_checkpoint_to_diffusers`` read)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,31 @@ def run_diffusers_wan(model, x, sigma, context, frame_scale=None):
             hw = (x.shape[3] // 2) * (x.shape[4] // 2)
             t = (t[:, None] * frame_scale).repeat_interleave(hw, dim=1)
         return model(x, timestep=t, encoder_hidden_states=context).sample
+
+
+def diffusers_ltx_from_comfy(patcher):
+    """diffusers' LTXVideoTransformer3DModel holding the weights of a tiny ComfyUI LTX-Video MODEL."""
+    from diffusers import LTXVideoTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_ltx_transformer_checkpoint_to_diffusers
+
+    c = LTXV
+    model = LTXVideoTransformer3DModel(
+        in_channels=c["in_channels"], out_channels=c["in_channels"], patch_size=1, patch_size_t=1,
+        num_attention_heads=c["num_attention_heads"], attention_head_dim=c["attention_head_dim"],
+        cross_attention_dim=c["cross_attention_dim"], num_layers=c["num_layers"], caption_channels=c["caption_channels"],
+    ).eval()
+    sd = {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}  # copies, as above
+    missing, unexpected = model.load_state_dict(convert_ltx_transformer_checkpoint_to_diffusers(sd), strict=True)
+    assert not missing and not unexpected
+    return model
+
+
+def run_diffusers_ltx(model, x, sigma, context, frame_rate=25):
+    """diffusers' LTX-Video on the same call (packed tokens, the positions ComfyUI uses: VAE scale
+    8 x 32 x 32, frame rate 25): its velocity (B, C, T, H, W)."""
+    b, c, f, h, w = x.shape
+    with torch.no_grad():
+        out = model(x.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c), encoder_hidden_states=context,
+                    timestep=torch.full((b,), float(sigma) * 1000), encoder_attention_mask=torch.ones(b, context.shape[1]),
+                    num_frames=f, height=h, width=w, rope_interpolation_scale=(8 / frame_rate, 32, 32)).sample
+    return out.reshape(b, f, h, w, c).permute(0, 4, 1, 2, 3)

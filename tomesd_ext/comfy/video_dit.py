@@ -47,7 +47,9 @@ class VideoFamily:
     ["dit"]`` keys in execution order; patch: (diffusion model) -> (pt, ph, pw); padded: the model
     pads the latent up to the patch size (else it floors); text_after: block kinds whose ``img``
     is [image, text]; positions: (args, inner, plan, start, state) -> None after putting the
-    gathered positional inputs into ``inner``, or the reason the call cannot merge."""
+    gathered positional inputs into ``inner``, or the reason the call cannot merge; time_scale:
+    (diffusion model) -> the factor from ``model_sampling.timestep`` to the timestep the diffusers
+    model of the family takes, so that both adapters key the partition on the same number."""
 
     label: str
     key: str
@@ -56,6 +58,7 @@ class VideoFamily:
     padded: bool
     text_after: Tuple[str, ...]
     positions: Callable
+    time_scale: Callable = lambda dm: 1.0
 
 
 def _kinds(*lists):
@@ -111,7 +114,8 @@ WAN = VideoFamily("Wan", "wan", _kinds(("double_block", "blocks")), lambda dm: _
 HUNYUAN = VideoFamily("HunyuanVideo", "hunyuan-video", _kinds(("double_block", "double_blocks"), ("single_block", "single_blocks")),
                       lambda dm: _triple(dm.patch_size), False, ("single_block",), _hunyuan_positions)
 LTXV = VideoFamily("LTX-Video", "ltx-video", _kinds(("double_block", "transformer_blocks")),
-                   lambda dm: _triple(dm.patchifier.patch_size), False, (), _ltx_positions)
+                   lambda dm: _triple(dm.patchifier.patch_size), False, (), _ltx_positions,
+                   lambda dm: float(dm.timestep_scale_multiplier))  # ComfyUI's 0-1 timestep, diffusers' 0-1000
 
 SUPPORTED_VIDEO_DITS = "Wan 2.1 / 2.2, HunyuanVideo, LTX-Video"
 
@@ -146,9 +150,10 @@ class VideoState(PatchState):
     """PatchState of a video DiT patch: the family, per call the text length and ``lead`` (the
     first frame's tokens held out of the merged span), and (kv mode) the running block's plan."""
 
-    def __init__(self, runtime: MergeRuntime, family: VideoFamily, patch: Tuple[int, int, int], keep_first: bool):
+    def __init__(self, runtime: MergeRuntime, family: VideoFamily, patch: Tuple[int, int, int], keep_first: bool,
+                 time_scale: float = 1.0):
         super().__init__(runtime)
-        self.family, self.patch, self.keep_first = family, patch, keep_first
+        self.family, self.patch, self.keep_first, self.time_scale = family, patch, keep_first, time_scale
         self.n_txt = self.lead = 0
         self.kv = None  # (plan, start of the image span) while a kv-mode block runs
         self.said = set()
@@ -161,7 +166,7 @@ class VideoState(PatchState):
             if self.keep_first:
                 self.lead, grid = grid[1] * grid[2], (grid[0] - 1,) + grid[1:]
             grid = grid[1:] if grid[0] == 1 else (None if grid[0] < 1 else grid)
-        self.runtime.begin_call(grid, timestep_key(timestep), sigma)
+        self.runtime.begin_call(grid, timestep_key(timestep * self.time_scale), sigma)
 
     def end_call(self) -> None:
         super().end_call()
@@ -260,5 +265,5 @@ def apply_video_patch(model, dm, family: VideoFamily, opts: ToMeOptions, start_p
     mode, skip = dit_settings(family.key, opts.dit_mode, opts.skip_ends)
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
     runtime = MergeRuntime(TomePolicy(opts), 1, sigma_start, sigma_end)
-    state = VideoState(runtime, family, family.patch(dm), opts.keep_first_frame)
+    state = VideoState(runtime, family, family.patch(dm), opts.keep_first_frame, family.time_scale(dm))
     return install_blocks(model, state, mode, family.blocks(dm), skip, (VideoBlockMerge, VideoKeysValuesPlan, FirstAttentionOnly))
