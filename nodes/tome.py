@@ -22,6 +22,9 @@ DIT_INPUTS = {
     "dit_mode": widget(OPTIONS["dit_mode"], choices=COMFY_DIT_MODES),
     "skip_ends": ("INT", {"default": SKIP_ENDS_AUTO, "min": SKIP_ENDS_AUTO, "max": OPTIONS["skip_ends"].hi,
                           "tooltip": OPTIONS["skip_ends"].help.replace("None =", "-1 =")}),
+    # video transformers (Wan, HunyuanVideo, LTX-Video), after the transformer inputs
+    "st": widget(OPTIONS["st"]),
+    "keep_first_frame": widget(OPTIONS["keep_first_frame"]),
 }
 
 
@@ -40,7 +43,8 @@ class TomesdExtTokenMerging(ModelPatchNode):
         "Token Merging (ToMe) for UNet models (SD 1.x, SD 2.x, SDXL): merges similar tokens before "
         "self-attention (queries, keys and values) and copies the result back after it, so "
         "sampling is faster at a small cost in detail. On the transformers Flux.1, Flux.2, SD3/SD3.5, "
-        "Qwen-Image, PixArt and Lumina2/Z-Image it merges the image tokens of each block (dit_mode block: the whole block "
+        "Qwen-Image, PixArt, Lumina2/Z-Image and the video transformers Wan 2.1/2.2, HunyuanVideo and LTX-Video (st: window depth in "
+        "latent frames; keep_first_frame: an image-to-video frame stays unmerged) it merges the image tokens of each block (dit_mode block: the whole block "
         "runs on fewer tokens and its update is copied back; kv: keys and values only); text tokens "
         "are never merged, and max_downsample and merge_* apply to UNets only. Put it between the "
         "model loader (and LoRA) and the sampler. Another model type passes through unchanged with "
@@ -66,13 +70,14 @@ class TomesdExtTokenMerging(ModelPatchNode):
 
     @staticmethod
     def options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
-                min_tokens=None, dit_mode="auto", skip_ends=SKIP_ENDS_AUTO) -> "ToMeOptions":
+                min_tokens=None, dit_mode="auto", skip_ends=SKIP_ENDS_AUTO, st=2, keep_first_frame=False) -> "ToMeOptions":
         """Validated ToMeOptions from the widget values (raises OptionError with the limit)."""
         # values go to the option check as they are: a wrong type is an OptionError naming the input
         return ToMeOptions.create(
             ratio=ratio, max_downsample=combo_value(max_downsample), sx=sx, sy=sy, use_rand=use_rand,
             seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
             min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=None if skip_ends == SKIP_ENDS_AUTO else skip_ends,
+            st=st, keep_first_frame=keep_first_frame,
         )
 
     @staticmethod

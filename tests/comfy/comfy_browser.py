@@ -48,6 +48,10 @@ NOTES = {
     "sd15_vid2vid_vidtome": "Needs an SD 1.5 checkpoint in models/checkpoints and an input video "
                             "tomesd_ext_input.mp4 in ComfyUI/input (or choose/upload one in Load Video). "
                             "Keep it short: every frame goes through the sampler in one batch.",
+    "wan21_t2v_tome": "Wan 2.1 text-to-video 1.3B. Needs wan2.1_t2v_1.3B_fp16.safetensors in "
+                      "models/diffusion_models, umt5_xxl_fp8_e4m3fn_scaled.safetensors in models/text_encoders "
+                      "(Load CLIP, type wan) and wan_2.1_vae.safetensors in models/vae. 832x480, 33 frames "
+                      "(9 latent frames); ToMe merges video tokens across st=2 latent frames, never the text.",
 }
 
 

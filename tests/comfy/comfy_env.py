@@ -246,7 +246,7 @@ def widget_inputs(info):
     return out
 
 
-def check_widget_value(name, spec, value, file_lists=("ckpt_name", "file", "unet_name", "clip_name1", "clip_name2", "vae_name")):
+def check_widget_value(name, spec, value, file_lists=("ckpt_name", "file", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name")):
     """None if ``value`` fits the input spec of /object_info, else a message."""
     kind, opts = _kind(spec), (spec[1] if len(spec) > 1 else {}) or {}
     if kind == "COMBO":

@@ -115,3 +115,13 @@ def run_diffusers(model, family: str, x, sigma, context, conds):
                     timestep=torch.full((b,), float(sigma)), img_ids=ids.reshape(-1, 3),
                     txt_ids=torch.zeros(context.shape[1], 3), guidance=conds["guidance"]).sample
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def assert_same_merge(ref, out, dref, dout, tol: float = 1e-5) -> None:
+    """Node/adapter parity: the unmerged (ref, dref) and merged (out, dout) outputs of ComfyUI and
+    diffusers agree to ``tol`` (relative), and so do their merged-minus-unmerged deltas (1e-3)."""
+    assert (ref - dref).norm() / dref.norm() < tol  # the same model in both (float noise)
+    assert (out - dout).norm() / dout.norm() < tol
+    delta_c, delta_d = out - ref, dout - dref
+    assert delta_d.norm() / dref.norm() > 1e-2
+    assert (delta_c - delta_d).norm() / delta_d.norm() < 1e-3

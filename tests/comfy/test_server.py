@@ -14,9 +14,10 @@ import nodes
 
 pytestmark = pytest.mark.comfyui
 API_FILES = sorted(f for f in os.listdir(API_COPIES) if f.endswith(".api.json"))
-# the transformer workflows need their own files (test_dit_workflow_runs_on_random_files)
-DIT_FILES = ("flux1_txt2img_tome.api.json", "sd35_txt2img_tome.api.json")
-UNET_FILES = [f for f in API_FILES if f not in DIT_FILES]
+# the SD workflows run here on the random SD 1.5 checkpoint; the transformer workflows need their own
+# files (test_dit_workflow_runs_on_random_files here, the Wan one in test_server_wan.py)
+SD_API_FILES = [f for f in API_FILES if "CheckpointLoaderSimple" in open(os.path.join(API_COPIES, f)).read()
+                and f not in ("flux1_txt2img_tome.api.json", "sd35_txt2img_tome.api.json")]
 UI_FILES = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".json"))
 SIZE = int(os.environ.get("TOMESD_EXT_TEST_SIZE", "64"))
 STEPS = int(os.environ.get("TOMESD_EXT_TEST_STEPS", "2"))
@@ -90,7 +91,7 @@ def _frames_and_size(path):
         return 1, img.size
 
 
-@pytest.mark.parametrize("name", UNET_FILES)
+@pytest.mark.parametrize("name", SD_API_FILES)
 def test_api_workflow_runs_and_saves_images(sd15_server, name):
     comfy_server = sd15_server
     """SDXL workflows run here on the SD1.5 random checkpoint (no SDXL weights are available
@@ -253,7 +254,7 @@ def test_render_workflow_grid(sd15_server):
 
     size, steps = int(os.environ.get("TOMESD_EXT_GRID_SIZE", "256")), int(os.environ.get("TOMESD_EXT_GRID_STEPS", "8"))
     rows = []
-    for name in UNET_FILES:
+    for name in SD_API_FILES:
         prompt = _small(load_workflow(name), "grid/" + name.split(".")[0])
         tome = next((k for k, v in prompt.items() if v["class_type"] in nodes.NODE_DEFINITIONS
                      and "ratio" in v["inputs"]), None)

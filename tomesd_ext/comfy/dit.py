@@ -176,21 +176,29 @@ def apply_dit_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_pe
             return apply_hooked_patch(model, dm, hooked, opts, start_percent, end_percent), None
         return model, f"{unsupported_reason(model)}, and the transformers {SUPPORTED_DITS}"
     mode, skip = dit_settings(family.key(dm), opts.dit_mode, opts.skip_ends)
+    sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
+    runtime = MergeRuntime(TomePolicy(opts), 1, sigma_start, sigma_end)
+    state = DitState(runtime, family, int(getattr(dm, "patch_size", 2)))
+    return install_blocks(model, state, mode, family.blocks(dm), skip, (BlockMerge, KeysValuesPlan)), None
+
+
+def install_blocks(model, state, mode: str, order, skip: int, classes):
+    """The patched clone of ``model``: the call wrapper, and on the ``patches_replace["dit"]`` keys
+    ``order`` (all but ``skip`` at each end) classes[0] (block mode) or classes[1] plus the
+    attention override classes[2] (kv mode; default ``KeysValuesAttention``), the block classes
+    built as cls(state, slot, kind)."""
     if mode == "attn":
         raise OptionError(
             "dit_mode='attn' is not available in ComfyUI (its attention hook sees projected queries, keys and "
             "values only); use 'block' or 'kv'"
         )
-    sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
-    runtime = MergeRuntime(TomePolicy(opts), 1, sigma_start, sigma_end)
-    state = DitState(runtime, family, int(getattr(dm, "patch_size", 2)))
     m = patched_clone(model, state, ApplyModelWrapper(state))
-    block = BlockMerge if mode == "block" else KeysValuesPlan
-    order = family.blocks(dm)
+    block = classes[0] if mode == "block" else classes[1]
     for i in merged_blocks(len(order), skip):
         kind, index = order[i]
-        m.set_model_patch_replace(block(state, runtime.new_slot(), kind), "dit", kind, index)
+        m.set_model_patch_replace(block(state, state.runtime.new_slot(), kind), "dit", kind, index)
     if mode == "kv":
         to = m.model_options.setdefault("transformer_options", {})
-        to[ATTENTION_OVERRIDE] = KeysValuesAttention(state, to.get(ATTENTION_OVERRIDE))
-    return m, None
+        attention = classes[2] if len(classes) > 2 else KeysValuesAttention
+        to[ATTENTION_OVERRIDE] = attention(state, to.get(ATTENTION_OVERRIDE))
+    return m

@@ -26,6 +26,7 @@ from .discovery import auto_max_downsample, transformer_blocks, unet_of
 from .dit import apply_dit_patch
 from .dit_families import family_of
 from .dit_hooks import hooked_family_of
+from .video_dit import SUPPORTED_VIDEO_DITS, apply_video_patch, video_family_of
 from .patching import PatchState, SharedPatch, StandIn, patched_clone, sigma_range, unsupported_reason
 
 
@@ -107,7 +108,7 @@ def install_merge_patch(model, opts: ToMeOptions, start_percent: float, end_perc
     unet = unet_of(model)
     if unet is None:
         dm = getattr(getattr(model, "model", None), "diffusion_model", None)
-        if family_of(dm) is not None or hooked_family_of(dm) is not None:
+        if family_of(dm) is not None or hooked_family_of(dm) is not None or video_family_of(dm) is not None:
             return model, None, (f"tomesd-ext: {opts.mode} merging skipped, this node does not support "
                                  f"transformers ({type(dm).__name__}) yet: use the ToMe node")
         return model, None, unsupported_reason(model)
@@ -141,11 +142,17 @@ def apply_tome_patch(
 
     opts: validated ``ToMeOptions`` (mode "tome"); a previous tomesd-ext patch on ``model`` is
     replaced. Plan reuse (``reuse``, ``reuse_steps``) works as in the diffusers adapter. A model
-    whose denoiser is an image transformer (Flux, SD3, Qwen-Image, PixArt, Lumina2 / Z-Image) gets the DiT patch (dit.py).
+    whose denoiser is an image transformer (Flux, SD3, Qwen-Image, PixArt, Lumina2 / Z-Image) gets the DiT
+    patch (dit.py), a video transformer (Wan, HunyuanVideo, LTX-Video) the video DiT patch (video_dit.py).
     """
     if opts.mode != "tome":
         raise ValueError(f"opts.mode={opts.mode!r}: use apply_importance_patch for mode='importance'")
     if unet_of(model) is None:
-        return apply_dit_patch(model, opts, start_percent, end_percent)
+        dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+        video = video_family_of(dm)
+        if video is not None:
+            return apply_video_patch(model, dm, video, opts, start_percent, end_percent), None
+        m, reason = apply_dit_patch(model, opts, start_percent, end_percent)
+        return m, reason and f"{reason}, and the video transformers {SUPPORTED_VIDEO_DITS}"
     m, _state, reason = install_merge_patch(model, opts, start_percent, end_percent)
     return m, reason

@@ -96,7 +96,7 @@ def _read_qwen(a, model):
             grid = (int(first[1]), int(first[2]))
     except (TypeError, IndexError, ValueError):
         grid = None
-    return CallInfo(grid, _n_txt(a), a.get("timestep"), a.get("hidden_states"))
+    return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), a.get("hidden_states"))
 
 
 def _read_z_image(a, model):
@@ -175,6 +175,15 @@ def _none(a, plan, span):
     return None
 
 
+def _call_timestep(t):
+    """The timestep a call's plans are keyed on: per-token timesteps (B, L) (Wan 2.2 TI2V, LTX
+    conditioning frames: 0 on the clean frames) give their largest, the noise level of the frames
+    being generated, as ComfyUI's sigma does."""
+    if isinstance(t, torch.Tensor) and t.ndim >= 2:
+        return t.flatten(1).amax(dim=1)
+    return t
+
+
 def _read_video_latent(a, model):
     """Grid of a (B, C, F, H, W) latent patched by config.patch_size (p_t, p_h, p_w) or
     config.patch_size / patch_size_t."""
@@ -184,13 +193,13 @@ def _read_video_latent(a, model):
         p = cfg.patch_size
         pt, ph, pw = tuple(p) if isinstance(p, (list, tuple)) else (getattr(cfg, "patch_size_t", 1) or 1, p, p)
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
-    return CallInfo(grid, _n_txt(a), a.get("timestep"), x)
+    return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), x)
 
 
 def _read_ltx(a, model):
     f, h, w = a.get("num_frames"), a.get("height"), a.get("width")
     grid = (int(f), int(h), int(w)) if None not in (f, h, w) and a.get("video_coords") is None else None
-    return CallInfo(grid, _n_txt(a), a.get("timestep"), a.get("hidden_states"))
+    return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), a.get("hidden_states"))
 
 
 FAMILIES = {
