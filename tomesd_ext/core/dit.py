@@ -127,7 +127,10 @@ def merge_keys_values(
 
 
 # Per-family defaults (docs/benchmarks.md, "Diffusion transformers"): the mode, and how many blocks
-# at each end of the network stay unmerged (the first blocks shape the layout, the last the detail).
+# at each end of the network stay unmerged. Block mode is the only mode that is faster on every
+# family (about 2x per block at ratio 0.5 on CPU); no block is skipped (on the measuring instrument
+# skipping only trades speed for error in proportion). Video families: the same rule, not yet
+# measured at full size.
 DIT_DEFAULTS = {
     "flux": ("block", 0),
     "flux2": ("block", 0),
