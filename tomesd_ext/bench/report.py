@@ -10,9 +10,9 @@ import subprocess
 import sys
 from typing import List, Optional
 
-ROW_FIELDS = (
+ROW_FIELDS = (  # every row; video-transformer rows add frames, latent_frames, tokens, frame_change, temporal
     "method", "ratio", "resolution", "batch", "seconds_median", "seconds_min", "seconds_max", "speedup",
-    "peak_mem_mb", "rel_error", "psnr", "ssim", "input", "temporal",
+    "peak_mem_mb", "rel_error", "psnr", "ssim", "input",
 )
 
 
