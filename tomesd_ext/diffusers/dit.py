@@ -67,49 +67,20 @@ class DitCallStart:
 
 
 class BlockMerge:
-    """Pre-hook of one block (block mode): merge its image span, gather its positional inputs."""
+    """Pre-hook of one block (block mode): merge its image span, gather its positional inputs.
+
+    A block's call starts a new plan (``slot.reset``); the attention pre-hook subclass reuses it."""
+
+    starts_block = True
 
     def __init__(self, slot, family: Family, blocks, state: CallState):
         self.slot, self.family, self.blocks, self.state = slot, family, blocks, state
+        self.hidden, self.joined = blocks.hidden, blocks.joined
         self.pending = None  # (x, x_merged, plan, start) between the pre- and the forward hook
 
     def __call__(self, module, args, kwargs):
-        self.slot.reset()
-        self.pending = None
-        rt = self.slot.runtime
-        if not rt.active or rt.below_min_tokens(rt.grid_shape):
-            return None
-        call = CallArgs(module.forward, args, kwargs)
-        a = call.named
-        x = a.get(self.blocks.hidden)
-        n = rt.grid_tokens
-        start = (self.state.n_txt if self.blocks.joined else 0) + self.state.lead
-        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[1] < start + n:
-            return None
-        plan = self.slot.get(shared_metric(x[:, start : start + n]))
-        if plan is None:
-            return None
-        reason = self.family.positions(a, plan, self.state)
-        if reason is not None:  # its positional inputs cannot follow the tokens
-            if not getattr(rt, "_reason_said", False):
-                rt._reason_said = True
-                log.warning("tomesd-ext: %s calls with %s are not merged (said once per patch)", self.family.name, reason)
-            return None
-        merged = merge_span(x, plan, start)
-        a[self.blocks.hidden] = merged
-        self.pending = (x, merged, plan, start)
-        return call.args_kwargs()
-
-
-class AttnMerge(BlockMerge):
-    """Pre-hook of one image attention (attn mode): merge the image span of its input, gather its
-    positional inputs; ``AttnUnmerge`` copies each group's output back to its tokens."""
-
-    def __init__(self, slot, family: Family, blocks, state: CallState):
-        super().__init__(slot, family, blocks, state)
-        self.hidden, self.joined = "hidden_states", blocks.attn_joined
-
-    def __call__(self, module, args, kwargs):
+        if self.starts_block:
+            self.slot.reset()
         self.pending = None
         rt = self.slot.runtime
         if not rt.active or rt.below_min_tokens(rt.grid_shape):
@@ -122,11 +93,29 @@ class AttnMerge(BlockMerge):
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[1] < start + n:
             return None
         plan = self.slot.get(shared_metric(x[:, start : start + n]))
-        if plan is None or self.family.positions(a, plan, self.state) is not None:
+        if plan is None:
             return None
-        a[self.hidden] = merge_span(x, plan, start)
-        self.pending = (plan, start)
+        reason = self.family.positions(a, plan, self.state)
+        if reason is not None:  # its positional inputs cannot follow the tokens
+            if not getattr(rt, "_reason_said", False):
+                rt._reason_said = True
+                log.warning("tomesd-ext: %s calls with %s are not merged (said once per patch)", self.family.name, reason)
+            return None
+        merged = merge_span(x, plan, start)
+        a[self.hidden] = merged
+        self.pending = (x, merged, plan, start)
         return call.args_kwargs()
+
+
+class AttnMerge(BlockMerge):
+    """Pre-hook of one image attention (attn mode): merge the image span of its input, gather its
+    positional inputs; ``AttnUnmerge`` copies each group's output back to its tokens."""
+
+    starts_block = False
+
+    def __init__(self, slot, family: Family, blocks, state: CallState):
+        super().__init__(slot, family, blocks, state)
+        self.hidden, self.joined = "hidden_states", blocks.attn_joined
 
 
 class AttnUnmerge:
@@ -139,7 +128,7 @@ class AttnUnmerge:
         pending, self.merge.pending = self.merge.pending, None
         if pending is None:
             return None
-        plan, start = pending
+        _x, _merged, plan, start = pending
         if isinstance(output, tuple):
             return (unmerge_span(output[0], plan, start),) + output[1:]
         return unmerge_span(output, plan, start)
