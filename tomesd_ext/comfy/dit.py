@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..core import MergeRuntime, OptionError, TomePolicy, ToMeOptions, timestep_key
-from ..core.dit import dit_settings, gather_span, merge_keys_values, merge_span, merged_blocks, shared_metric, unmerge_update
+from ..core.dit import dit_settings, gather_span, merge_keys_values, merge_span, merged_blocks, span_plan, unmerge_update
 from .dit_families import SUPPORTED_DITS, Family, family_of, token_grid
 from .patching import ATTENTION_OVERRIDE, PatchState, SharedPatch, patched_clone, sigma_range, unsupported_reason
 
@@ -84,7 +84,7 @@ class _Block(SharedPatch):
         extra = x.shape[1] - start - n  # reference-image tokens after the span
         if extra < 0 or (extra and not state.family.refs):
             return None, 0
-        return self.slot.get(shared_metric(x[:, start : start + n])), start
+        return span_plan(self.slot, x, start), start
 
 
 class BlockMerge(_Block):

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from ..core import MergeRuntime, OptionError, TomePolicy, ToMeOptions
-from ..core.dit import dit_settings, gather_span, merge_span, merged_blocks, shared_metric, unmerge_update
+from ..core.dit import dit_settings, gather_span, merge_span, merged_blocks, span_plan, unmerge_update
 from .dit import ApplyModelWrapper, DitState, KeysValuesAttention
 from .patching import ATTENTION_OVERRIDE, SharedPatch, patched_clone, sigma_range
 
@@ -97,7 +97,7 @@ class BlockHooks:
         start = self.family.start(self.dm, self.block, args, n)
         if start is None or start + n > x.shape[1]:
             return None, 0
-        return self.slot.get(shared_metric(x[:, start : start + n])), start
+        return span_plan(self.slot, x, start), start
 
     def pre(self, module, args, kwargs):
         self.pending, self.state.kv = None, None

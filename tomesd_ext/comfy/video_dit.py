@@ -36,7 +36,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ..core import MergeRuntime, TomePolicy, ToMeOptions, timestep_key
-from ..core.dit import dit_settings, gather_span, merge_span, shared_metric, unmerge_update
+from ..core.dit import dit_settings, gather_span, merge_span, span_plan, unmerge_update
 from .dit import KeysValuesAttention, install_blocks
 from .patching import PatchState, SharedPatch, sigma_range
 
@@ -204,7 +204,7 @@ class _VideoBlock(SharedPatch):
         if x.shape[1] != start + n + after:
             state.say_once(f"{x.shape[1] - start - n - after:+d} tokens beside the latent's grid")
             return None, 0, args
-        plan = self.slot.get(shared_metric(x[:, start : start + n]))
+        plan = span_plan(self.slot, x, start)
         if plan is None:
             return None, 0, args
         inner = dict(args)

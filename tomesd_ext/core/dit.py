@@ -44,6 +44,20 @@ def shared_metric(x: torch.Tensor) -> torch.Tensor:
     return m.mean(dim=0, keepdim=True)
 
 
+def span_plan(slot, x, start: int) -> Optional[MergePlan]:
+    """The plan of one block call for the image span [start, start + n) of x (B, L, C), n the
+    call's grid tokens; None when the runtime is not merging this call, the grid is below
+    ``min_tokens`` (checked before any work), or x holds no such span. slot: the block's
+    ``BlockSlot`` (its first call in a block computes the plan, later calls reuse it)."""
+    rt = slot.runtime
+    if not rt.active or rt.below_min_tokens(rt.grid_shape):
+        return None
+    n = rt.grid_tokens
+    if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[1] < start + n:
+        return None
+    return slot.get(shared_metric(x[:, start : start + n]))
+
+
 def anchors(plan: MergePlan) -> torch.Tensor:
     """(M,) long: the token whose position each group of a batch-shared plan carries."""
     if plan.anchor is None or plan.anchor.shape[0] != 1:

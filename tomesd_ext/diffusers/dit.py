@@ -25,7 +25,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..core import ImportancePolicy, timestep_key
-from ..core.dit import dit_settings, merge_keys_values, merge_span, merged_blocks, shared_metric, unmerge_span, unmerge_update
+from ..core.dit import dit_settings, merge_keys_values, merge_span, merged_blocks, span_plan, unmerge_span, unmerge_update
 from .dit_families import CallArgs, Family, bind
 from .dit_importance import track_dit_importance
 from .processors import WrappedProcessor
@@ -82,19 +82,16 @@ class BlockMerge:
         if self.starts_block:
             self.slot.reset()
         self.pending = None
-        rt = self.slot.runtime
-        if not rt.active or rt.below_min_tokens(rt.grid_shape):
+        if not self.slot.runtime.active:
             return None
         call = CallArgs(module.forward, args, kwargs)
         a = call.named
         x = a.get(self.hidden)
-        n = rt.grid_tokens
         start = (self.state.n_txt if self.joined else 0) + self.state.lead
-        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[1] < start + n:
-            return None
-        plan = self.slot.get(shared_metric(x[:, start : start + n]))
+        plan = span_plan(self.slot, x, start)
         if plan is None:
             return None
+        rt = self.slot.runtime
         reason = self.family.positions(a, plan, self.state)
         if reason is not None:  # its positional inputs cannot follow the tokens
             if not getattr(rt, "_reason_said", False):
@@ -186,20 +183,15 @@ class KeysValuesProcessor(WrappedProcessor):
         self.slot, self.blocks, self.family, self.state = slot, blocks, family, state
 
     def forward(self, attn, hidden_states, *args, **kwargs):
-        slot = self.slot
-        rt = slot.runtime if slot is not None else None
-        plan = None
         state = self.state
-        if rt is not None and rt.active and hidden_states.ndim == 3 and not rt.below_min_tokens(rt.grid_shape):
-            n = rt.grid_tokens
-            start = (state.n_txt if self.blocks.attn_joined else 0) + state.lead
-            if hidden_states.shape[1] >= start + n:
-                plan = slot.get(shared_metric(hidden_states[:, start : start + n]))
+        start = (state.n_txt if self.blocks.attn_joined else 0) + state.lead
+        plan = span_plan(self.slot, hidden_states, start) if self.slot is not None else None
         if plan is None:
             return self.inner(attn, hidden_states, *args, **kwargs)
         mode = _KeysValuesAtSdpa(plan, (state.n_txt if self.family.text_first else 0) + state.lead)
         with mode:
             out = self.inner(attn, hidden_states, *args, **kwargs)
+        rt = self.slot.runtime
         if mode.hits == 0 and not getattr(rt, "_kv_missed_said", False):
             rt._kv_missed_said = True
             log.warning(
