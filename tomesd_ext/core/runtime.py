@@ -3,7 +3,7 @@
 An adapter builds one ``MergeRuntime`` per patch with the policy of its method and calls it at
 its attachment points:
 
-- ``begin_call(latent_hw, step_key, sigma)`` before the denoiser's blocks run (a forward
+- ``begin_call(latent_hw, step_key, sigma, device)`` before the denoiser's blocks run (a forward
   pre-hook, a ComfyUI diffusion-model wrapper): the latent size, the step key every random draw
   is keyed on, and whether sigma lies inside the sampling window; ``end_call()`` after it;
 - ``level(n_tokens)``: the (h, w) grid of a token sequence at a merged level, or None;
@@ -16,6 +16,11 @@ Policies (given at construction): ``TomePolicy`` (core/tome.py), ``ImportancePol
 A plan-based policy has ``plan(metric, h, w, seed) -> MergePlan | None``; the runtime adds the
 level check, the auto-skip of small grids, the keyed seed and plan reuse (``PlanCache``). A
 policy with ``on_call(step_key)`` hears of every denoiser call (importance: the step count).
+
+torch.compile: a policy with ``draw_partition(h, w, seed, device, frames)`` (ToMe) has the random
+partitions of every grid the call merges drawn in ``begin_call`` (which adapters run outside the
+compiled graph), into tensors that are kept and refilled in place. The blocks then only read
+tensors: no graph break at the draw, and no recompilation when the step (the seed) changes.
 """
 
 from __future__ import annotations
@@ -57,11 +62,14 @@ class MergeRuntime:
         self._slots = 0
         self._caller: Optional[int] = None  # thread of the call in progress
         self._skip_said = False
+        self.drawn_on = None  # the device of this call's drawn partitions (None: none drawn)
+        self.drawn = {}  # (frames, h, w) -> (dst, src) partition of this call (policies with draw_partition)
 
-    def begin_call(self, latent_hw, step_key: float, sigma=None) -> None:
+    def begin_call(self, latent_hw, step_key: float, sigma=None, device=None) -> None:
         """A denoiser call starts: latent (H, W) (or, for a video transformer, the token grid
         (frames, h, w)), its step key (``timestep_key``), its sigma (a number, a tensor whose
-        first entry is used, or None: no window).
+        first entry is used, or None: no window), the device of its tensors (given: partitions
+        are drawn now, see the module docstring; None: by the first block that needs one).
 
         The call state lives on the patched model, so one model must not run in two threads at
         once: a call that starts while another thread's call is in progress raises RuntimeError.
@@ -82,11 +90,46 @@ class MergeRuntime:
             sigma = float(sigma.flatten()[0].item())
         in_window = sigma is None or self.sigma_end <= float(sigma) <= self.sigma_start
         self.active = latent_hw is not None and in_window
+        self.drawn_on = None
+        if self.active and device is not None and hasattr(self.policy, "draw_partition"):
+            self._draw_partitions(torch.device(device))
         if self.cache is not None:
             self.cache.begin_call(step_key)
         on_call = getattr(self.policy, "on_call", None)
         if on_call is not None:
             on_call(step_key)
+
+    def merged_grids(self):
+        """The (frames, h, w) grids this call may merge: the video grid, or one per UNet level up
+        to max_downsample (a transformer's image grid is its level 1)."""
+        if self.latent_hw is None:
+            return []
+        H, W = self.latent_hw
+        if self.frames > 1:
+            return [(self.frames, H, W)]
+        grids, d = [], 1
+        while d <= self.max_downsample:
+            grids.append((1, -(-H // d), -(-W // d)))
+            d *= 2
+        return grids
+
+    def _draw_partitions(self, device: torch.device) -> None:
+        """Draw the partition of every merged grid of this call into the kept tensors."""
+        for f, h, w in self.merged_grids():
+            if self.below_min_tokens((f,) * (f > 1) + (h, w)):
+                continue
+            dst, src = self.policy.draw_partition(h, w, self._seed(f, h, w), device, f)
+            held = self.drawn.get((f, h, w))
+            if held is not None and held[0].shape == dst.shape and held[0].device == device:
+                held[0].copy_(dst)
+                held[1].copy_(src)
+            else:
+                self.drawn[(f, h, w)] = (dst.clone(), src.clone())
+        self.drawn_on = device
+
+    def _seed(self, f: int, h: int, w: int):
+        opts = self.opts
+        return partition_seed(opts, self.step_key, f, h, w) if f > 1 else partition_seed(opts, self.step_key, h, w)
 
     def end_call(self) -> None:
         if self._caller == threading.get_ident():
@@ -125,7 +168,12 @@ class MergeRuntime:
         if self.below_min_tokens((f,) * (f > 1) + (h, w)):
             return None
         video = {"frames": f} if f > 1 else {}
-        seed = partition_seed(opts, self.step_key, f, h, w) if f > 1 else partition_seed(opts, self.step_key, h, w)
+        if self.drawn_on is not None and self.drawn_on == metric.device and (f, h, w) in self.drawn:
+            # drawn in begin_call: no seed (a Python number) is touched here
+            video["partition"] = self.drawn[(f, h, w)]
+            seed = None
+        else:
+            seed = self._seed(f, h, w)
         if self.cache is None:
             return self.policy.plan(metric, h, w, seed, **video)
         key = (None if opts.reuse == "level" else scope, f, h, w, metric.shape[0], metric.device)

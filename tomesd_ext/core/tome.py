@@ -29,7 +29,7 @@ def partition_seed(opts: ToMeOptions, *keys) -> Optional[int]:
 
 
 def tome_plan(
-    metric: torch.Tensor, h: int, w: int, opts: ToMeOptions, seed: Optional[int], frames: int = 1
+    metric: torch.Tensor, h: int, w: int, opts: ToMeOptions, seed: Optional[int], frames: int = 1, partition=None
 ) -> Optional[MergePlan]:
     """Plan for a (B, frames*h*w, C) metric on a frames x h x w grid, or None when nothing would
     be merged.
@@ -37,13 +37,16 @@ def tome_plan(
     The partition has no batch dimension: every sample of the call (cond and uncond halves,
     several images) uses the same destinations; matching is per sample and global, so in a video
     a source merges into the most similar destination of any frame. Video windows span opts.st
-    frames (images and st = 1: one frame).
+    frames (images and st = 1: one frame). partition: (dst, src) drawn already for this seed
+    (``TomePolicy.draw_partition``); seed is then unused.
     """
     n = frames * h * w
     if metric.shape[1] != n:
         raise ValueError(f"metric has {metric.shape[1]} tokens, grid {frames}x{h}x{w} has {n}")
     st = opts.st if frames > 1 else 1
-    dst, src = _cached_partition(h, w, opts.sx, opts.sy, seed, metric.device, frames, st)
+    if partition is None:
+        partition = _cached_partition(h, w, opts.sx, opts.sy, seed, metric.device, frames, st)
+    dst, src = partition
     r = tokens_to_remove(opts.ratio, n, src.numel())
     if r == 0 or dst.numel() == 0:
         return None
@@ -61,5 +64,10 @@ class TomePolicy:
         self.opts = opts
         self.queries_only = queries_only
 
-    def plan(self, metric: torch.Tensor, h: int, w: int, seed: Optional[int], frames: int = 1) -> Optional[MergePlan]:
-        return tome_plan(metric, h, w, self.opts, seed, frames)
+    def draw_partition(self, h: int, w: int, seed: Optional[int], device, frames: int = 1):
+        """(dst, src) partition of a frames x h x w grid (shared, cached tensors: copy before writing)."""
+        st = self.opts.st if frames > 1 else 1
+        return _cached_partition(h, w, self.opts.sx, self.opts.sy, seed, device, frames, st)
+
+    def plan(self, metric: torch.Tensor, h: int, w: int, seed: Optional[int], frames: int = 1, partition=None) -> Optional[MergePlan]:
+        return tome_plan(metric, h, w, self.opts, seed, frames, partition)

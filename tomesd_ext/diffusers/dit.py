@@ -48,6 +48,7 @@ class DitCallStart:
     def __init__(self, patch, family: Family, state: CallState, before=None):
         self.patch, self.family, self.state, self.before = patch, family, state, before
 
+    @torch.compiler.disable  # reads Python state of the call (signature, step key): outside a compiled graph
     def __call__(self, module, args, kwargs):
         self.patch.rewrap()
         info = self.family.read(bind(module.forward, args, kwargs).arguments, module)
@@ -61,7 +62,9 @@ class DitCallStart:
                 grid = tuple(grid[1:])
             if grid[0] < 1:
                 grid = None
-        self.patch.runtime.begin_call(grid, timestep_key(info.timestep))
+        sample = info.sample[0] if isinstance(info.sample, (list, tuple)) and info.sample else info.sample
+        device = sample.device if isinstance(sample, torch.Tensor) else None
+        self.patch.runtime.begin_call(grid, timestep_key(info.timestep), device=device)
         if self.before is not None:
             self.before(info.sample, info.grid)
 

@@ -266,20 +266,25 @@ def bind(fn, args, kwargs):
 
 class CallArgs:
     """A call's arguments by name, keyword-catch-all entries (``**kwargs``) included:
-    ``named`` to read and change, ``args_kwargs()`` to call again."""
+    ``named`` to read and change, ``args_kwargs()`` to call again (each value where it was
+    passed; a name that was not passed goes by keyword). Plain dicts and tuples, no
+    ``inspect.BoundArguments``: torch.compile traces this inside the blocks without a graph break."""
 
     def __init__(self, fn, args, kwargs):
-        self.bound = bind(fn, args, kwargs)
-        self.varkw = next((p.name for p in self.bound.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-        extra = self.bound.arguments.get(self.varkw, {}) if self.varkw else {}
-        self.named = {k: v for k, v in self.bound.arguments.items() if k != self.varkw}
-        self.named.update(extra)
-        self.extra = set(extra)
+        params = inspect.signature(fn).parameters.values()
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(args) > len(positional):
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)} takes {len(positional)} positional arguments, got {len(args)}")
+        self.args, self.kwargs = args, kwargs
+        self.index = {name: i for i, name in enumerate(positional[: len(args)])}
+        self.named = {name: args[i] for name, i in self.index.items()}
+        self.named.update(kwargs)
 
     def args_kwargs(self):
+        args, kwargs = list(self.args), dict(self.kwargs)
         for name, value in self.named.items():
-            if name in self.extra:
-                self.bound.arguments[self.varkw][name] = value
+            if name in self.index:
+                args[self.index[name]] = value
             else:
-                self.bound.arguments[name] = value
-        return self.bound.args, self.bound.kwargs
+                kwargs[name] = value
+        return tuple(args), kwargs

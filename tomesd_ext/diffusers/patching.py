@@ -33,12 +33,13 @@ class CallStart:
         self.patch = patch
         self.before = before
 
+    @torch.compiler.disable  # per-call Python state (step key, random draws): outside a compiled graph
     def __call__(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         self.patch.rewrap()
         latent_hw = tuple(sample.shape[-2:]) if sample is not None else None
-        self.patch.runtime.begin_call(latent_hw, timestep_key(timestep))
+        self.patch.runtime.begin_call(latent_hw, timestep_key(timestep), device=getattr(sample, "device", None))
         if self.before is not None and sample is not None:
             self.before(sample, timestep)
 
@@ -49,6 +50,7 @@ class CallEnd:
     def __init__(self, runtime: MergeRuntime):
         self.runtime = runtime
 
+    @torch.compiler.disable
     def __call__(self, module, args, output):
         self.runtime.end_call()
 

@@ -23,29 +23,42 @@ def default_processor():
     return AttnProcessor2_0()
 
 
-class _SignedCall:
-    """A wrapper's call that carries the signature of its inner processor's ``__call__``:
+def _call_signature(inner) -> inspect.Signature:
+    """The signature of ``inner.__call__`` with a leading ``self`` (the signature of an unbound
+    ``__call__`` whose bound method looks like the inner processor's)."""
+    try:
+        sig = inspect.signature(inner.__call__)
+    except (TypeError, ValueError):
+        sig = inspect.signature(WrappedProcessor.forward)
+        return sig
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    return sig.replace(parameters=[this, *sig.parameters.values()])
+
+
+_SIGNED = {}  # (wrapper class, inner processor class) -> the wrapper's subclass with that signature
+
+
+def _signed_class(cls, inner):
+    """``cls`` with a ``__call__`` that has the signature of ``inner``'s (one subclass per pair).
+
     diffusers filters ``cross_attention_kwargs`` by ``inspect.signature(processor.__call__)``, so
-    exactly the same keys reach the inner processor as without the wrapper."""
+    exactly the keys the inner processor takes reach it. The signature lives on the class (not the
+    instance) so that torch.compile traces the call without a graph break."""
+    cls = getattr(cls, "_unsigned", cls)
+    key = (cls, type(inner))
+    if key not in _SIGNED:
+        def __call__(self, *args, **kwargs):
+            return self.forward(*args, **kwargs)
 
-    __slots__ = ("wrapper",)
-
-    def __init__(self, wrapper):
-        self.wrapper = wrapper
-
-    def __call__(self, *args, **kwargs):
-        return self.wrapper.forward(*args, **kwargs)
-
-    @property
-    def __signature__(self):
-        try:
-            return inspect.signature(self.wrapper.inner.__call__)
-        except (TypeError, ValueError):
-            return inspect.signature(self.wrapper.forward)
+        __call__.__signature__ = _call_signature(inner)
+        _SIGNED[key] = type(cls.__name__, (cls,), {
+            "__call__": __call__, "_unsigned": cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        })
+    return _SIGNED[key]
 
 
-def _rebuild(cls):
-    return cls.__new__(cls)
+def _rebuild(cls, inner):
+    return object.__new__(_signed_class(cls, inner))
 
 
 class WrappedProcessor:
@@ -58,12 +71,14 @@ class WrappedProcessor:
     the default processor and merges nothing. Copies and pickles with the model.
     """
 
+    def __new__(cls, inner=None, *args, **kwargs):
+        return object.__new__(_signed_class(cls, inner if inner is not None else default_processor()))
+
     def __init__(self, inner=None):
         self.inner = inner if inner is not None else default_processor()
 
-    @property
-    def __call__(self):
-        return _SignedCall(self)
+    def __call__(self, *args, **kwargs):  # replaced by the signed subclass's (same body)
+        return self.forward(*args, **kwargs)
 
     @property
     def __class__(self):
@@ -79,7 +94,7 @@ class WrappedProcessor:
         return getattr(inner, name)
 
     def __reduce_ex__(self, protocol):
-        return _rebuild, (type(self),), self.__dict__
+        return _rebuild, (type(self)._unsigned, self.inner), self.__dict__
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         return self.passthrough(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
