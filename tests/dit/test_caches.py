@@ -1,4 +1,4 @@
-"""apply_tome beside diffusers' caches (enable_cache: FirstBlockCache, MagCache, TaylorSeer; PAB on a UNet).
+"""apply_tome beside diffusers' caches (enable_cache: FirstBlockCache, MagCache, TaylorSeer, SeaCache; PAB on a UNet).
 
 A cache acts across the calls of a sampling loop, so every check runs a few sampler-like calls
 (falling timestep, latent moving a little) and compares whole runs bit for bit. Between runs the
@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig  # noqa: E402
+from diffusers import FirstBlockCacheConfig, MagCacheConfig, SeaCacheConfig, TaylorSeerCacheConfig  # noqa: E402
 
 from tomesd_ext import apply_tome, remove_tome  # noqa: E402
 from tomesd_ext.diffusers.dit_families import family_of  # noqa: E402
@@ -34,6 +34,8 @@ def build(family):
 def config(kind, family):
     if kind == "fbc":
         return FirstBlockCacheConfig(threshold=FBC_THRESHOLD[family])
+    if kind == "sea":
+        return SeaCacheConfig(threshold=0.2)
     if kind == "mag":  # flat ratios: after the first step, every other step is skipped (max_skip_steps=1)
         return MagCacheConfig(mag_ratios=torch.ones(STEPS), num_inference_steps=STEPS, max_skip_steps=1, retention_ratio=0.2)
     # diffusers' default TaylorSeer patterns match "...attn", not Wan's "attn1": name them
@@ -71,7 +73,7 @@ def sample_loop(m, kw, sample, computed=None, steps=STEPS):
     kw, t, outs = dict(kw), kw["timestep"], []
     for i in range(steps):
         kw["timestep"] = (t.float() * (1 - 0.4 * i / steps)).to(t.dtype)
-        with torch.no_grad(), m.cache_context("cond"):
+        with torch.no_grad(), m.cache_context("cond", step_index=i, sigma=1 - 0.4 * i / steps, num_inference_steps=steps):
             out = sample(m(**kw))
         outs.append(out)
         kw["hidden_states"] = kw["hidden_states"] - 0.01 * out.reshape(kw["hidden_states"].shape)
@@ -154,8 +156,9 @@ def test_attention_cache_block_mode_says_once_and_kv_merges(caplog):
     ("qwen-image", "fbc", "block"), ("qwen-image", "mag", "attn"),
     ("hunyuan-video", "fbc", "kv"), ("hunyuan-video", "mag", "block"),
     ("ltx-video", "fbc", "attn"), ("ltx-video", "mag", "block"),
+    ("wan", "sea", "block"), ("wan", "sea", "kv"),  # SeaCache reads Flux's packed latents as no image: it never skips there
 ))
-def test_other_families_with_block_caches(family, kind, mode):
+def test_more_families_and_caches(family, kind, mode):
     m, kw, sample = build(family)
     computed = Computed(m)
     opts = dict(ratio=0.5, dit_mode=mode, seed=0, min_tokens=0)
