@@ -1,6 +1,7 @@
 """Tiny random-weight diffusers transformers of the six image-DiT families with their call inputs.
 
-``make(family, batch, h, w)`` -> (model, kwargs, sample_of_output): h x w is the image token grid.
+``make(family, batch, h, w)`` -> (model, kwargs, sample_of_output): h x w is the image token grid;
+``layers``: Qwen-Image's block count (the other families keep their fixed tiny depths).
 """
 
 import torch
@@ -13,7 +14,7 @@ def _flux_ids(h, w, axes):
     return ids.reshape(-1, axes)
 
 
-def make(family, batch=2, h=12, w=10, seed=0, txt=7):
+def make(family, batch=2, h=12, w=10, seed=0, txt=7, layers=2):
     from diffusers import (
         Flux2Transformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, QwenImageTransformer2DModel,
         SD3Transformer2DModel, ZImageTransformer2DModel,
@@ -53,7 +54,7 @@ def make(family, batch=2, h=12, w=10, seed=0, txt=7):
         kw = dict(hidden_states=rnd(batch, 4, 2 * h, 2 * w), encoder_hidden_states=rnd(batch, txt, 24), timestep=t * 1000,
                   added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     elif family == "qwen-image":
-        m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16,
                                         num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
         kw = dict(hidden_states=rnd(batch, h * w, 16), encoder_hidden_states=rnd(batch, txt, 24),
                   encoder_hidden_states_mask=torch.ones(batch, txt, dtype=torch.long), timestep=t, img_shapes=[[(1, h, w)]] * batch)
@@ -87,8 +88,9 @@ def cfg_batch(kw):
 VIDEO_FAMILIES = ("wan", "hunyuan-video", "ltx-video")
 
 
-def make_video(family, batch=1, frames=3, h=6, w=5, seed=0, txt=7):
-    """A tiny video transformer and its call on a frames x h x w token grid."""
+def make_video(family, batch=1, frames=3, h=6, w=5, seed=0, txt=7, layers=2):
+    """A tiny video transformer and its call on a frames x h x w token grid (``layers`` blocks; HunyuanVideo:
+    double and single blocks each)."""
     from diffusers import HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -100,17 +102,17 @@ def make_video(family, batch=1, frames=3, h=6, w=5, seed=0, txt=7):
     t = torch.full((batch,), 500.0)
     if family == "wan":
         m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                  out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64)
+                                  out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=layers, rope_max_seq_len=64)
         kw = dict(hidden_states=rnd(batch, 4, frames, 2 * h, 2 * w), timestep=t, encoder_hidden_states=rnd(batch, txt, 16))
     elif family == "hunyuan-video":
         m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
-                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                           num_layers=layers // 2, num_single_layers=layers // 2, num_refiner_layers=1, patch_size=2,
                                            patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 4, 4))
         kw = dict(hidden_states=rnd(batch, 4, frames, 2 * h, 2 * w), timestep=t, encoder_hidden_states=rnd(batch, txt, 16),
                   encoder_attention_mask=torch.ones(batch, txt), pooled_projections=rnd(batch, 8), guidance=torch.full((batch,), 6000.0))
     elif family == "ltx-video":
         m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
-                                       attention_head_dim=12, cross_attention_dim=24, num_layers=2, caption_channels=16)
+                                       attention_head_dim=12, cross_attention_dim=24, num_layers=layers, caption_channels=16)
         kw = dict(hidden_states=rnd(batch, frames * h * w, 8), encoder_hidden_states=rnd(batch, txt, 16), timestep=t.long(),
                   encoder_attention_mask=torch.ones(batch, txt), num_frames=frames, height=h, width=w)
     else:

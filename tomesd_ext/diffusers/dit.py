@@ -14,6 +14,16 @@ The family facts (dit_families.py) say where the image tokens are; the algorithm
 
 The call pre-hook reads the image grid from the call (position ids, latent shape, img_shapes)
 and starts the runtime's call; a call whose grid cannot be read merges nothing.
+
+Beside diffusers' caches (``enable_cache``): they wrap ``module.forward`` of blocks or attentions,
+so torch hooks run outside them and a cache there sees what the hooks merged. Every step has its
+own plan, so a residual or prediction of merged tokens kept by a cache would not line up with the
+next step's tokens. Hence (``cache_keeps``): the first and last block of a block cache
+(FirstBlockCache, MagCache: the residual it tests and the residual it replays) are not merged in
+any mode, which also keeps FirstBlockCache's similarity test free of plan changes; a block whose
+attention a cache keeps (TaylorSeer, PAB, FasterCache) is not merged in block or attn mode, while
+kv mode merges inside the attention processor, under the cache. Blocks between the first and the
+last merge as usual: on a skipped step they return their input, which unmerges to itself.
 """
 
 from __future__ import annotations
@@ -76,16 +86,17 @@ class BlockMerge:
 
     starts_block = True
 
-    def __init__(self, slot, family: Family, blocks, state: CallState):
+    def __init__(self, slot, family: Family, blocks, state: CallState, block=None, inner=()):
         self.slot, self.family, self.blocks, self.state = slot, family, blocks, state
         self.hidden, self.joined = blocks.hidden, blocks.joined
+        self.block, self.inner = block, inner  # the block, and the merged modules in it a cache may keep
         self.pending = None  # (x, x_merged, plan, start) between the pre- and the forward hook
 
     def __call__(self, module, args, kwargs):
         if self.starts_block:
             self.slot.reset()
         self.pending = None
-        if not self.slot.runtime.active:
+        if not self.slot.runtime.active or self.cached():
             return None
         call = CallArgs(module.forward, args, kwargs)
         a = call.named
@@ -106,6 +117,37 @@ class BlockMerge:
         self.pending = (x, merged, plan, start)
         return call.args_kwargs()
 
+    def cached(self) -> bool:
+        """A diffusers cache keeps tensors of the block (its first or last block) or of a merged
+        module inside it (an attention cache) across steps."""
+        if self.block is not None and cache_keeps(self.block):
+            return True
+        if any(cache_keeps(m) for m in self.inner):
+            rt = self.slot.runtime
+            if not getattr(rt, "_cache_said", False):
+                rt._cache_said = True
+                log.warning(
+                    "tomesd-ext: a diffusers cache keeps outputs of modules inside merged blocks across steps (TaylorSeer, "
+                    "PAB, FasterCache): dit_mode='block'/'attn' leaves those blocks unmerged; dit_mode='kv' merges under "
+                    "such a cache (said once per patch)"
+                )
+            return True
+        return False
+
+
+def cache_keeps(module) -> bool:
+    """Whether a diffusers cache hook on ``module`` keeps tensors of its calls for later steps: a
+    stateful hook (FirstBlockCache/MagCache head, TaylorSeer, PAB, FasterCache), a leader (SeaCache
+    head) or a tail (FirstBlockCache/MagCache/SeaCache last block). The pass-through hooks of the
+    blocks between (they return their input on a skipped step) keep nothing."""
+    registry = module.__dict__.get("_diffusers_hook")
+    if registry is None:
+        return False
+    return any(
+        getattr(hook, "_is_stateful", False) or getattr(hook, "is_tail", False) or "leader" in name
+        for name, hook in getattr(registry, "hooks", {}).items()
+    )
+
 
 class AttnMerge(BlockMerge):
     """Pre-hook of one image attention (attn mode): merge the image span of its input, gather its
@@ -113,8 +155,8 @@ class AttnMerge(BlockMerge):
 
     starts_block = False
 
-    def __init__(self, slot, family: Family, blocks, state: CallState):
-        super().__init__(slot, family, blocks, state)
+    def __init__(self, slot, family: Family, blocks, state: CallState, block=None, inner=()):
+        super().__init__(slot, family, blocks, state, block, inner)
         self.hidden, self.joined = "hidden_states", blocks.attn_joined
 
 
@@ -181,14 +223,15 @@ class KeysValuesProcessor(WrappedProcessor):
     """kv mode around one image attention: the plan from the image span of the processor's input,
     keys and values merged at SDPA (``_KeysValuesAtSdpa``)."""
 
-    def __init__(self, inner=None, slot=None, blocks=None, family=None, state=None):
+    def __init__(self, inner=None, slot=None, blocks=None, family=None, state=None, block=None):
         super().__init__(inner)
-        self.slot, self.blocks, self.family, self.state = slot, blocks, family, state
+        self.slot, self.blocks, self.family, self.state, self.block = slot, blocks, family, state, block
 
     def forward(self, attn, hidden_states, *args, **kwargs):
         state = self.state
         start = (state.n_txt if self.blocks.attn_joined else 0) + state.lead
-        plan = span_plan(self.slot, hidden_states, start) if self.slot is not None else None
+        kept = self.block is not None and cache_keeps(self.block)  # a block cache's first or last block
+        plan = span_plan(self.slot, hidden_states, start) if self.slot is not None and not kept else None
         if plan is None:
             return self.inner(attn, hidden_states, *args, **kwargs)
         mode = _KeysValuesAtSdpa(plan, (state.n_txt if self.family.text_first else 0) + state.lead)
@@ -230,7 +273,7 @@ def attach_dit(patch, family: Family) -> None:
         spec, block = order[i]
         slot = runtime.new_slot()
         if mode == "block":
-            merge = BlockMerge(slot, family, spec, state)
+            merge = BlockMerge(slot, family, spec, state, block, inner=tuple(block.modules())[1:])
             patch.hook(block.register_forward_pre_hook(merge, with_kwargs=True))
             patch.hook(block.register_forward_hook(BlockUnmerge(merge), always_call=True))
             continue
@@ -241,8 +284,8 @@ def attach_dit(patch, family: Family) -> None:
             if attn is None or not hasattr(attn, "processor"):
                 continue
             if mode == "attn":
-                merge = AttnMerge(slot, family, spec, state)
+                merge = AttnMerge(slot, family, spec, state, block, inner=(attn,))
                 patch.hook(attn.register_forward_pre_hook(merge, with_kwargs=True))
                 patch.hook(attn.register_forward_hook(AttnUnmerge(merge), always_call=True))
             else:
-                patch.wrap(attn, partial(KeysValuesProcessor, slot=slot, blocks=spec, family=family, state=state))
+                patch.wrap(attn, partial(KeysValuesProcessor, slot=slot, blocks=spec, family=family, state=state, block=block))
