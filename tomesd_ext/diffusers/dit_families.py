@@ -267,14 +267,13 @@ def bind(fn, args, kwargs):
 class CallArgs:
     """A call's arguments by name, keyword-catch-all entries (``**kwargs``) included:
     ``named`` to read and change, ``args_kwargs()`` to call again (each value where it was
-    passed; a name that was not passed goes by keyword). Plain dicts and tuples, no
+    passed; a name that was not passed goes by keyword; positional values past the named
+    parameters (``*args``) pass through unchanged). Plain dicts and tuples, no
     ``inspect.BoundArguments``: torch.compile traces this inside the blocks without a graph break."""
 
     def __init__(self, fn, args, kwargs):
         params = inspect.signature(fn).parameters.values()
         positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if len(args) > len(positional):
-            raise TypeError(f"{getattr(fn, '__qualname__', fn)} takes {len(positional)} positional arguments, got {len(args)}")
         self.args, self.kwargs = args, kwargs
         self.index = {name: i for i, name in enumerate(positional[: len(args)])}
         self.named = {name: args[i] for name, i in self.index.items()}
