@@ -45,6 +45,10 @@ NOTES = {
                          "clip_l.safetensors and clip_g.safetensors in models/text_encoders (DualCLIPLoader, type "
                          "sd3: no T5; for T5 use TripleCLIPLoader with t5xxl_fp16.safetensors). ToMe sits between "
                          "the checkpoint loader and the sampler.",
+    "sd15_txt2img_tome_easycache_compile": "Needs an SD 1.5 checkpoint in models/checkpoints "
+                                           "(v1-5-pruned-emaonly-fp16.safetensors). The first run compiles the UNet "
+                                           "(minutes). ToMe merges the tokens of every step that runs; EasyCache skips "
+                                           "steps (see its console line).",
     "sd15_vid2vid_vidtome": "Needs an SD 1.5 checkpoint in models/checkpoints and an input video "
                             "tomesd_ext_input.mp4 in ComfyUI/input (or choose/upload one in Load Video). "
                             "Keep it short: every frame goes through the sampler in one batch.",

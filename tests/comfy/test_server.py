@@ -15,9 +15,12 @@ import nodes
 pytestmark = pytest.mark.comfyui
 API_FILES = sorted(f for f in os.listdir(API_COPIES) if f.endswith(".api.json"))
 # the SD workflows run here on the random SD 1.5 checkpoint; the transformer workflows need their own
-# files (test_dit_workflow_runs_on_random_files here, the Wan one in test_server_wan.py)
+# files (test_dit_workflow_runs_on_random_files here, the Wan one in test_server_wan.py); the
+# stacking workflow (EasyCache + TorchCompileModel) runs in test_server_stack.py
 SD_API_FILES = [f for f in API_FILES if "CheckpointLoaderSimple" in open(os.path.join(API_COPIES, f)).read()
-                and f not in ("flux1_txt2img_tome.api.json", "sd35_txt2img_tome.api.json")]
+                and f not in ("flux1_txt2img_tome.api.json", "sd35_txt2img_tome.api.json",
+                              # compiles the UNet with inductor: run once, in test_server_stack.py
+                              "sd15_txt2img_tome_easycache_compile.api.json")]
 UI_FILES = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".json"))
 SIZE = int(os.environ.get("TOMESD_EXT_TEST_SIZE", "64"))
 STEPS = int(os.environ.get("TOMESD_EXT_TEST_STEPS", "2"))
