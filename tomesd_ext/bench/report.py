@@ -99,6 +99,22 @@ def block_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def stack_table(rows: List[dict]) -> str:
+    """Lines for the stack methods' extra fields: tail-block skips of a cache (per input) and the
+    compile figures of a compiled configuration (per configuration: they do not depend on input)."""
+    lines = ["stacks:"]
+    seen = set()
+    for r in rows:
+        name = f"{r['method']:<12} {_fmt(r['ratio'], '.2f'):>5} {r['resolution']:>5}"
+        if "cache_hits" in r:
+            lines.append(f"  {name} {r['input']:<9} tail blocks skipped on {r['cache_hits']} of {r['denoiser_calls']} denoiser calls")
+        if "compile_seconds" in r and (r["method"], r["ratio"]) not in seen:
+            seen.add((r["method"], r["ratio"]))
+            lines.append(f"  {name} first call (compiles) {r['compile_seconds']:.1f} s, graph breaks {r['graph_breaks']}, "
+                         f"recompiles in measured calls {r['recompiles']} (untimed calls after the first {r['recompiles_warmup']})")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: List[dict]) -> str:
     """Rows as a GitHub markdown table (for docs/benchmarks.md); video rows add the temporal figure."""
     temporal = any(r.get("temporal") is not None for r in rows)
