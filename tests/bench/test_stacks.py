@@ -106,3 +106,36 @@ def test_compile_and_tome_compile_on_the_tiny_unet(tmp_path, capsys):
     for key in ("compile_seconds", "graph_breaks", "recompiles", "recompiles_warmup"):
         assert key in tome_compiled and key not in tome
     assert "first call (compiles)" in capsys.readouterr().out
+
+
+def test_own_denoisers_count_compiles_per_resolution():
+    from types import SimpleNamespace
+
+    from tomesd_ext.bench.compiled import OwnDenoisers
+    from tomesd_ext.bench.methods import MethodContext
+
+    def build(model, ratio, ctx):
+        own = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        own.compile(backend=ctx.compile_backend)
+        return own
+
+    method = SimpleNamespace(name="c", build=build)
+    own = OwnDenoisers(None, MethodContext(0, None, compile_backend="eager"))
+    for _ in range(2):  # two resolutions: each builds, compiles and counts anew
+        own.clear()
+        own.measuring = False
+        model = own.get(method, None)
+        assert own.get(method, None) is model and not own.called("c", None)
+        with own.counting("c", None):
+            model(torch.ones(2, 4))
+        assert own.called("c", None)
+        own.measuring = True
+        with own.counting("c", None):
+            model(torch.ones(2, 4))  # the compiled code is reused
+        assert own.stats[("c", None)]["recompiles"] == 0
+        with own.counting("c", None):
+            model(torch.ones(2, 3, 4))  # a new shape: dynamo compiles again
+        stats = own.stats[("c", None)]
+        assert stats["graphs"] >= 1 and stats["graph_breaks"] == 0 and stats["recompiles"] >= 1
+    own.clear()
+    assert not own.models and not own.stats

@@ -72,8 +72,9 @@ class OwnDenoisers:
             self.stats[key]["recompiles" if self.measuring else "recompiles_warmup"] += graphs_now - graphs
 
     def clear(self) -> None:
-        """Drop the copies and dynamo's compiled code (so its per-code cache limit is not spent
-        on copies that are gone)."""
+        """Drop the copies, their stats and dynamo's compiled code (so its per-code cache limit
+        is not spent on copies that are gone): the next resolution builds and compiles anew."""
+        self.stats.clear()
         if self.models:
             import torch
 

@@ -4,6 +4,9 @@ Example (the README's main job):
     tomesd-ext bench --model sd15 --resolution 512 --methods tome,tomesd --ratios 0.5
 Video transformers (wan-1.3b, ltx, hunyuan-video-depth4; docs/bench.md): one forward on a clip,
     tomesd-ext bench --model wan-1.3b --resolution 480x832 --frames 17 --methods tome,tome-spatial,tome-kv
+Stacks with what users already run, over whole sampling runs (docs/bench.md, "Stacks"):
+    tomesd-ext bench --model sd15 --resolution 512 --steps 20 --methods tome,compile,tome+compile --ratios 0.5
+    tomesd-ext bench --model flux-depth4 --resolution 1024 --steps 20 --batch 1 --methods tome,fbcache,tome+fbcache
 Bad input (unknown model or method, resolution not a multiple of 8, missing or unreadable
 checkpoint, an output path that cannot be written) is reported before any work, with exit status 2.
 """
