@@ -73,7 +73,7 @@ def test_fbcache_rows_report_cache_hits(tmp_path):
         assert r["rel_error_latent"] > 0
 
 
-def test_fbcache_and_tome_are_removed_exactly():
+def test_caches_and_tome_are_removed_exactly():
     from tomesd_ext.bench.methods import MethodContext, get_method
     from tomesd_ext.models import build_transformer, dit_call, text_conditioning
 
@@ -82,7 +82,7 @@ def test_fbcache_and_tome_are_removed_exactly():
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = dit_call(model, "flux", x, 500, cond["text"], cond["pooled"])
-        for name in ("fbcache", "tome+fbcache"):
+        for name in ("fbcache", "tome+fbcache", "taylorseer", "tome+taylorseer"):
             method = get_method(name)
             method.apply(model, 0.5, MethodContext(seed=0, max_downsample=None))
             assert model.is_cache_enabled

@@ -374,6 +374,17 @@ def _compiled_build(patch: Optional[Callable]) -> Callable:
     return build
 
 
+def _taylorseer_apply(model, ratio, ctx):
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    model.enable_cache(TaylorSeerCacheConfig())
+
+
+def _tome_taylorseer_apply(model, ratio, ctx):
+    _tome_apply(model, ratio, ctx)
+    _taylorseer_apply(model, ratio, ctx)
+
+
 ALL_MODELS = ("unet", "dit", "video")
 register(Method("fbcache", _fbcache_apply, _fbcache_remove,
                 "diffusers FirstBlockCache (model.enable_cache(FirstBlockCacheConfig(threshold=--cache-threshold))); "
@@ -387,3 +398,10 @@ register(Method("compile", _noop, _noop, "torch.compile of the denoiser (Module.
                 uses_ratio=False, models=ALL_MODELS, build=_compiled_build(None)))
 register(Method("tome+compile", _noop, _noop, "ours (as tome) applied to the denoiser's own copy, then torch.compile "
                 "(as compile)", models=ALL_MODELS, build=_compiled_build(_tome_apply)))
+register(Method("taylorseer", _taylorseer_apply, _fbcache_remove,
+                "diffusers TaylorSeer cache with its defaults (TaylorSeerCacheConfig(): every step for the first 3, "
+                "then a full step every 5, attention outputs predicted by a first-order Taylor series in between)",
+                uses_ratio=False, models=("dit", "video"), supports=_no_cache))
+register(Method("tome+taylorseer", _tome_taylorseer_apply, _tome_fbcache_remove,
+                "ours (as tome), then the TaylorSeer cache (as taylorseer) on the merged model",
+                models=("dit", "video"), supports=_no_cache))
