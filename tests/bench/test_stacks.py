@@ -139,3 +139,18 @@ def test_own_denoisers_count_compiles_per_resolution():
         assert stats["graphs"] >= 1 and stats["graph_breaks"] == 0 and stats["recompiles"] >= 1
     own.clear()
     assert not own.models and not own.stats
+
+
+def test_tome_compile_on_a_transformer_merges(tmp_path):
+    # the compiled copies share code objects: the merged copy (forward hooks) must not run the
+    # plain copy's graph (compiled.py guards on hooks while copies exist)
+    import torch._dynamo
+
+    before = torch._dynamo.config.skip_nnmodule_hook_guards
+    rows = _rows(tmp_path, "--model", "tiny-flux", "--resolution", "768", "--steps", "2", "--inputs", "photo",
+                 "--methods", "tome,compile,tome+compile", "--compile-backend", "eager")
+    by = {r["method"]: r for r in rows}
+    assert by["compile"]["rel_error_latent"] < 1e-5
+    assert by["tome+compile"]["rel_error_latent"] == pytest.approx(by["tome"]["rel_error_latent"], rel=1e-3)
+    assert by["tome"]["rel_error_latent"] > 0 and by["compile"]["recompiles"] == 0
+    assert torch._dynamo.config.skip_nnmodule_hook_guards == before

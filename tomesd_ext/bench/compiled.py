@@ -7,6 +7,13 @@ made at its first use at a resolution (``build(model, ratio, ctx)``: copy.deepco
 ``Module.compile()``) and kept until the runner moves to the next resolution (``clear``), so
 at most one copy per such configuration is held at a time (memory: docs/bench.md).
 
+The copies share code objects, and dynamo's compiled code is cached per code object behind
+guards. By default dynamo does not guard on module hooks (skip_nnmodule_hook_guards): a merged
+copy whose merging lives in forward hooks (ours on transformers) then passed the unmerged
+copy's guards and silently ran its unmerged graph (seen on tiny-flux: tome+compile's output
+equal to the baseline's). While copies exist, hooks are guarded (the setting is restored by
+``clear``).
+
 Per configuration it records, from torch._dynamo's counters:
 - ``compile_seconds``: the wall time of its first call (the one that compiles; untimed by the
   runner: the warm-up's call, or a call of its own with --warmup 0);
@@ -43,10 +50,16 @@ class OwnDenoisers:
         self.models: Dict[tuple, object] = {}
         self.stats: Dict[tuple, dict] = {}
         self.measuring = False  # set by the runner once warm-up (and the first calls) are done
+        self._hook_guards = None  # dynamo's skip_nnmodule_hook_guards before the first copy
 
     def get(self, method, ratio):
         key = (method.name, ratio)
         if key not in self.models:
+            if self._hook_guards is None:
+                import torch._dynamo
+
+                self._hook_guards = torch._dynamo.config.skip_nnmodule_hook_guards
+                torch._dynamo.config.skip_nnmodule_hook_guards = False
             self.models[key] = method.build(self.model, ratio, self.ctx)
         return self.models[key]
 
@@ -80,3 +93,8 @@ class OwnDenoisers:
 
             self.models.clear()
             torch._dynamo.reset()
+        if self._hook_guards is not None:
+            import torch._dynamo
+
+            torch._dynamo.config.skip_nnmodule_hook_guards = self._hook_guards
+            self._hook_guards = None

@@ -243,7 +243,7 @@ def run_bench(
                     if subject.is_video:
                         row.update(_video_geometry(subject, inputs[0]))
                     if subject.is_dit:
-                        row["block_seconds"] = {k: summary(v)["seconds_median"] for k, v in blocks[(method, ratio)].items()} or None
+                        row["block_seconds"] = {k: summary(v)["seconds_median"] for k, v in blocks[(method, ratio)].items() if v} or None
                     if (method, ratio) in own.stats:
                         row.update({k: v for k, v in own.stats[(method, ratio)].items() if k != "graphs"})
                     doc["rows"].append(row)
