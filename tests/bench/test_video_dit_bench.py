@@ -31,7 +31,7 @@ RUN = ["--repeats", "1", "--warmup", "0", "--no-progress"]
         (["--model", "tiny-wan", "--inputs", "photo"], "--inputs photo: choose from pan, gif, noise"),
         (["--model", "tiny-wan", "--equal-error", "tome-spatial"], "--equal-error 'tome-spatial': use METHOD:RATIO"),
         (["--model", "tiny-wan", "--equal-error", "tome-spatial:0.3"], "add tome-spatial to --methods and 0.3 to --ratios"),
-        (["--model", "tiny-wan", "--steps", "2"], "--steps 2: diffusion transformers"),
+        (["--model", "tiny-wan", "--methods", "compile", "--compile-backend", "nope"], "--compile-backend nope: choose from"),
     ],
 )
 def test_bad_video_arguments_exit_2_before_any_model(argv, message, capsys, monkeypatch):

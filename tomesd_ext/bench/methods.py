@@ -4,12 +4,19 @@ To add a method, `register(Method(name, apply, remove, ...))`: `apply(model, rat
 the denoiser (a UNet or a diffusion transformer) in place, `remove(model)` restores it exactly.
 `ctx` carries the shared settings (seed, the level the peers should use) so every method runs
 with the same ones. `models` says which denoisers a method takes ("unet", "dit": image
-transformers, "video": video transformers).
+transformers, "video": video transformers); `supports(model)` gives the reason a particular
+denoiser cannot take it (e.g. a transformer without diffusers' cache), or None.
+
+Stacks (what users already run, alone and with ours): `fbcache` / `tome+fbcache` (diffusers'
+FirstBlockCache on the transformer, `probe` counts the denoiser calls that skipped their tail
+blocks), `compile` / `tome+compile` (torch.compile; these `build` their own patched, compiled
+copy once and keep it across calls: compiled.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -24,6 +31,8 @@ class MethodContext:
 
     seed: int
     max_downsample: Optional[int]
+    compile_backend: str = "inductor"  # torch.compile backend of the compile methods
+    cache_threshold: float = 0.05  # FirstBlockCache threshold of fbcache / tome+fbcache
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,12 @@ class Method:
     uses_ratio: bool = True  # False: one row per resolution, ratio None
     unavailable: Callable[[], Optional[str]] = lambda: None  # why it cannot run here, or None
     models: tuple = ("unet",)  # the denoisers it takes: "unet", "dit" (image), "video" (video transformers)
+    supports: Callable[[object], Optional[str]] = lambda model: None  # why this denoiser cannot take it, or None
+    # a context entered around a measured call after apply: yields a dict of row fields it fills
+    probe: Optional[Callable[[object], object]] = None
+    # (model, ratio, ctx) -> the configuration's own denoiser, built once and kept (compiled.py);
+    # apply/remove are then not used
+    build: Optional[Callable] = None
 
 
 METHODS: Dict[str, Method] = {}
@@ -267,3 +282,126 @@ register(
         uses_ratio=False,
     )
 )
+
+
+# --- stacks: what users already run, alone and with ours ---------------------------------------
+
+
+
+def _no_cache(model) -> Optional[str]:
+    if hasattr(model, "enable_cache"):
+        return None
+    return f"{type(model).__name__} has no diffusers cache (no enable_cache; UNets and SD3/PixArt/Z-Image transformers)"
+
+
+def _fbcache_apply(model, ratio, ctx):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model.enable_cache(FirstBlockCacheConfig(threshold=ctx.cache_threshold))
+
+
+def _fbcache_remove(model):
+    model.disable_cache()
+
+
+def _tome_fbcache_apply(model, ratio, ctx):
+    _tome_apply(model, ratio, ctx)
+    _fbcache_apply(model, ratio, ctx)
+
+
+def _tome_fbcache_remove(model):
+    _fbcache_remove(model)
+    _tome_remove(model)
+
+
+def tail_block(model):
+    """The last transformer block, the one FirstBlockCache skips with the others after the first:
+    the last block of the model's last top-level block list (diffusers' order)."""
+    import torch
+
+    try:
+        from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS as names
+    except ImportError:  # a diffusers without it: every top-level block list
+        names = None
+    lists = [m for n, m in model.named_children() if isinstance(m, torch.nn.ModuleList) and len(m) and (names is None or n in names)]
+    return lists[-1][-1] if lists else None
+
+
+@contextlib.contextmanager
+def skipped_tail_calls(model):
+    """Count the denoiser calls whose tail block was skipped (called, but none of its children
+    ran: the cache returned its input plus the cached residual). Yields a dict that holds
+    cache_hits and denoiser_calls on exit."""
+    fields = {}
+    tail = tail_block(model)
+    if tail is None:
+        yield fields
+        return
+    state = {"ran": False, "calls": 0, "skipped": 0}
+
+    def enter(module, args):
+        state["ran"] = False
+
+    def child(module, args):
+        state["ran"] = True
+
+    def leave(module, args, output):
+        state["calls"] += 1
+        state["skipped"] += not state["ran"]
+
+    handles = [tail.register_forward_pre_hook(enter), tail.register_forward_hook(leave)]
+    handles += [c.register_forward_pre_hook(child) for c in tail.children()]
+    try:
+        yield fields
+    finally:
+        for h in handles:
+            h.remove()
+        fields.update(cache_hits=state["skipped"], denoiser_calls=state["calls"])
+
+
+def _compiled_build(patch: Optional[Callable]) -> Callable:
+    """build(): a deep copy of the (unpatched) denoiser, patched by `patch`, compiled in place
+    (Module.compile with ctx.compile_backend: the module keeps its type and attributes, its calls
+    go through dynamo)."""
+
+    def build(model, ratio, ctx):
+        own = copy.deepcopy(model)
+        if patch is not None:
+            patch(own, ratio, ctx)
+        own.compile(backend=ctx.compile_backend)
+        return own
+
+    return build
+
+
+def _taylorseer_apply(model, ratio, ctx):
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    model.enable_cache(TaylorSeerCacheConfig())
+
+
+def _tome_taylorseer_apply(model, ratio, ctx):
+    _tome_apply(model, ratio, ctx)
+    _taylorseer_apply(model, ratio, ctx)
+
+
+ALL_MODELS = ("unet", "dit", "video")
+register(Method("fbcache", _fbcache_apply, _fbcache_remove,
+                "diffusers FirstBlockCache (model.enable_cache(FirstBlockCacheConfig(threshold=--cache-threshold))); "
+                "rows count the denoiser calls that skipped their tail blocks (cache_hits)",
+                uses_ratio=False, models=("dit", "video"), supports=_no_cache, probe=skipped_tail_calls))
+register(Method("tome+fbcache", _tome_fbcache_apply, _tome_fbcache_remove,
+                "ours (as tome), then diffusers FirstBlockCache (as fbcache) on the merged model",
+                models=("dit", "video"), supports=_no_cache, probe=skipped_tail_calls))
+register(Method("compile", _noop, _noop, "torch.compile of the denoiser (Module.compile on its own copy, "
+                "compiled once per resolution; compile_seconds, graph_breaks, recompiles)",
+                uses_ratio=False, models=ALL_MODELS, build=_compiled_build(None)))
+register(Method("tome+compile", _noop, _noop, "ours (as tome) applied to the denoiser's own copy, then torch.compile "
+                "(as compile)", models=ALL_MODELS, build=_compiled_build(_tome_apply)))
+register(Method("taylorseer", _taylorseer_apply, _fbcache_remove,
+                "diffusers TaylorSeer cache with its defaults (TaylorSeerCacheConfig(): every step for the first 3, "
+                "then a full step every 5, attention outputs predicted by a first-order Taylor series in between)",
+                uses_ratio=False, models=("dit", "video"), supports=_no_cache))
+register(Method("tome+taylorseer", _tome_taylorseer_apply, _tome_fbcache_remove,
+                "ours (as tome), then the TaylorSeer cache (as taylorseer) on the merged model",
+                models=("dit", "video"), supports=_no_cache))

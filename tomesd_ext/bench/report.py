@@ -70,13 +70,14 @@ def table(rows: List[dict], title: Optional[str] = None) -> str:
     transformers: the temporal figure, frame change relative to the baseline's)."""
     latent = any(r.get("rel_error_latent") is not None for r in rows)
     temporal = any(r.get("temporal") is not None for r in rows)
-    head = f"{'method':<12} {'ratio':>5} {'res':>5} {'input':<9} {'median s':>9} {'min-max s':>15} {'speedup':>7} {'mem MB':>8} {'rel_err':>8} {'psnr':>6} {'ssim':>6}"
+    w = max([12] + [len(r["method"]) for r in rows])  # stacks: "tome+taylorseer"
+    head = f"{'method':<{w}} {'ratio':>5} {'res':>5} {'input':<9} {'median s':>9} {'min-max s':>15} {'speedup':>7} {'mem MB':>8} {'rel_err':>8} {'psnr':>6} {'ssim':>6}"
     head += f" {'err_latent':>10}" if latent else ""
     head += f" {'temporal':>8}" if temporal else ""
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['method']:<12} {_fmt(r['ratio'], '.2f'):>5} {r['resolution']:>5} {r['input']:<9} "
+            f"{r['method']:<{w}} {_fmt(r['ratio'], '.2f'):>5} {r['resolution']:>5} {r['input']:<9} "
             f"{r['seconds_median']:>9.3f} {r['seconds_min']:>7.3f}-{r['seconds_max']:<7.3f} {r['speedup']:>6.2f}x "
             f"{_fmt(r['peak_mem_mb'], '.0f'):>8} {r['rel_error']:>8.4f} {_fmt(r['psnr'], '.2f', 'inf'):>6} {r['ssim']:>6.4f}"
             + (f" {_fmt(r.get('rel_error_latent'), '.4f'):>10}" if latent else "")
@@ -96,6 +97,22 @@ def block_table(rows: List[dict]) -> str:
         cells = [f"{k}[0] {r['block_seconds'][k]:.3f} ({base[k] / r['block_seconds'][k]:.2f}x)"
                  for k in names if k in r["block_seconds"] and k in base]
         lines.append(f"  {r['method']:<12} {_fmt(r['ratio'], '.2f'):>5} {r['resolution']:>5}  " + "   ".join(cells))
+    return "\n".join(lines)
+
+
+def stack_table(rows: List[dict]) -> str:
+    """Lines for the stack methods' extra fields: tail-block skips of a cache (per input) and the
+    compile figures of a compiled configuration (per configuration: they do not depend on input)."""
+    lines = ["stacks:"]
+    seen = set()
+    for r in rows:
+        name = f"{r['method']:<12} {_fmt(r['ratio'], '.2f'):>5} {r['resolution']:>5}"
+        if "cache_hits" in r:
+            lines.append(f"  {name} {r['input']:<9} tail blocks skipped on {r['cache_hits']} of {r['denoiser_calls']} denoiser calls")
+        if "compile_seconds" in r and (r["method"], r["ratio"]) not in seen:
+            seen.add((r["method"], r["ratio"]))
+            lines.append(f"  {name} first call (compiles) {r['compile_seconds']:.1f} s, graph breaks {r['graph_breaks']}, "
+                         f"recompiles in measured calls {r['recompiles']} (untimed calls after the first {r['recompiles_warmup']})")
     return "\n".join(lines)
 
 

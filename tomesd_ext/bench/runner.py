@@ -15,21 +15,31 @@ Rows: one per (method, ratio, resolution, input); the JSON is rewritten after ev
 Video transformers: a resolution is (height, width) of clips of the subject's frames (the row's
 resolution "HxW", with frames and tokens); rows add temporal, the output's frame-to-frame change
 relative to the baseline's (metrics.frame_change).
+Methods with a probe (fbcache: cache_hits) fill row fields during the fidelity pass.
+Methods with build (compile, tome+compile; compiled.py) call their own compiled copy instead of
+being applied around each call; their first call at a resolution compiles it and is never timed
+(warm-up's, or one call of its own before the fidelity pass with --warmup 0). The copies share
+dynamo's per-code caches (one copy's graph breaks compile frames another copy then meets), so
+with two or more of them each gets one more untimed call after all have compiled (unless
+--warmup >= 2 did that). Rows add compile_seconds, graph_breaks, recompiles (graphs compiled
+during the measured calls) and recompiles_warmup (during its other untimed calls).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 from . import metrics
+from .compiled import OwnDenoisers
 from .denoise import denoise
 from .equal_error import equal_error, equal_error_text
 from .methods import BASELINE, MethodContext, get_method
 from .micro import micro, micro_table
 from .parts import block_timer
-from .report import block_table, header, table, write_json
+from .report import block_table, header, stack_table, table, write_json
 from .memory import PeakMemory
 from .timing import round_order, summary, timed
 
@@ -48,6 +58,8 @@ class BenchSettings:
     inputs: Sequence[str] = ("photo", "noise")
     micro: bool = False  # also time the merging operators alone (micro.py), per resolution and ratio
     equal_error: Optional[tuple] = None  # (method, ratio): report the ratio each method reaches at its error
+    compile_backend: str = "inductor"  # torch.compile backend of compile / tome+compile
+    cache_threshold: float = 0.05  # FirstBlockCache threshold of fbcache / tome+fbcache
 
     def configs(self):
         """(method, ratio) pairs: baseline first, ratio None for methods without a ratio."""
@@ -64,6 +76,7 @@ class BenchSettings:
             "batch": self.batch, "steps": self.steps, "timestep": self.timestep, "repeats": self.repeats,
             "warmup": self.warmup, "seed": self.seed, "inputs": list(self.inputs), "micro": self.micro,
             "equal_error": None if self.equal_error is None else f"{self.equal_error[0]}:{self.equal_error[1]:g}",
+            "compile_backend": self.compile_backend, "cache_threshold": self.cache_threshold,
             "cfg": self.batch % 2 == 0, "images_per_batch": self.batch // 2 if self.batch % 2 == 0 else self.batch,
             "peak_memory": "extra memory of one call above what was held before it (CUDA: max_memory_allocated; CPU: peak RSS sampled every 1 ms)",
             "input_latents": "VAE encoder (real weights) or the fixed linear map of tomesd_ext/bench/latent_map.py",
@@ -97,6 +110,31 @@ def applied(model, method: str, ratio, ctx: MethodContext):
         m.remove(model)
 
 
+@contextlib.contextmanager
+def configured(subject, method: str, ratio, ctx: MethodContext, own: OwnDenoisers):
+    """The subject to call for configuration (method, ratio): the shared denoiser with the method
+    applied (removed on exit), or, for a method with build, its own kept denoiser."""
+    m = get_method(method)
+    if m.build is None:
+        with applied(subject.denoiser, method, ratio, ctx):
+            yield subject
+        return
+    model = own.get(m, ratio)
+    with own.counting(method, ratio):
+        yield dataclasses.replace(subject, denoiser=model)
+
+
+@contextlib.contextmanager
+def probed(subject, method: str):
+    """Row fields a method's probe fills during one call ({} without a probe)."""
+    probe = get_method(method).probe
+    if probe is None:
+        yield {}
+        return
+    with probe(subject.denoiser) as fields:
+        yield fields
+
+
 def attention_backend(model) -> str:
     for module in model.modules():
         processor = getattr(module, "processor", None)
@@ -124,24 +162,45 @@ def run_bench(
     configs = settings.configs()
     cfg = settings.batch % 2 == 0
     n_images = settings.batch // 2 if cfg else settings.batch
-    ctx = MethodContext(seed=settings.seed, max_downsample=None if subject.is_dit else resolve_max_downsample(model, "auto"))
+    ctx = MethodContext(seed=settings.seed, max_downsample=None if subject.is_dit else resolve_max_downsample(model, "auto"),
+                        compile_backend=settings.compile_backend, cache_threshold=settings.cache_threshold)
+    for method in settings.methods:
+        reason = get_method(method).supports(model)
+        if reason:
+            raise ValueError(f"--methods {method}: {reason}")
+    built = [c for c in configs if get_method(c[0]).build is not None]
     calls = len(configs) * (settings.warmup + len(settings.inputs) + settings.repeats)
     calls += settings.repeats == 0 and settings.warmup == 0
+    calls += len(built) * (settings.warmup == 0) + len(built) * (len(built) > 1 and settings.warmup < 2)
     bar = tqdm(total=calls * len(settings.resolutions), disable=not progress, desc="bench", unit="call")
 
-    def call(method, ratio, inp, cond):
+    def call(method, ratio, inp, cond, who=subject):
         bar.set_postfix_str(f"{label(method, ratio)} {inp.name}")
-        return denoise(subject, inp, cond, cfg, settings.steps, settings.timestep)
+        return denoise(who, inp, cond, cfg, settings.steps, settings.timestep)
 
+    own = OwnDenoisers(model, ctx, subject.device)
     try:
         for res in settings.resolutions:
             inputs = [subject.bench_input(k, n_images, res, settings.seed) for k in settings.inputs]
             cond = subject.conditioning(n_images, cfg, res, settings.seed)
+            own.clear()
+            own.measuring = False
             for _ in range(settings.warmup):
                 for method, ratio in configs:
-                    with applied(model, method, ratio, ctx):
-                        call(method, ratio, inputs[0], cond)
+                    with configured(subject, method, ratio, ctx, own) as who:
+                        call(method, ratio, inputs[0], cond, who)
                     bar.update()
+            for method, ratio in built:  # --warmup 0: the compiling call, untimed
+                if not own.called(method, ratio):
+                    with configured(subject, method, ratio, ctx, own) as who:
+                        call(method, ratio, inputs[0], cond, who)
+                    bar.update()
+            if len(built) > 1 and settings.warmup < 2:  # settle: compiled copies share dynamo's code caches
+                for method, ratio in built:
+                    with configured(subject, method, ratio, ctx, own) as who:
+                        call(method, ratio, inputs[0], cond, who)
+                    bar.update()
+            own.measuring = True
             if settings.repeats == 0 and settings.warmup == 0:
                 call(BASELINE, None, inputs[0], cond)  # the timed pass must not start cold
                 bar.update()
@@ -150,19 +209,21 @@ def run_bench(
             for inp in inputs:
                 reference = None
                 for method, ratio in configs:
-                    with applied(model, method, ratio, ctx), PeakMemory(subject.device) as mem:
-                        output, s = timed(lambda: call(method, ratio, inp, cond), subject.device)
+                    with configured(subject, method, ratio, ctx, own) as who, probed(who, method) as fields, \
+                            PeakMemory(subject.device) as mem:
+                        output, s = timed(lambda: call(method, ratio, inp, cond, who), subject.device)
                     first_pass[(method, ratio)].append(s)
                     bar.update()
                     reference = reference or (output, [metrics.to_image(x) for x in subject.decode(output.image_latent)])
                     fidelity[(method, ratio, inp.name)] = _fidelity(subject, output, reference, mem.mb, result, size_label(res), inp.name, label(method, ratio))
+                    fidelity[(method, ratio, inp.name)].update(fields)
             seconds: Dict[tuple, List[float]] = {c: [] for c in configs}
             blocks: Dict[tuple, Dict[str, List[float]]] = {c: {} for c in configs}
             for rep in range(settings.repeats):
                 inp = inputs[rep % len(inputs)]
                 for method, ratio in round_order(configs, rep, "rotate"):
-                    with applied(model, method, ratio, ctx), block_timer(model) as block_times:
-                        _, s = timed(lambda: call(method, ratio, inp, cond), subject.device)
+                    with configured(subject, method, ratio, ctx, own) as who, block_timer(model) as block_times:  # built copies: not timed per block
+                        _, s = timed(lambda: call(method, ratio, inp, cond, who), subject.device)
                     seconds[(method, ratio)].append(s)
                     for name, times in block_times.items():
                         blocks[(method, ratio)].setdefault(name, []).extend(times)
@@ -182,7 +243,9 @@ def run_bench(
                     if subject.is_video:
                         row.update(_video_geometry(subject, inputs[0]))
                     if subject.is_dit:
-                        row["block_seconds"] = {k: summary(v)["seconds_median"] for k, v in blocks[(method, ratio)].items()} or None
+                        row["block_seconds"] = {k: summary(v)["seconds_median"] for k, v in blocks[(method, ratio)].items() if v} or None
+                    if (method, ratio) in own.stats:
+                        row.update({k: v for k, v in own.stats[(method, ratio)].items() if k != "graphs"})
                     doc["rows"].append(row)
                     new_rows.append(row)
                     if json_path:
@@ -194,6 +257,8 @@ def run_bench(
             out(table(new_rows, f"\n{subject.name} {size_label(res)}px{clip}, batch {settings.batch}, steps {settings.steps}"))
             if any(r.get("block_seconds") for r in new_rows):
                 out(block_table(new_rows))
+            if any("cache_hits" in r or "compile_seconds" in r for r in new_rows):
+                out(stack_table(new_rows))
             if settings.micro:
                 micro_rows = [micro(model.config, res, settings.batch, r, subject.device, subject.dtype, seed=settings.seed)
                               for r in settings.ratios]
@@ -208,6 +273,7 @@ def run_bench(
             out(equal_error_text(doc["equal_error"]))
     finally:
         bar.close()
+        own.clear()
     return result
 
 

@@ -4,6 +4,9 @@ Example (the README's main job):
     tomesd-ext bench --model sd15 --resolution 512 --methods tome,tomesd --ratios 0.5
 Video transformers (wan-1.3b, ltx, hunyuan-video-depth4; docs/bench.md): one forward on a clip,
     tomesd-ext bench --model wan-1.3b --resolution 480x832 --frames 17 --methods tome,tome-spatial,tome-kv
+Stacks with what users already run, over whole sampling runs (docs/bench.md, "Stacks"):
+    tomesd-ext bench --model sd15 --resolution 512 --steps 20 --methods tome,compile,tome+compile --ratios 0.5
+    tomesd-ext bench --model flux-depth4 --resolution 1024 --steps 20 --batch 1 --methods tome,fbcache,tome+fbcache
 Bad input (unknown model or method, resolution not a multiple of 8, missing or unreadable
 checkpoint, an output path that cannot be written) is reported before any work, with exit status 2.
 """
@@ -61,10 +64,12 @@ def add_parser(subparsers):
     p.add_argument("--methods", type=_methods, default=None, help=f"comma list from {','.join(m for m in METHODS if m != 'baseline')} (baseline is always measured; default: tome,tomesd; video transformers: {','.join(VIDEO_METHODS)})")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; 0 = time the fidelity pass instead, for long runs (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before measuring (default: 1)")
-    p.add_argument("--steps", type=int, default=0, help="0 = one denoiser forward; N = N DDIM steps with CFG (default: 0)")
+    p.add_argument("--steps", type=int, default=0, help="0 = one denoiser forward; N = a sampling run of N steps: DDIM for UNets (and PixArt), flow-matching Euler for rectified-flow transformers; CFG when --batch is even (default: 0)")
     p.add_argument("--timestep", type=int, default=500, help="noise level of the inputs: the timestep of --steps 0, the start of --steps N (default: 500)")
     p.add_argument("--inputs", type=_methods, default=None, help=f"comma list from {','.join(INPUT_KINDS)} (default: photo,noise); video transformers: from {','.join(VIDEO_INPUT_KINDS)} (default: pan)")
     p.add_argument("--equal-error", metavar="METHOD:RATIO", help="also print, for every method run at two or more ratios, the ratio at which it reaches the error of METHOD at RATIO (interpolated; e.g. tome-spatial:0.5)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile methods (default: inductor; 'eager' or 'aot_eager' trace with dynamo only, for quick checks of graph breaks and recompiles)")
+    p.add_argument("--cache-threshold", type=float, default=0.05, help="FirstBlockCache threshold of fbcache / tome+fbcache (default: 0.05, diffusers' default; the seeded random-weight models change their first block's residual far more per step: docs/bench.md)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
@@ -85,7 +90,7 @@ def validate(args) -> None:
     from ..bench.methods import BASELINE, get_method
     from ..bench.subject import model_kind
     from ..bench.video_inputs import VIDEO_INPUT_KINDS
-    from ..models import get_dit_config, model_family, too_large
+    from ..models import get_dit_config, meta_transformer, model_family, too_large
 
     from .checks import check_checkpoint_file, check_output_file, check_output_folder, plot_path
 
@@ -121,7 +126,7 @@ def validate(args) -> None:
         method = get_method(name)
         if denoiser not in method.models:
             raise ValueError(_wrong_model(name, method, denoiser, args.model))
-        reason = method.unavailable()
+        reason = method.unavailable() or (dit and method.supports(meta_transformer(args.model)))
         if reason:
             raise ValueError(f"--methods {name}: {reason}")
     args.methods = [m for m in dict.fromkeys(args.methods) if m != BASELINE]
@@ -143,10 +148,16 @@ def validate(args) -> None:
             raise ValueError(f"{name} {value}: must be >= {lo}")
     if args.timestep > 999:
         raise ValueError(f"--timestep {args.timestep}: must be <= 999")
-    if dit and args.steps:
-        raise ValueError(f"--steps {args.steps}: diffusion transformers are measured on one forward; use --steps 0")
     if dit and args.micro:
         raise ValueError("--micro: the operator micro-bench reads UNet levels; not for diffusion transformers")
+    if any(get_method(m).build is not None for m in args.methods):
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile_backend not in backends:
+            raise ValueError(f"--compile-backend {args.compile_backend}: choose from {', '.join(backends)}")
+    if args.cache_threshold < 0:
+        raise ValueError(f"--cache-threshold {args.cache_threshold}: must be >= 0")
     if args.json:
         check_output_file("--json", args.json)
     if args.plot:
@@ -189,6 +200,7 @@ def run(args) -> int:
         resolutions=args.resolution, methods=args.methods, ratios=args.ratios, batch=args.batch,
         repeats=args.repeats, warmup=args.warmup, steps=args.steps, timestep=args.timestep,
         seed=args.seed, inputs=args.inputs, micro=args.micro, equal_error=args.equal_error,
+        compile_backend=args.compile_backend, cache_threshold=args.cache_threshold,
     )
     print(f"building {args.model} ({args.dtype}, {args.device}) ...", file=sys.stderr, flush=True)
     subject = load_subject(args.model, args.device, args.dtype, args.seed, args.sharpen, args.frames)
