@@ -8,11 +8,10 @@ made at its first use at a resolution (``build(model, ratio, ctx)``: copy.deepco
 at most one copy per such configuration is held at a time (memory: docs/bench.md).
 
 The copies share code objects, and dynamo's compiled code is cached per code object behind
-guards. By default dynamo does not guard on module hooks (skip_nnmodule_hook_guards): a merged
-copy whose merging lives in forward hooks (ours on transformers) then passed the unmerged
-copy's guards and silently ran its unmerged graph (seen on tiny-flux: tome+compile's output
-equal to the baseline's). While copies exist, hooks are guarded (the setting is restored by
-``clear``).
+guards. By default dynamo does not guard on module hooks (skip_nnmodule_hook_guards), where our
+transformer merging lives; the patch makes itself visible to guards (a pass-through processor
+wrapper, diffusers/dit.py), and while copies exist hooks are guarded too, so that no
+configuration can run another's graph (the setting is restored by ``clear``).
 
 Per configuration it records, from torch._dynamo's counters:
 - ``compile_seconds``: the wall time of its first call (the one that compiles; untimed by the

@@ -39,9 +39,10 @@ class DitState(PatchState):
         self.n_txt = 0
         self.kv = None  # (plan, n_txt) while a kv-mode block runs
 
+    @torch.compiler.disable  # Python call state (step key, random draws): outside a compiled graph
     def begin_dit_call(self, latent: torch.Tensor, timestep, sigma) -> None:
         grid = token_grid(tuple(latent.shape), self.patch_size) if isinstance(latent, torch.Tensor) else None
-        self.runtime.begin_call(grid, timestep_key(timestep), sigma)
+        self.runtime.begin_call(grid, timestep_key(timestep), sigma, device=getattr(latent, "device", None))
         self.n_txt, self.kv = 0, None
 
     def end_call(self) -> None:

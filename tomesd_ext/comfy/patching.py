@@ -37,16 +37,18 @@ class PatchState:
     def __deepcopy__(self, memo):
         return self
 
+    @torch.compiler.disable  # Python call state (step key, random draws): outside a compiled graph
     def begin_call(self, x: torch.Tensor, timesteps, sigmas, transformer_options=None) -> None:
         """x: (B, C, H, W) latent of this UNet call; timesteps: what the UNet receives (the key of
         every random draw); sigmas: its noise level (the sampling window); transformer_options:
         the call's (``cond_or_uncond``: the order of its batch chunks)."""
         latent_hw = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else None
-        self.runtime.begin_call(latent_hw, timestep_key(timesteps), sigmas)
+        self.runtime.begin_call(latent_hw, timestep_key(timesteps), sigmas, device=getattr(x, "device", None))
         self.slot.reset()
         if self.on_call is not None:
             self.on_call(x, transformer_options or {})
 
+    @torch.compiler.disable
     def end_call(self) -> None:
         self.runtime.end_call()
         self.slot.reset()

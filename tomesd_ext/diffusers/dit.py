@@ -258,7 +258,7 @@ class ResetOnExit:
 
 def attach_dit(patch, family: Family) -> None:
     """Hooks of one DiT patch: the call pre-hook, then per merged block the block hooks (block
-    mode) or the wrapped image attentions (kv mode)."""
+    mode), the attention hooks (attn mode) or the wrapped image attentions (kv mode)."""
     model, runtime, opts = patch.model, patch.runtime, patch.opts
     mode, skip = dit_settings(family.name, opts.dit_mode, opts.skip_ends)
     state = CallState()
@@ -272,16 +272,21 @@ def attach_dit(patch, family: Family) -> None:
     for i in merged_blocks(len(order), skip):
         spec, block = order[i]
         slot = runtime.new_slot()
+        attentions = [a for a in (getattr(block, n, None) for n in spec.attentions) if hasattr(a, "processor")]
         if mode == "block":
             merge = BlockMerge(slot, family, spec, state, block, inner=tuple(block.modules())[1:])
             patch.hook(block.register_forward_pre_hook(merge, with_kwargs=True))
             patch.hook(block.register_forward_hook(BlockUnmerge(merge), always_call=True))
-            continue
-        patch.hook(block.register_forward_pre_hook(ResetOnExit(slot)))
-        patch.hook(block.register_forward_hook(ResetOnExit(slot), always_call=True))
-        for name in spec.attentions:
-            attn = getattr(block, name, None)
-            if attn is None or not hasattr(attn, "processor"):
+        else:
+            patch.hook(block.register_forward_pre_hook(ResetOnExit(slot)))
+            patch.hook(block.register_forward_hook(ResetOnExit(slot), always_call=True))
+        for attn in attentions:
+            if mode != "kv":
+                # A pass-through wrapper: torch.compile does not guard module hooks, but it does
+                # guard the processors a compiled forward calls, so code compiled before this
+                # patch (or before its removal) is recompiled instead of silently reused.
+                patch.wrap(attn, WrappedProcessor)
+            if mode == "block":
                 continue
             if mode == "attn":
                 merge = AttnMerge(slot, family, spec, state, block, inner=(attn,))

@@ -96,8 +96,8 @@ class WrappedProcessor:
     def __reduce_ex__(self, protocol):
         return _rebuild, (type(self)._unsigned, self.inner), self.__dict__
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        return self.passthrough(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+    def forward(self, attn, hidden_states, *args, **kwargs):
+        return self.inner(attn, hidden_states, *args, **kwargs)
 
     def passthrough(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         return self.inner(
