@@ -15,16 +15,22 @@ def level_grid(n_tokens: int, latent_hw: Tuple[int, int], max_factor: int = 64) 
     Returns None when no level matches (e.g. a temporal block whose sequence is frames), in which
     case the caller must not merge.
     """
-    H, W = latent_hw
-    d = 1
-    while d <= max_factor:
-        h, w = -(-H // d), -(-W // d)
+    for d, h, w in level_sizes(latent_hw, max_factor):
         if h * w == n_tokens:
             return d, h, w
         if h * w < n_tokens:
             return None
-        d *= 2
     return None
+
+
+def level_sizes(latent_hw: Tuple[int, int], max_factor: int):
+    """[(d, h, w)] of every level d = 1, 2, 4, ... <= max_factor of an H x W latent."""
+    H, W = latent_hw
+    sizes, d = [], 1
+    while d <= max_factor:
+        sizes.append((d, -(-H // d), -(-W // d)))
+        d *= 2
+    return sizes
 
 
 def tokens_to_remove(ratio: float, n_tokens: int, n_src: int) -> int:

@@ -31,7 +31,7 @@ from typing import Hashable, Optional, Tuple
 
 import torch
 
-from .grid import level_grid
+from .grid import level_grid, level_sizes
 from .plan import MergePlan
 from .plan_cache import PlanCache
 from .tome import partition_seed
@@ -104,14 +104,9 @@ class MergeRuntime:
         to max_downsample (a transformer's image grid is its level 1)."""
         if self.latent_hw is None:
             return []
-        H, W = self.latent_hw
         if self.frames > 1:
-            return [(self.frames, H, W)]
-        grids, d = [], 1
-        while d <= self.max_downsample:
-            grids.append((1, -(-H // d), -(-W // d)))
-            d *= 2
-        return grids
+            return [(self.frames, *self.latent_hw)]
+        return [(1, h, w) for _d, h, w in level_sizes(self.latent_hw, self.max_downsample)]
 
     def _draw_partitions(self, device: torch.device) -> None:
         """Draw the partition of every merged grid of this call into the kept tensors."""
