@@ -15,8 +15,10 @@ OPTIONS = core.TOME_OPTIONS
 WIDGETS = ("ratio", "max_downsample", "sx", "sy", "use_rand", "seed", "merge_attn", "merge_crossattn", "merge_mlp",
            "min_tokens")
 # Transformer inputs, after the sampling window: saved workflows list widget values in input
-# order, so inputs added later go last. skip_ends -1 stands for the option's None (family default).
+# order, so inputs added later go last. skip_ends / frame_reach -1 stand for the option's None
+# (family default / any frame).
 SKIP_ENDS_AUTO = -1
+FRAME_REACH_ANY = -1
 COMFY_DIT_MODES = ("auto", "block", "kv")  # "attn" needs diffusers' attention modules (docs/comfyui.md)
 DIT_INPUTS = {
     "dit_mode": widget(OPTIONS["dit_mode"], choices=COMFY_DIT_MODES),
@@ -25,6 +27,8 @@ DIT_INPUTS = {
     # video transformers (Wan, HunyuanVideo, LTX-Video), after the transformer inputs
     "st": widget(OPTIONS["st"]),
     "keep_first_frame": widget(OPTIONS["keep_first_frame"]),
+    "frame_reach": ("INT", {"default": FRAME_REACH_ANY, "min": FRAME_REACH_ANY, "max": OPTIONS["frame_reach"].hi,
+                            "tooltip": OPTIONS["frame_reach"].help.replace("None =", "-1 =")}),
 }
 
 
@@ -44,7 +48,7 @@ class TomesdExtTokenMerging(ModelPatchNode):
         "self-attention (queries, keys and values) and copies the result back after it, so "
         "sampling is faster at a small cost in detail. On the transformers Flux.1, Flux.2, SD3/SD3.5, "
         "Qwen-Image, PixArt, Lumina2/Z-Image and the video transformers Wan 2.1/2.2, HunyuanVideo and LTX-Video (st: window depth in "
-        "latent frames; keep_first_frame: an image-to-video frame stays unmerged) it merges the image tokens of each block (dit_mode block: the whole block "
+        "latent frames; keep_first_frame: an image-to-video frame stays unmerged; frame_reach: how many latent frames away a token may merge, -1 = any) it merges the image tokens of each block (dit_mode block: the whole block "
         "runs on fewer tokens and its update is copied back; kv: keys and values only); text tokens "
         "are never merged, and max_downsample and merge_* apply to UNets only. Put it between the "
         "model loader (and LoRA) and the sampler. Another model type passes through unchanged with "
@@ -70,14 +74,15 @@ class TomesdExtTokenMerging(ModelPatchNode):
 
     @staticmethod
     def options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
-                min_tokens=None, dit_mode="auto", skip_ends=SKIP_ENDS_AUTO, st=2, keep_first_frame=False) -> "ToMeOptions":
+                min_tokens=None, dit_mode="auto", skip_ends=SKIP_ENDS_AUTO, st=2, keep_first_frame=False,
+                frame_reach=FRAME_REACH_ANY) -> "ToMeOptions":
         """Validated ToMeOptions from the widget values (raises OptionError with the limit)."""
         # values go to the option check as they are: a wrong type is an OptionError naming the input
         return ToMeOptions.create(
             ratio=ratio, max_downsample=combo_value(max_downsample), sx=sx, sy=sy, use_rand=use_rand,
             seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
             min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=None if skip_ends == SKIP_ENDS_AUTO else skip_ends,
-            st=st, keep_first_frame=keep_first_frame,
+            st=st, keep_first_frame=keep_first_frame, frame_reach=None if frame_reach == FRAME_REACH_ANY else frame_reach,
         )
 
     @staticmethod

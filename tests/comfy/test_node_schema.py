@@ -31,6 +31,7 @@ def test_schema_inputs_have_tooltips_defaults_and_limits():
         "merge_attn", "merge_crossattn", "merge_mlp", "min_tokens", "start_percent", "end_percent",
         "dit_mode", "skip_ends",  # added after the window: saved workflows keep their widget order
         "st", "keep_first_frame",  # video transformers, added after the transformer inputs
+        "frame_reach",  # added after them
     ]
     for name, (kind, spec) in required.items():
         assert spec.get("tooltip"), name

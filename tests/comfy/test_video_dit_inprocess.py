@@ -135,6 +135,8 @@ def _node_and_adapter(base, comfy_call, d, diffusers_call, kw):
     (2, (3, 8, 8), {}),
     (1, (5, 6, 10), {"st": 1}),
     (2, (4, 8, 6), {"keep_first_frame": True, "st": 3}),
+    (1, (5, 6, 10), {"st": 1, "frame_reach": 0}),  # spatial-only
+    (2, (5, 8, 8), {"frame_reach": 1}),  # st 2 with a trailing one-frame window
 ])
 def test_wan_block_mode_matches_diffusers_adapter(models, batch, thw, kw):
     """Same Wan weights (diffusers' own conversion of the ComfyUI state dict), input, ratio, seed

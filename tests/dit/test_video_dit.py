@@ -63,12 +63,19 @@ def test_keep_first_frame_leaves_its_tokens_alone():
 def test_spatio_temporal_windows_have_one_destination_each():
     f, h, w, st, sy, sx = 5, 6, 4, 2, 2, 2
     dst, src = window_partition(h, w, sx, sy, 11, frames=f, st=st)
-    assert dst.numel() == (f // st) * (h // sy) * (w // sx) and dst.numel() + src.numel() == f * h * w
+    # frames 0-1, 2-3 and the trailing frame 4 (a shallower window of its own)
+    assert dst.numel() == 3 * (h // sy) * (w // sx) and dst.numel() + src.numel() == f * h * w
     fr, rows, cols = dst // (h * w), (dst % (h * w)) // w, dst % w
     windows = set(zip((fr // st).tolist(), (rows // sy).tolist(), (cols // sx).tolist()))
     assert len(windows) == dst.numel()  # every window holds exactly one destination
     assert len(set((fr % st).tolist())) > 1  # destinations are drawn across the window's frames
-    # an image is the one-frame case: same draws as before frames/st existed
+    assert (fr == 4).sum() == (h // sy) * (w // sx)  # the trailing frame has destinations
+    # the full windows draw as they would without the trailing one
+    even = window_partition(h, w, sx, sy, 11, frames=4, st=st)[0]
+    assert torch.equal(dst[dst < 4 * h * w], even)
+    # frames < st: one window as deep as the clip; an image is the one-frame case
+    short = window_partition(h, w, sx, sy, 11, frames=2, st=3)[0]
+    assert short.numel() == (h // sy) * (w // sx)
     assert torch.equal(window_partition(8, 6, 2, 2, 5)[0], window_partition(8, 6, 2, 2, 5, frames=1, st=1)[0])
 
 
@@ -97,3 +104,43 @@ def test_two_expert_pipelines_patch_both_transformers():
     assert all(not torch.equal(o, r) for o, r in zip(outs, refs))
     remove_tome(pipe)
     assert all(torch.equal(run(t, kw, sample), r) for t, r in zip((pipe.transformer, pipe.transformer_2), refs))
+
+
+def test_frame_reach_limits_matching_to_near_frames():
+    from tomesd_ext.core import OptionError, ToMeOptions, bipartite_plan
+
+    f, h, w = 5, 6, 4
+    metric = torch.randn(2, f * h * w, 8, generator=torch.Generator().manual_seed(3))
+    for st, reach in ((1, 0), (2, 1)):
+        dst, src = window_partition(h, w, 2, 2, 7, frames=f, st=st)
+        r = src.numel() // 2
+        plan = bipartite_plan(metric, dst, src, r, grid=(f, h, w), frame_reach=reach)
+        group = plan.group  # (B, N): every token's group; groups [dst | kept sources]
+        merged = group[:, src] < dst.numel()  # sources that joined a destination
+        assert merged.sum(1).tolist() == [r, r]
+        gap = (src // (h * w)).expand(2, -1)[merged] - (dst[group[:, src][merged]] // (h * w))
+        assert gap.abs().max() <= reach
+        assert (gap != 0).any() == (reach > 0)  # with reach 1, some sources do merge across frames
+        # a reach that spans the clip is the global matching, bit for bit
+        wide = bipartite_plan(metric, dst, src, r, grid=(f, h, w), frame_reach=f - 1)
+        full = bipartite_plan(metric, dst, src, r, grid=(f, h, w))
+        assert torch.equal(wide.group, full.group) and torch.equal(wide.size, full.size)
+    assert ToMeOptions.create(st=1, frame_reach=0).frame_reach == 0
+    with pytest.raises(OptionError, match=r"frame_reach=0 .*\[1, 64\] with st=2"):
+        ToMeOptions.create(frame_reach=0)
+    with pytest.raises(OptionError, match="frame_reach=65"):
+        ToMeOptions.create(frame_reach=65)
+
+
+def test_frame_reach_on_a_model():
+    m, kw, sample = make_video("wan", frames=4)
+    ref = run(m, kw, sample)
+    apply_tome(m, 0.5, seed=0, min_tokens=0, st=1)
+    anywhere = run(m, kw, sample)
+    apply_tome(m, 0.5, seed=0, min_tokens=0, st=1, frame_reach=3)  # spans the 4 latent frames
+    assert torch.equal(run(m, kw, sample), anywhere)
+    apply_tome(m, 0.5, seed=0, min_tokens=0, st=1, frame_reach=0)
+    own = run(m, kw, sample)
+    assert not torch.equal(own, anywhere) and 0 < rel(own, ref) < 0.5
+    remove_tome(m)
+    assert torch.equal(run(m, kw, sample), ref)

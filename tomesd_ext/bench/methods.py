@@ -218,9 +218,12 @@ _DIT_MODES = {
 for _mode, _what in _DIT_MODES.items():
     register(Method(f"tome-{_mode}", _dit_mode_method(_mode), _tome_remove, f"ours on a DiT, dit_mode='{_mode}': {_what}",
                     models=("dit", "video")))
-register(Method("tome-spatial", _dit_mode_method("auto", st=1), _tome_remove,
+register(Method("tome-spatial", _dit_mode_method("auto", st=1, frame_reach=0), _tome_remove,
+                "ours on a video transformer, spatial-only: st=1, frame_reach=0 (per-frame windows, every token "
+                "merges within its own frame: image ToMe on each frame)", models=("video",)))
+register(Method("tome-st1", _dit_mode_method("auto", st=1), _tome_remove,
                 "ours on a video transformer with st=1: per-frame windows (one destination per sy x sx window of "
-                "a frame; matching still across all frames)", models=("video",)))
+                "a frame), matching across all frames", models=("video",)))
 register(
     Method(
         "importance",

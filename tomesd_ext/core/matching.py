@@ -1,7 +1,8 @@
 """Bipartite soft matching (ToMe, Bolya et al. 2023; ToMe-SD sec. 3) -> MergePlan.
 
 Each source token finds its most similar destination (cosine similarity of the metric);
-the r sources with the highest similarity merge into their destination, the rest stay.
+the r sources with the highest similarity merge into their destination, the rest stay. On a
+video grid the search may be limited to destinations at most ``frame_reach`` frames away.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import kernels
+from ..kernels.torch_ops import SCORE_CHUNK_BYTES
 from .plan import MergePlan
 
 EPS = 1e-6
@@ -35,7 +37,8 @@ def bipartite_plan(
     src_idx: torch.Tensor,
     r: int,
     priority: Optional[torch.Tensor] = None,
-    grid: Optional[Tuple[int, int]] = None,
+    grid: Optional[Tuple[int, ...]] = None,
+    frame_reach: Optional[int] = None,
 ) -> MergePlan:
     """Match sources to destinations and merge the r best sources.
 
@@ -43,16 +46,50 @@ def bipartite_plan(
     cond/uncond halves of a CFG batch share one partition); r <= S.
     priority: optional (B, S) key added to the similarity before ranking (a larger key merges
     first), e.g. a large constant for unimportant tokens (importance-based merging).
+    frame_reach: on a video grid (frames, h, w), a source only matches destinations at most this
+    many frames away (0: its own frame); None: any destination. Every source must have one in
+    reach (the window partition guarantees it for frame_reach >= st - 1).
     Returns a plan with groups [destinations (D) | kept sources (S - r), by descending score].
     """
     S = src_idx.numel()
     if not 0 <= r <= S:
         raise ValueError(f"r={r} must be in [0, {S}] (number of sources)")
     m = normalize_metric(metric)
-    score, target = kernels.best_match(m[:, src_idx], m[:, dst_idx])
+    if frame_reach is None:
+        score, target = kernels.best_match(m[:, src_idx], m[:, dst_idx])
+    else:
+        if grid is None or len(grid) != 3:
+            raise ValueError(f"frame_reach={frame_reach} needs a (frames, h, w) grid, got {grid}")
+        per_frame = grid[1] * grid[2]
+        score, target = best_match_near(m[:, src_idx], m[:, dst_idx], src_idx // per_frame, dst_idx // per_frame, frame_reach)
     if priority is not None:
         score = score + priority
     return plan_from_matches(score, target, dst_idx, src_idx, r, metric.shape[1], grid)
+
+
+def best_match_near(
+    src: torch.Tensor, dst: torch.Tensor, src_frame: torch.Tensor, dst_frame: torch.Tensor, reach: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per source row, the best destination among those at most ``reach`` frames away.
+
+    src: (B, S, C), dst: (B, D, C) L2-normalised; src_frame (S,), dst_frame (D,) their frame
+    numbers -> (score (B, S) float32, index (B, S) long); ties resolve to the lowest index (as
+    kernels.best_match). A source with no destination in reach gets score -inf. Pure torch on
+    every device (no CUDA kernel); score rows are chunked as in kernels.best_match.
+    """
+    B, S, _ = src.shape
+    D = dst.shape[1]
+    dst_t = dst.transpose(1, 2)
+    rows = max(1, SCORE_CHUNK_BYTES // max(1, B * D * 4))
+    scores = [torch.empty(B, 0, device=src.device)]
+    indices = [torch.empty(B, 0, dtype=torch.long, device=src.device)]
+    for start in range(0, S, rows):
+        sim = torch.bmm(src[:, start : start + rows], dst_t).float()
+        far = (src_frame[start : start + rows, None] - dst_frame[None, :]).abs() > reach
+        s, i = sim.masked_fill_(far, float("-inf")).max(dim=-1)
+        scores.append(s)
+        indices.append(i)
+    return torch.cat(scores, 1), torch.cat(indices, 1)
 
 
 def plan_from_matches(

@@ -181,6 +181,10 @@ TOME_OPTIONS = _table(
            "tokens merge across neighbouring frames; 1 = per-frame windows. Images ignore it.", lo=1, hi=16),
     Option("keep_first_frame", "bool", False, "bool",
            "Video transformers: the first latent frame (an image-to-video conditioning frame) is never merged.",),
+    Option("frame_reach", "int", None, "None or int in [st - 1, 64]",
+           "Video transformers: a token merges only into a destination at most this many latent frames away; "
+           "None = any frame, 0 (with st=1) = its own frame (spatial-only merging, no mixing across frames).",
+           lo=0, hi=64),
     Option("skip_ends", "int", None, "None or int in [0, 64]",
            "Transformers: this many blocks at each end of the network stay unmerged; None = the family's "
            "measured default. UNets ignore it.", lo=0, hi=64),
@@ -211,8 +215,10 @@ class ToMeOptions:
     reuse_steps: keep plans for this many consecutive steps (1 = recompute every step).
     dit_mode, skip_ends: transformers only (core/dit.py): "block" or "kv" merging, and the blocks
         left unmerged at each end; "auto" / None take the family's measured defaults.
-    st, keep_first_frame: video transformers only: the window depth in latent frames, and whether
-        the first latent frame (image-to-video conditioning) stays unmerged.
+    st, keep_first_frame, frame_reach: video transformers only: the window depth in latent frames,
+        whether the first latent frame (image-to-video conditioning) stays unmerged, and how many
+        frames away a token may find its destination (None: any; at least st - 1, so every token
+        reaches its own window's destination).
     min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
         the matching and bookkeeping cost more than the smaller attention saves; the default
         comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always;
@@ -239,6 +245,7 @@ class ToMeOptions:
     skip_ends: Optional[int] = None
     st: int = 2
     keep_first_frame: bool = False
+    frame_reach: Optional[int] = None
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -280,6 +287,11 @@ class ToMeOptions:
         check_option(table["dit_mode"], o.dit_mode)
         check_option(table["st"], o.st)
         check_option(table["keep_first_frame"], o.keep_first_frame)
+        if o.frame_reach is not None:
+            check_option(table["frame_reach"], o.frame_reach)
+            if o.frame_reach < o.st - 1:
+                raise OptionError(f"frame_reach={o.frame_reach} is out of range: allowed None or [st - 1, 64] = "
+                                  f"[{o.st - 1}, 64] with st={o.st} (a token must reach its own window's destination)")
         if o.skip_ends is not None:
             check_option(table["skip_ends"], o.skip_ends)
         seed = resolve_seed(o.seed)

@@ -37,23 +37,33 @@ def window_partition(
     """Split the frames*h*w raster indices (frame-major, then row-major) into (dst_idx, src_idx),
     both sorted ascending.
 
-    dst_idx: one per st x sy x sx window, (floor(frames/st) * floor(h/sy) * floor(w/sx),);
-    src_idx: (N - N_dst,). Images are frames = st = 1. seed None -> the first token of every
-    window (tomesd's use_rand=False). The draws do not depend on frames/st for an image, so an
-    image partition is the same with or without them.
+    dst_idx: one per st x sy x sx window, (ceil(frames/st) * floor(h/sy) * floor(w/sx),): when st
+    does not divide frames, the last frames form one shallower window of their own (a video's odd
+    trailing latent frame gets destinations too); src_idx: (N - N_dst,). Tokens of the bottom rows /
+    right columns that do not fill a window are sources. Images are frames = st = 1. seed None ->
+    the first token of every window (tomesd's use_rand=False). The full windows' draws do not
+    depend on the trailing window, so an image partition is the same with or without frames/st.
     """
-    fst, hsy, wsx = frames // st, h // sy, w // sx
+    full, rest = divmod(frames, st)
+    hsy, wsx = h // sy, w // sx
     n = frames * h * w
-    if fst == 0 or hsy == 0 or wsx == 0:
+    if frames == 0 or hsy == 0 or wsx == 0:
         return torch.empty(0, dtype=torch.long, device=device), torch.arange(n, device=device)
-    volume = st * sy * sx
-    if seed is None:
-        off = torch.zeros(fst, hsy, wsx, dtype=torch.long)
-    else:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        off = torch.randint(volume, (fst, hsy, wsx), generator=gen)
-    plane = off % (sx * sy)
-    frame = torch.arange(fst).view(-1, 1, 1) * st + off // (sx * sy)
+    plane_size = sx * sy
+    gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+
+    def offsets(windows: int, depth: int) -> torch.Tensor:  # (windows, hsy, wsx) in [0, depth*sx*sy)
+        if gen is None:
+            return torch.zeros(windows, hsy, wsx, dtype=torch.long)
+        return torch.randint(depth * plane_size, (windows, hsy, wsx), generator=gen)
+
+    off = offsets(full, st)
+    first = torch.arange(full) * st
+    if rest:
+        off = torch.cat([off, offsets(1, rest)])
+        first = torch.cat([first, torch.tensor([full * st])])
+    plane = off % plane_size
+    frame = first.view(-1, 1, 1) + off // plane_size
     rows = torch.arange(hsy).view(1, -1, 1) * sy + plane // sx
     cols = torch.arange(wsx).view(1, 1, -1) * sx + plane % sx
     dst = ((frame * h + rows) * w + cols).flatten()

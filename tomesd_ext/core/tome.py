@@ -36,8 +36,8 @@ def tome_plan(
 
     The partition has no batch dimension: every sample of the call (cond and uncond halves,
     several images) uses the same destinations; matching is per sample and global, so in a video
-    a source merges into the most similar destination of any frame. Video windows span opts.st
-    frames (images and st = 1: one frame). partition: (dst, src) drawn already for this seed
+    a source merges into the most similar destination of any frame (of the frames within
+    opts.frame_reach when set). Video windows span opts.st frames (images and st = 1: one frame). partition: (dst, src) drawn already for this seed
     (``TomePolicy.draw_partition``); seed is then unused.
     """
     n = frames * h * w
@@ -50,7 +50,9 @@ def tome_plan(
     r = tokens_to_remove(opts.ratio, n, src.numel())
     if r == 0 or dst.numel() == 0:
         return None
-    return bipartite_plan(metric, dst, src, r, grid=(h, w) if frames == 1 else (frames, h, w))
+    if frames == 1:
+        return bipartite_plan(metric, dst, src, r, grid=(h, w))
+    return bipartite_plan(metric, dst, src, r, grid=(frames, h, w), frame_reach=opts.frame_reach)
 
 
 class TomePolicy:

@@ -112,6 +112,7 @@ def apply_tome(
     skip_ends=None,
     st: int = 2,
     keep_first_frame: bool = False,
+    frame_reach=None,
 ):
     """Patch a diffusers pipeline's denoiser in place; returns the argument.
 
@@ -120,7 +121,7 @@ def apply_tome(
     QwenImageTransformer2DModel, ZImageTransformer2DModel, PixArtTransformer2DModel (image tokens
     only; dit_mode and skip_ends apply to them, max_downsample and merge_* to UNets) and the video
     transformers WanTransformer3DModel (a Wan 2.2 pipeline's transformer_2 too),
-    HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel (st, keep_first_frame).
+    HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel (st, keep_first_frame, frame_reach).
 
     mode="importance" draws destinations from the tokens with the largest CFG difference of the
     previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
@@ -132,7 +133,7 @@ def apply_tome(
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, mode=mode,
         pool_factor=pool_factor, cfg_layout=cfg_layout, prune_steps=prune_steps, reuse=reuse,
         reuse_steps=reuse_steps, min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=skip_ends,
-        st=st, keep_first_frame=keep_first_frame,
+        st=st, keep_first_frame=keep_first_frame, frame_reach=frame_reach,
     )
     second = second_denoisers(pipe_or_model)
     _install(pipe_or_model, opts)
