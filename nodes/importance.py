@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .base import MODEL_INPUT, WINDOW_INPUTS, combo_value
 from .library import comfy_adapter, core
-from .tome import TomesdExtTokenMerging, tome_widgets
+from .tome import TomesdExtTokenMerging, tome_widgets, window_inputs_error
 
 ToMeOptions = core.ToMeOptions
 # use_rand is left out: the draw from the importance pool is always seeded-random
@@ -34,6 +34,11 @@ class TomesdExtImportanceMerging(TomesdExtTokenMerging):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": MODEL_INPUT, **tome_widgets(WIDGETS), **WINDOW_INPUTS}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2):
+        # named inputs only (see TomesdExtTokenMerging.VALIDATE_INPUTS); no video inputs here
+        return window_inputs_error(cls, start_percent, end_percent, sx, sy) or True
 
     @staticmethod
     def options(ratio, max_downsample, sx, sy, seed, pool_factor, prune_steps, merge_attn, merge_crossattn,

@@ -40,6 +40,17 @@ def tome_widgets(names=WIDGETS) -> dict:
     }
 
 
+def window_inputs_error(cls, start_percent, end_percent, sx, sy):
+    """The message for a bad sampling window or destination window of node ``cls``, else None."""
+    error = range_error(cls, start_percent=start_percent, end_percent=end_percent, sx=sx, sy=sy)
+    error = error or window_error(start_percent, end_percent)
+    if error:
+        return error
+    if sx * sy < 2:
+        return f"sx*sy must be >= 2 (one destination per window), got sx={sx}, sy={sy}"
+    return None
+
+
 class TomesdExtTokenMerging(ModelPatchNode):
     """Token Merging for Stable Diffusion (Bolya & Hoffman 2023) with Q, K and V merged."""
 
@@ -61,15 +72,16 @@ class TomesdExtTokenMerging(ModelPatchNode):
         return {"required": {"model": MODEL_INPUT, **tome_widgets(), **WINDOW_INPUTS, **DIT_INPUTS}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2):
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2, st=2, frame_reach=FRAME_REACH_ANY):
         # No **kwargs: ComfyUI skips its own min/max check for every input a VALIDATE_INPUTS
         # receives (all of them with **kwargs), so the inputs named here are range-checked here.
-        error = range_error(cls, start_percent=start_percent, end_percent=end_percent, sx=sx, sy=sy)
-        error = error or window_error(start_percent, end_percent)
+        error = window_inputs_error(cls, start_percent, end_percent, sx, sy)
+        error = error or range_error(cls, st=st, frame_reach=frame_reach)
         if error:
             return error
-        if sx * sy < 2:
-            return f"sx*sy must be >= 2 (one destination per window), got sx={sx}, sy={sy}"
+        if frame_reach != FRAME_REACH_ANY and frame_reach < st - 1:
+            return (f"frame_reach={frame_reach} is out of range: allowed -1 (any frame) or [st - 1, 64] = "
+                    f"[{st - 1}, 64] with st={st} (a token must reach its own window's destination)")
         return True
 
     @staticmethod

@@ -56,7 +56,7 @@ def schema_of(node_id, definition) -> io.Schema:
 
 # No node class derives from another: ComfyUI caches a node's schema fields (description,
 # return types, ...) on the class, and a subclass would inherit its parent's. The shared parts
-# are plain mixins. Their validate_inputs names its inputs (no **kwargs): ComfyUI skips its own
+# are plain mixins. Each validate_inputs names its inputs (no **kwargs): ComfyUI skips its own
 # min/max check of every input the function receives, and the definition's VALIDATE_INPUTS
 # range-checks those itself.
 
@@ -70,18 +70,21 @@ class _Execute:
         return io.NodeOutput(cls.DEFINITION().patch(model, **widgets)[0])
 
 
-class _ToMeValidation:
+class TomesdExtTokenMerging(_Execute, io.ComfyNode):
+    NODE_ID, DEFINITION = "TomesdExtTokenMerging", ToMeDefinition
+
+    @classmethod
+    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2, st=2, frame_reach=-1):
+        return cls.DEFINITION.VALIDATE_INPUTS(start_percent=start_percent, end_percent=end_percent, sx=sx, sy=sy,
+                                              st=st, frame_reach=frame_reach)
+
+
+class TomesdExtImportanceMerging(_Execute, io.ComfyNode):
+    NODE_ID, DEFINITION = "TomesdExtImportanceMerging", ImportanceDefinition
+
     @classmethod
     def validate_inputs(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2):
         return cls.DEFINITION.VALIDATE_INPUTS(start_percent=start_percent, end_percent=end_percent, sx=sx, sy=sy)
-
-
-class TomesdExtTokenMerging(_Execute, _ToMeValidation, io.ComfyNode):
-    NODE_ID, DEFINITION = "TomesdExtTokenMerging", ToMeDefinition
-
-
-class TomesdExtImportanceMerging(_Execute, _ToMeValidation, io.ComfyNode):
-    NODE_ID, DEFINITION = "TomesdExtImportanceMerging", ImportanceDefinition
 
 
 class TomesdExtVidToMe(_Execute, io.ComfyNode):

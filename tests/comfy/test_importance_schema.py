@@ -64,12 +64,13 @@ def test_options_from_widgets_and_errors():
 
 def test_validate_inputs_leaves_comfyui_range_checks_on():
     """ComfyUI skips its min/max check for inputs that VALIDATE_INPUTS receives (all of them when
-    it takes **kwargs): ours names only the four it checks itself."""
+    it takes **kwargs): ours names only those it checks itself."""
     import inspect
 
-    for cls in (TomesdExtTokenMerging, TomesdExtImportanceMerging):
+    checked = {"start_percent", "end_percent", "sx", "sy"}
+    for cls, extra in ((TomesdExtTokenMerging, {"st", "frame_reach"}), (TomesdExtImportanceMerging, set())):
         spec = inspect.getfullargspec(cls.VALIDATE_INPUTS)
-        assert spec.varkw is None and set(spec.args) - {"cls"} == {"start_percent", "end_percent", "sx", "sy"}
+        assert spec.varkw is None and set(spec.args) - {"cls"} == checked | extra
 
 
 def _state(**kw):

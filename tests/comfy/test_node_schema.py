@@ -65,6 +65,10 @@ def test_validate_inputs():
     assert TomesdExtTokenMerging.VALIDATE_INPUTS(start_percent=0.2, end_percent=0.8) is True
     assert "must not exceed" in TomesdExtTokenMerging.VALIDATE_INPUTS(start_percent=0.9, end_percent=0.1)
     assert "sx*sy" in TomesdExtTokenMerging.VALIDATE_INPUTS(sx=1, sy=1)
+    assert TomesdExtTokenMerging.VALIDATE_INPUTS(st=1, frame_reach=0) is True
+    assert "frame_reach=0 is out of range" in TomesdExtTokenMerging.VALIDATE_INPUTS(st=2, frame_reach=0)
+    assert "frame_reach=65" in TomesdExtTokenMerging.VALIDATE_INPUTS(frame_reach=65)
+    assert "st=0" in TomesdExtTokenMerging.VALIDATE_INPUTS(st=0)
 
 
 def _state(ratio=0.5, **kw):

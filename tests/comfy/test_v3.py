@@ -70,6 +70,7 @@ def test_execute_and_validate_go_through_the_definition(v3, caplog):
         assert out.result == (model,)  # not a UNet: passed through, with a warning
     assert caplog.text.count("cannot patch FakeDiT") == len(v3.V3_NODES)
     assert "sx*sy" in v3.TomesdExtTokenMerging.validate_inputs(sx=1, sy=1)
+    assert "frame_reach=0" in v3.TomesdExtTokenMerging.validate_inputs(st=2, frame_reach=0)
     assert "must not exceed" in v3.TomesdExtImportanceMerging.validate_inputs(start_percent=0.9, end_percent=0.1)
     assert "out of range" in v3.TomesdExtVidToMe.validate_inputs(end_percent=1.5)
     assert v3.TomesdExtVidToMe.validate_inputs(start_percent=0.2, end_percent=0.8) is True
