@@ -79,9 +79,8 @@ class TomesdExtTokenMerging(ModelPatchNode):
         error = error or range_error(cls, st=st, frame_reach=frame_reach)
         if error:
             return error
-        if frame_reach != FRAME_REACH_ANY and frame_reach < st - 1:
-            return (f"frame_reach={frame_reach} is out of range: allowed -1 (any frame) or [st - 1, 64] = "
-                    f"[{st - 1}, 64] with st={st} (a token must reach its own window's destination)")
+        if frame_reach != FRAME_REACH_ANY:
+            return core.options.frame_reach_error(frame_reach, st, unset=str(FRAME_REACH_ANY)) or True
         return True
 
     @staticmethod

@@ -1,5 +1,5 @@
 """edit-video never deletes what it did not write, refuses bad jobs before any model loads, and
-never reports success for a job that did not run as described (issue 17)."""
+never reports success for a job that did not run as described."""
 
 import json
 import os

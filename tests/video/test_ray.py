@@ -1,4 +1,4 @@
-"""edit-video --ray (issue 13): real Ray, one local cluster (2 CPUs) for the module, tiny model.
+"""edit-video --ray: real Ray, one local cluster (2 CPUs) for the module, tiny model.
 
 Outputs are compared bit for bit with the serial run: both run torch on one thread (conftest; a
 worker's threads are its CPU share, 1 here), since the thread count changes float reduction

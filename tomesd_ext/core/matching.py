@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import kernels
-from ..kernels.torch_ops import SCORE_CHUNK_BYTES
+from ..kernels import torch_ops
 from .plan import MergePlan
 
 EPS = 1e-6
@@ -73,23 +73,11 @@ def best_match_near(
     """Per source row, the best destination among those at most ``reach`` frames away.
 
     src: (B, S, C), dst: (B, D, C) L2-normalised; src_frame (S,), dst_frame (D,) their frame
-    numbers -> (score (B, S) float32, index (B, S) long); ties resolve to the lowest index (as
-    kernels.best_match). A source with no destination in reach gets score -inf. Pure torch on
-    every device (no CUDA kernel); score rows are chunked as in kernels.best_match.
+    numbers -> (score (B, S) float32, index (B, S) long); ties resolve to the lowest index. A
+    source with no destination in reach gets score -inf. The torch matcher on every device (no
+    CUDA kernel), its score rows chunked.
     """
-    B, S, _ = src.shape
-    D = dst.shape[1]
-    dst_t = dst.transpose(1, 2)
-    rows = max(1, SCORE_CHUNK_BYTES // max(1, B * D * 4))
-    scores = [torch.empty(B, 0, device=src.device)]
-    indices = [torch.empty(B, 0, dtype=torch.long, device=src.device)]
-    for start in range(0, S, rows):
-        sim = torch.bmm(src[:, start : start + rows], dst_t).float()
-        far = (src_frame[start : start + rows, None] - dst_frame[None, :]).abs() > reach
-        s, i = sim.masked_fill_(far, float("-inf")).max(dim=-1)
-        scores.append(s)
-        indices.append(i)
-    return torch.cat(scores, 1), torch.cat(indices, 1)
+    return torch_ops.best_match(src, dst, lambda a, b: (src_frame[a:b, None] - dst_frame[None, :]).abs() > reach)
 
 
 def plan_from_matches(

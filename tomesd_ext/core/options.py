@@ -82,6 +82,15 @@ def check_option(option, value):
     raise ValueError(f"check_option does not check {option.kind} options ({option.name})")
 
 
+def frame_reach_error(frame_reach: int, st: int, unset: str = "None") -> Optional[str]:
+    """The message when a frame_reach (not unset) is below st - 1, else None: every token must
+    reach its own st-frame window's destination. unset: how the front end writes "any frame"."""
+    if frame_reach >= st - 1:
+        return None
+    return (f"frame_reach={frame_reach} is out of range: allowed {unset} (any frame) or [st - 1, 64] = "
+            f"[{st - 1}, 64] with st={st} (a token must reach its own window's destination)")
+
+
 def resolve_seed(seed) -> int:
     """An int >= 0 as given, or (None) one drawn once from torch's global RNG."""
     if seed is None:
@@ -289,9 +298,9 @@ class ToMeOptions:
         check_option(table["keep_first_frame"], o.keep_first_frame)
         if o.frame_reach is not None:
             check_option(table["frame_reach"], o.frame_reach)
-            if o.frame_reach < o.st - 1:
-                raise OptionError(f"frame_reach={o.frame_reach} is out of range: allowed None or [st - 1, 64] = "
-                                  f"[{o.st - 1}, 64] with st={o.st} (a token must reach its own window's destination)")
+            error = frame_reach_error(o.frame_reach, o.st)
+            if error:
+                raise OptionError(error)
         if o.skip_ends is not None:
             check_option(table["skip_ends"], o.skip_ends)
         seed = resolve_seed(o.seed)

@@ -11,25 +11,29 @@ import torch
 SCORE_CHUNK_BYTES = 64 * 2**20
 
 
-def best_match(src: torch.Tensor, dst: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def best_match(src: torch.Tensor, dst: torch.Tensor, excluded=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per source row, the best destination by dot product.
 
     src: (B, S, C), dst: (B, D, C), both L2-normalised -> (score (B, S) float32, index (B, S) long).
-    Ties resolve to the lowest destination index.
+    Ties resolve to the lowest destination index. excluded: optional ``(start, stop) -> (stop -
+    start, D) bool`` naming the pairs a chunk of source rows may not match (score -inf there).
     """
     B, S, _ = src.shape
     D = dst.shape[1]
     dst_t = dst.transpose(1, 2)
     rows = max(1, SCORE_CHUNK_BYTES // max(1, B * D * src.element_size()))
+
+    def chunk(start, stop):
+        sim = torch.bmm(src[:, start:stop], dst_t)
+        if excluded is None:
+            score, index = sim.max(dim=-1)
+            return score.float(), index
+        return sim.float().masked_fill_(excluded(start, stop), float("-inf")).max(dim=-1)
+
     if rows >= S:
-        score, index = torch.bmm(src, dst_t).max(dim=-1)
-        return score.float(), index
-    scores, indices = [], []
-    for start in range(0, S, rows):
-        s, i = torch.bmm(src[:, start : start + rows], dst_t).max(dim=-1)
-        scores.append(s.float())
-        indices.append(i)
-    return torch.cat(scores, 1), torch.cat(indices, 1)
+        return chunk(0, S)
+    parts = [chunk(start, min(start + rows, S)) for start in range(0, S, rows)]
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
 
 def best_match_aligned(
