@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from comfy_env import import_comfy, importance_node, tome_node
-from dit_models import assert_same_merge, comfy_from_diffusers, inputs, run_diffusers, run_dit, tiny_comfy_qwen, tiny_diffusers
+from dit_models import (assert_same_merge, comfy_from_diffusers, inputs, recorded_plans, run_diffusers, run_dit, tiny_comfy_qwen,
+                        tiny_diffusers)
 
 pytestmark = pytest.mark.comfyui
 
@@ -134,8 +135,8 @@ def test_importance_node_passes_dit_through_with_one_warning(models, caplog):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_block_mode_matches_diffusers_adapter(models, family):
-    """Same weights, input, ratio and seed: the node's and apply_tome's merged outputs agree to
-    float noise (same metric, same plan, same merge); so do their merged-minus-unmerged deltas."""
+    """Same weights, input, ratio and seed: the node and apply_tome make the same plans, and their
+    merged outputs agree to the float noise of the two implementations (assert_same_merge)."""
     from tomesd_ext import apply_tome, remove_tome
 
     d, base = models[family]
@@ -144,14 +145,16 @@ def test_block_mode_matches_diffusers_adapter(models, family):
     for batch, hw in ((2, (16, 16)), (1, (12, 20) if family == "flux" else (12, 12))):
         x, ctx, conds = inputs(family, batch=batch, hw=hw)
         ref = run_dit(base, x, SIGMA, ctx, **conds)
-        out = run_dit(tome_node(base, ratio=0.5, seed=5, dit_mode="block"), x, SIGMA, ctx, **conds)
+        with recorded_plans() as comfy_plans:
+            out = run_dit(tome_node(base, ratio=0.5, seed=5, dit_mode="block"), x, SIGMA, ctx, **conds)
         dref = run_diffusers(d, family, x, SIGMA, ctx, conds)
         apply_tome(d, 0.5, seed=5, min_tokens=0, dit_mode="block")
         try:
-            dout = run_diffusers(d, family, x, SIGMA, ctx, conds)
+            with recorded_plans() as diffusers_plans:
+                dout = run_diffusers(d, family, x, SIGMA, ctx, conds)
         finally:
             remove_tome(d)
-        assert_same_merge(ref, out, dref, dout)
+        assert_same_merge(ref, out, dref, dout, comfy_plans, diffusers_plans)
 
 
 @pytest.mark.parametrize("mode", ("block", "kv"))

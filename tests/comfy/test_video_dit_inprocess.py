@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from comfy_env import import_comfy, tome_node
-from dit_models import assert_same_merge, run_dit
+from dit_models import assert_same_merge, recorded_plans, run_dit
 from video_dit_models import (diffusers_ltx_from_comfy, diffusers_wan_from_comfy, run_diffusers_ltx, run_diffusers_wan,
                               tiny_comfy_video, video_inputs)
 
@@ -116,19 +116,23 @@ def test_hunyuan_blocks_and_skip_ends(models):
 
 
 def _node_and_adapter(base, comfy_call, d, diffusers_call, kw):
-    """(ref, out, dref, dout): ComfyUI's model unpatched and through the node, diffusers' model
-    unpatched and under apply_tome, at ratio 0.5, seed 5, block mode and ``kw``.
+    """(ref, out, dref, dout, comfy plans, diffusers plans): ComfyUI's model unpatched and through
+    the node, diffusers' model unpatched and under apply_tome, at ratio 0.5, seed 5, block mode
+    and ``kw``, and the plans each merged run made.
     comfy_call(patcher) and diffusers_call() run one call on the same input."""
     from tomesd_ext import apply_tome, remove_tome
 
-    ref, out = comfy_call(base), comfy_call(tome_node(base, ratio=0.5, seed=5, dit_mode="block", **kw))
+    ref = comfy_call(base)
+    with recorded_plans() as comfy_plans:
+        out = comfy_call(tome_node(base, ratio=0.5, seed=5, dit_mode="block", **kw))
     dref = diffusers_call()
     apply_tome(d, 0.5, seed=5, min_tokens=0, dit_mode="block", **kw)
     try:
-        dout = diffusers_call()
+        with recorded_plans() as diffusers_plans:
+            dout = diffusers_call()
     finally:
         remove_tome(d)
-    return ref, out, dref, dout
+    return ref, out, dref, dout, comfy_plans, diffusers_plans
 
 
 @pytest.mark.parametrize("batch, thw, kw", [
@@ -144,9 +148,9 @@ def test_wan_block_mode_matches_diffusers_adapter(models, batch, thw, kw):
     base = models["wan"]
     d = diffusers_wan_from_comfy(base)
     x, ctx, _ = video_inputs("wan", batch=batch, thw=thw)
-    ref, out, dref, dout = _node_and_adapter(base, lambda m: run_dit(m, x, SIGMA, ctx), d,
+    results = _node_and_adapter(base, lambda m: run_dit(m, x, SIGMA, ctx), d,
                                              lambda: run_diffusers_wan(d, x, SIGMA, ctx), kw)
-    assert_same_merge(ref, out, dref, dout, tol=1e-4)
+    assert_same_merge(*results)
 
 
 def test_wan_kv_merges_self_attention_only_when_text_has_the_video_length(models):
@@ -179,9 +183,9 @@ def test_wan22_per_frame_timesteps_match_diffusers_adapter(models, kw):
     x, ctx, _ = video_inputs("wan22", thw=(3, 8, 8))
     scale = torch.tensor([0.0, 1.0, 0.6]).expand(2, 3)  # a clean first (conditioning) frame
     mask = scale[:, None, :, None, None].expand(2, 1, 3, 8, 8).contiguous()
-    ref, out, dref, dout = _node_and_adapter(base, lambda m: run_dit(m, x, SIGMA, ctx, denoise_mask=mask), d,
+    results = _node_and_adapter(base, lambda m: run_dit(m, x, SIGMA, ctx, denoise_mask=mask), d,
                                              lambda: run_diffusers_wan(d, x, SIGMA, ctx, frame_scale=scale), kw)
-    assert_same_merge(ref, out, dref, dout, tol=1e-4)
+    assert_same_merge(*results)
 
 
 @pytest.mark.parametrize("kw", [{}, {"keep_first_frame": True, "st": 1}])
@@ -192,6 +196,6 @@ def test_ltx_block_mode_matches_diffusers_adapter(models, kw):
     base = models["ltxv"]
     d = diffusers_ltx_from_comfy(base)
     x, ctx, conds = video_inputs("ltxv", thw=(3, 4, 6))
-    ref, out, dref, dout = _node_and_adapter(base, lambda m: run_dit(m, x, SIGMA, ctx, **conds), d,
+    results = _node_and_adapter(base, lambda m: run_dit(m, x, SIGMA, ctx, **conds), d,
                                              lambda: run_diffusers_ltx(d, x, SIGMA, ctx), kw)
-    assert_same_merge(ref, out, dref, dout, tol=1e-5)
+    assert_same_merge(*results)
