@@ -16,6 +16,9 @@ from comfy_browser import chromium_missing
 from comfy_env import ComfyServer, comfyui_path, missing_reason
 
 CKPT_NAME = "tomesd_ext_sd15_random.safetensors"
+# SD1.5 widths, UNet cut to one level (tomesd_ext.models.configs "sd15-1level"): ComfyUI loads it as
+# SD1.5; for tests whose cost grows with the UNet's size (inductor compiling it)
+CKPT_1LEVEL_NAME = "tomesd_ext_sd15_1level_random.safetensors"
 
 
 def _skip_or_fail(items, marker, reason, what):
@@ -41,12 +44,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "browser: needs Chromium (Debian package) and playwright")
 
 
-@pytest.fixture(scope="session")
-def sd15_checkpoint():
+def _cached(name):
     from tomesd_ext.models.checkpoint import cached_checkpoint
 
     cache = os.environ.get("TOMESD_EXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tomesd_ext")
-    return cached_checkpoint(cache, "sd15", seed=0)
+    return cached_checkpoint(cache, name, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint():
+    return _cached("sd15")
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +69,13 @@ def comfy_server(tmp_path_factory):
 def sd15_server(comfy_server, sd15_checkpoint):
     """The server with the random SD1.5 checkpoint in models/checkpoints as CKPT_NAME."""
     comfy_server.add_checkpoint(CKPT_NAME, sd15_checkpoint)
+    return comfy_server
+
+
+@pytest.fixture(scope="session")
+def sd15_1level_server(comfy_server):
+    """The server with the one-level SD1.5-width checkpoint in models/checkpoints as CKPT_1LEVEL_NAME."""
+    comfy_server.add_checkpoint(CKPT_1LEVEL_NAME, _cached("sd15-1level"))
     return comfy_server
 
 

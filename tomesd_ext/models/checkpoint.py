@@ -165,7 +165,7 @@ def write_checkpoint(path, name: str = "sd15", seed: int = 0, dtype=torch.float1
     ``seed + 1``, text encoder ``seed + 2``) and save it as a ``.safetensors`` single file.
 
     The same (name, seed) gives the same UNet as ``build_unet(name, seed)`` rounded to ``dtype``.
-    Returns ``path``. Only SD1.x-shaped names are supported ("sd15", and "tiny", whose CLIP
+    Returns ``path``. Only SD1.x-shaped names are supported ("sd15", "sd15-1level", and "tiny", whose CLIP
     text tower has the same key layout; ComfyUI detects only the full-size one).
     """
     from safetensors.torch import save_file

@@ -85,6 +85,22 @@ SD15 = {
     "scheduler": {"_class_name": "PNDMScheduler", **_SCHEDULER},
 }
 
+# SD1.5 at its real width (320 channels, 8 heads, CLIP-L's 768-wide context; the SD1.5 VAE and
+# text encoder whole) with the UNet cut to its first level, one layer per block: attention at d=1
+# (what ToMe merges), in the middle block and in the up block. ComfyUI detects it as SD1.5 (by width
+# and context size) and compiles its UNet in a fraction of the full one's time (the stacking
+# workflow's test).
+SD15_1LEVEL = {
+    **SD15,
+    "unet": {
+        **_SD_UNET,
+        "down_block_types": ["CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D"],
+        "block_out_channels": [320],
+        "layers_per_block": 1,
+    },
+}
+
 SD21 = {  # stabilityai/stable-diffusion-2-1 (768-v)
     "family": "sd",
     "unet": {
@@ -212,6 +228,7 @@ CONFIGS = {
     "tiny-sd2": TINY_SD2,
     "tiny-sdxl": TINY_SDXL,
     "sd15": SD15,
+    "sd15-1level": SD15_1LEVEL,
     "sd21": SD21,
     "sdxl": SDXL,
 }
