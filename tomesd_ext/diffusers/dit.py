@@ -63,10 +63,10 @@ class DitCallStart:
         self.patch.rewrap()
         info = self.family.read(bind(module.forward, args, kwargs).arguments, module)
         grid, state = info.grid, self.state
-        state.n_txt, state.lead = info.n_txt, 0
+        state.n_txt, state.lead = info.n_txt, info.lead
         if grid is not None and len(grid) == 3:
             if self.patch.opts.keep_first_frame:
-                state.lead = grid[1] * grid[2]
+                state.lead += grid[1] * grid[2]
                 grid = (grid[0] - 1,) + tuple(grid[1:])
             if grid[0] == 1:
                 grid = tuple(grid[1:])
@@ -76,7 +76,7 @@ class DitCallStart:
         device = sample.device if isinstance(sample, torch.Tensor) else None
         self.patch.runtime.begin_call(grid, timestep_key(info.timestep), device=device)
         if self.before is not None:
-            self.before(info.sample, info.grid)
+            self.before(info.sample, info.grid, info.lead)
 
 
 class BlockMerge:

@@ -19,12 +19,15 @@ from ..core.dit import gather_span
 @dataclass(frozen=True)
 class CallInfo:
     """One transformer call: the image token grid (h, w) or video token grid (frames, h, w), the
-    text length, the timestep, the latent input (importance mode reads its CFG layout)."""
+    text length, the timestep, the latent input (importance mode reads its CFG layout), ``lead``:
+    image tokens before the grid in the block's sequence (LTX-Video conditioning tokens), never
+    merged."""
 
     grid: Optional[Tuple[int, ...]]
     n_txt: int
     timestep: object
     sample: object = None
+    lead: int = 0
 
 
 @dataclass(frozen=True)
