@@ -199,10 +199,45 @@ def _read_video_latent(a, model):
     return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), x)
 
 
+def _grid_from_coords(coords, n_tokens: int):
+    """(grid (frames, h, w), lead) of LTX-Video ``video_coords`` (B, 3, N) (frame, row, column of
+    every token; LTXConditionPipeline puts the tokens of conditioning clips before the video): the
+    video is the longest tail of frames that repeat the last frame's raster of rows and columns at
+    increasing frame coordinates; lead = the tokens before it. (None, 0) when there is no raster."""
+    if not isinstance(coords, torch.Tensor) or coords.ndim != 3 or coords.shape[1] != 3 or coords.shape[2] != n_tokens:
+        return None, 0
+    if not torch.equal(coords[:1].expand_as(coords), coords):  # rows of one layout
+        return None, 0
+    t, y, x = coords[0]
+    last_row = ((t == t[-1]) & (y == y[-1])).flip(0)
+    w = int(last_row.cumprod(0).sum())
+    plane = int((t == t[-1]).flip(0).cumprod(0).sum())
+    if w == 0 or plane % w:
+        return None, 0
+    h = plane // w
+    rows, cols = y[-plane:].reshape(h, w), x[-plane:].reshape(h, w)
+    raster = bool((rows == rows[:, :1]).all() and (cols == cols[:1]).all())
+    raster = raster and bool((rows[1:, 0] > rows[:-1, 0]).all() and (cols[0, 1:] > cols[0, :-1]).all())
+    if not raster:
+        return None, 0
+    k = n_tokens // plane
+    tail = coords[0, :, n_tokens - k * plane :].reshape(3, k, plane)
+    same = (tail[1:] == coords[0, 1:, -plane:].unsqueeze(1)).all(dim=2).all(dim=0) & (tail[0] == tail[0, :, :1]).all(dim=1)
+    rising = torch.ones(k, dtype=torch.bool, device=coords.device)
+    rising[:-1] = tail[0, :-1, 0] < tail[0, 1:, 0]
+    frames = int((same & rising).flip(0).cumprod(0).sum())
+    return (frames, h, w), n_tokens - frames * plane
+
+
 def _read_ltx(a, model):
+    x, coords = a.get("hidden_states"), a.get("video_coords")
     f, h, w = a.get("num_frames"), a.get("height"), a.get("width")
-    grid = (int(f), int(h), int(w)) if None not in (f, h, w) and a.get("video_coords") is None else None
-    return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), a.get("hidden_states"))
+    grid, lead = None, 0
+    if coords is not None and isinstance(x, torch.Tensor) and x.ndim == 3:  # rotary positions from the coordinates
+        grid, lead = _grid_from_coords(coords, x.shape[1])
+    elif None not in (f, h, w):
+        grid = (int(f), int(h), int(w))
+    return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), x, lead)
 
 
 FAMILIES = {
