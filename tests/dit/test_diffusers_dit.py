@@ -217,3 +217,25 @@ def test_pipeline_level_apply_finds_the_transformer():
     assert not torch.equal(run(pipe.transformer, kw, sample), ref)
     remove_tome(pipe)
     assert torch.equal(run(pipe.transformer, kw, sample), ref)
+
+
+def test_z_image_batch_of_one_grid_merges_and_of_two_sizes_says_why_once(caplog):
+    m, kw, sample = make("z-image", batch=2, h=12, w=10)
+    g = torch.Generator().manual_seed(3)
+    one_grid = dict(kw, cap_feats=[kw["cap_feats"][0], torch.randn(12, 24, generator=g)])  # captions differ
+    two_sizes = dict(kw, x=[torch.randn(4, 1, 24, 20, generator=g), torch.randn(4, 1, 16, 20, generator=g)])
+    with torch.no_grad():
+        ref_one = m(**one_grid).sample
+        ref_two = m(**two_sizes).sample
+    apply_tome(m, 0.0, seed=0, min_tokens=0)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(m(**one_grid).sample, ref_one))
+    apply_tome(m, 0.5, seed=0, min_tokens=0)
+    with caplog.at_level("WARNING", logger="tomesd_ext"), torch.no_grad():
+        merged = m(**one_grid).sample
+        twice = [m(**two_sizes).sample for _ in range(2)]
+    assert all(torch.isfinite(o).all() and 0 < rel(o, r) < 0.5 for o, r in zip(merged, ref_one))
+    assert all(torch.equal(a, b) for out in twice for a, b in zip(out, ref_two))
+    said = [r.getMessage() for r in caplog.records if "different sizes" in r.getMessage()]
+    assert len(said) == 1 and "z-image" in said[0] and "not merged" in said[0]
+    remove_tome(m)

@@ -75,6 +75,8 @@ class DitCallStart:
         sample = info.sample[0] if isinstance(info.sample, (list, tuple)) and info.sample else info.sample
         device = sample.device if isinstance(sample, torch.Tensor) else None
         self.patch.runtime.begin_call(grid, timestep_key(info.timestep), device=device)
+        if info.reason is not None:
+            say_once(self.patch.runtime, self.family, info.reason)
         if self.before is not None:
             self.before(info.sample, info.grid, info.lead)
 
@@ -108,9 +110,7 @@ class BlockMerge:
         rt = self.slot.runtime
         reason = self.family.positions(a, plan, self.state)
         if reason is not None:  # its positional inputs cannot follow the tokens
-            if not getattr(rt, "_reason_said", False):
-                rt._reason_said = True
-                log.warning("tomesd-ext: %s calls with %s are not merged (said once per patch)", self.family.name, reason)
+            say_once(rt, self.family, reason)
             return None
         merged = merge_span(x, plan, start)
         a[self.hidden] = merged
@@ -133,6 +133,14 @@ class BlockMerge:
                 )
             return True
         return False
+
+
+def say_once(runtime, family: Family, reason: str) -> None:
+    """Log once per patch and reason that the family's calls with ``reason`` are not merged."""
+    said = runtime.__dict__.setdefault("_reasons_said", set())
+    if reason not in said:
+        said.add(reason)
+        log.warning("tomesd-ext: %s calls with %s are not merged (said once per patch)", family.name, reason)
 
 
 def cache_keeps(module) -> bool:

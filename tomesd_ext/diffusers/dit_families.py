@@ -21,13 +21,14 @@ class CallInfo:
     """One transformer call: the image token grid (h, w) or video token grid (frames, h, w), the
     text length, the timestep, the latent input (importance mode reads its CFG layout), ``lead``:
     image tokens before the grid in the block's sequence (LTX-Video conditioning tokens), never
-    merged."""
+    merged; ``reason``: why a call with image tokens has no grid to merge (said once per patch)."""
 
     grid: Optional[Tuple[int, ...]]
     n_txt: int
     timestep: object
     sample: object = None
     lead: int = 0
+    reason: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,18 @@ def _read_qwen(a, model):
 
 
 def _read_z_image(a, model):
+    """x is a list of per-sample latents (C, F, H, W); every sample's image tokens come first in
+    its sequence. One plan serves the call, so all samples must share one grid."""
     x, p, fp = a.get("x"), a.get("patch_size", 2), a.get("f_patch_size", 1)
-    grid = None
+    grid, reason = None, None
     if isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape") and x[0].ndim == 4 and a.get("siglip_feats") is None:
         _, f, h, w = x[0].shape
-        if f // fp == 1 and all(tuple(t.shape) == tuple(x[0].shape) for t in x):
+        if any(tuple(t.shape[1:]) != tuple(x[0].shape[1:]) for t in x):
+            reason = ("images of different sizes in one batch (one merge plan serves every sample of a call, and "
+                      "their image token spans differ in length; call the transformer once per size to merge them)")
+        elif f // fp == 1:
             grid = (h // p, w // p)
-    return CallInfo(grid, 0, a.get("t"), x)
+    return CallInfo(grid, 0, a.get("t"), x, reason=reason)
 
 
 def _gather(a, name, plan, start, dim, element=None):
