@@ -189,3 +189,17 @@ def test_ltx_call_with_video_coords_merges(prefix_frames):
             assert seen[-1] == lead + n - int(0.5 * n)  # the conditioning tokens are never merged
     remove_tome(m)
     assert torch.equal(run(m, call, sample), ref)
+
+
+def test_ltx_video_coords_that_are_no_raster_are_said_once(caplog):
+    f, h, w = 3, 4, 5
+    m, kw, sample = make_video("ltx-video", batch=1, frames=f, h=h, w=w)
+    call, _lead = _ltx_condition_call(kw, 1, f, h, w, 0)
+    call["video_coords"] = call["video_coords"].flip(2)  # the last token is now the first position
+    ref = run(m, call, sample)
+    apply_tome(m, 0.5, seed=0, min_tokens=0)
+    with caplog.at_level("WARNING", logger="tomesd_ext"):
+        outs = [run(m, call, sample) for _ in range(2)]
+    assert all(torch.equal(o, ref) for o in outs)
+    said = [r.getMessage() for r in caplog.records if "video_coords" in r.getMessage()]
+    assert len(said) == 1 and "ltx-video" in said[0] and "not merged" in said[0]

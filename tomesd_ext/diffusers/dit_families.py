@@ -238,12 +238,14 @@ def _grid_from_coords(coords, n_tokens: int):
 def _read_ltx(a, model):
     x, coords = a.get("hidden_states"), a.get("video_coords")
     f, h, w = a.get("num_frames"), a.get("height"), a.get("width")
-    grid, lead = None, 0
+    grid, lead, reason = None, 0, None
     if coords is not None and isinstance(x, torch.Tensor) and x.ndim == 3:  # rotary positions from the coordinates
         grid, lead = _grid_from_coords(coords, x.shape[1])
+        if grid is None:
+            reason = "video_coords whose last tokens are no frames x rows x columns raster"
     elif None not in (f, h, w):
         grid = (int(f), int(h), int(w))
-    return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), x, lead)
+    return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), x, lead, reason)
 
 
 FAMILIES = {
