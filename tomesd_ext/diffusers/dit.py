@@ -13,7 +13,8 @@ The family facts (dit_families.py) say where the image tokens are; the algorithm
   SDPA (flash-attn, sage) run unmerged, said once.
 
 The call pre-hook reads the image grid from the call (position ids, latent shape, img_shapes)
-and starts the runtime's call; a call whose grid cannot be read merges nothing.
+and starts the runtime's call; a call whose grid cannot be read merges nothing (said once per patch
+when the family knows why: a Z-Image batch of several sizes, LTX-Video coordinates that are no raster).
 
 Beside diffusers' caches (``enable_cache``): they wrap ``module.forward`` of blocks or attentions,
 so torch hooks run outside them and a cache there sees what the hooks merged. Every step has its
