@@ -97,6 +97,10 @@ def test_skip_ends_and_second_node_replaces_first(models):
     all_blocks = [("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)]
     assert _replaced(tome_node(base, ratio=0.5)) == all_blocks
     assert _replaced(tome_node(base, ratio=0.5, skip_ends=1)) == [("double_block", 1), ("single_block", 0)]
+    from tomesd_ext.core import OptionError
+
+    with pytest.raises(OptionError, match=r"skip_ends=2 leaves no block to merge: this model has 4 blocks"):
+        tome_node(base, ratio=0.5, skip_ends=2)  # as apply_tome: refused, not a patch that merges nothing
     kv = tome_node(base, ratio=0.3, dit_mode="kv")
     assert "optimized_attention_override" in kv.model_options["transformer_options"]
     again = tome_node(kv, ratio=0.5, seed=3)

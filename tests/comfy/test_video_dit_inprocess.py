@@ -113,6 +113,10 @@ def test_hunyuan_blocks_and_skip_ends(models):
     every = [("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)]
     assert _replaced(tome_node(base, ratio=0.5)) == every
     assert _replaced(tome_node(base, ratio=0.5, skip_ends=1)) == [("double_block", 1), ("single_block", 0)]
+    from tomesd_ext.core import OptionError
+
+    with pytest.raises(OptionError, match=r"skip_ends=3 leaves no block to merge: this model has 4 blocks"):
+        tome_node(base, ratio=0.5, skip_ends=3)
 
 
 def _node_and_adapter(base, comfy_call, d, diffusers_call, kw):

@@ -8,7 +8,7 @@ import torch
 
 from tomesd_ext import apply_tome, remove_tome
 
-from .dit_models import FAMILIES, cfg_batch, make
+from .dit_models import FAMILIES, cfg_batch, make, make_video
 
 MODES = ("block", "attn", "kv")
 
@@ -102,10 +102,24 @@ def test_kv_mode_merges_keys_after_rope_and_keeps_queries():
 def test_skip_ends_leaves_the_end_blocks_alone():
     m, kw, sample = make("flux", batch=1)  # 2 double + 2 single blocks
     ref = run(m, kw, sample)
-    apply_tome(m, 0.5, seed=0, min_tokens=0, skip_ends=2)
-    assert torch.equal(run(m, kw, sample), ref)
     apply_tome(m, 0.5, seed=0, min_tokens=0, skip_ends=1)
     assert not torch.equal(run(m, kw, sample), ref)
+    assert m._tomesd_ext_patch.runtime._slots == 2  # a slot per merged block: the middle two
+
+
+def test_skip_ends_that_leaves_no_block_is_refused_at_apply_time():
+    from tomesd_ext.core import OptionError
+
+    m, kw, sample = make("flux", batch=1)  # 4 blocks: skip_ends 2 would merge none
+    ref = run(m, kw, sample)
+    for skip in (2, 10):
+        with pytest.raises(OptionError, match=rf"skip_ends={skip} leaves no block to merge: this model has 4 blocks, .*\[0, 1\]"):
+            apply_tome(m, 0.5, seed=0, min_tokens=0, skip_ends=skip)
+        assert not hasattr(m, "_tomesd_ext_patch") and torch.equal(run(m, kw, sample), ref)  # nothing left attached
+    v, vkw, vsample = make_video("wan", layers=3)
+    with pytest.raises(OptionError, match="skip_ends=2 .* 3 blocks"):
+        apply_tome(v, 0.5, seed=0, min_tokens=0, skip_ends=2)
+    apply_tome(v, 0.5, seed=0, min_tokens=0, skip_ends=1)  # the middle block merges
 
 
 def test_min_tokens_auto_skip_and_grid_that_cannot_be_read():
@@ -203,3 +217,25 @@ def test_pipeline_level_apply_finds_the_transformer():
     assert not torch.equal(run(pipe.transformer, kw, sample), ref)
     remove_tome(pipe)
     assert torch.equal(run(pipe.transformer, kw, sample), ref)
+
+
+def test_z_image_batch_of_one_grid_merges_and_of_two_sizes_says_why_once(caplog):
+    m, kw, sample = make("z-image", batch=2, h=12, w=10)
+    g = torch.Generator().manual_seed(3)
+    one_grid = dict(kw, cap_feats=[kw["cap_feats"][0], torch.randn(12, 24, generator=g)])  # captions differ
+    two_sizes = dict(kw, x=[torch.randn(4, 1, 24, 20, generator=g), torch.randn(4, 1, 16, 20, generator=g)])
+    with torch.no_grad():
+        ref_one = m(**one_grid).sample
+        ref_two = m(**two_sizes).sample
+    apply_tome(m, 0.0, seed=0, min_tokens=0)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(m(**one_grid).sample, ref_one))
+    apply_tome(m, 0.5, seed=0, min_tokens=0)
+    with caplog.at_level("WARNING", logger="tomesd_ext"), torch.no_grad():
+        merged = m(**one_grid).sample
+        twice = [m(**two_sizes).sample for _ in range(2)]
+    assert all(torch.isfinite(o).all() and 0 < rel(o, r) < 0.5 for o, r in zip(merged, ref_one))
+    assert all(torch.equal(a, b) for out in twice for a, b in zip(out, ref_two))
+    said = [r.getMessage() for r in caplog.records if "different sizes" in r.getMessage()]
+    assert len(said) == 1 and "z-image" in said[0] and "not merged" in said[0]
+    remove_tome(m)

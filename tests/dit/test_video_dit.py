@@ -144,3 +144,62 @@ def test_frame_reach_on_a_model():
     assert not torch.equal(own, anywhere) and 0 < rel(own, ref) < 0.5
     remove_tome(m)
     assert torch.equal(run(m, kw, sample), ref)
+
+
+def _ltx_condition_call(kw, batch, frames, h, w, prefix_frames):
+    """The call LTXConditionPipeline makes: no num_frames/height/width, video_coords for every token
+    (frame coordinates in seconds), conditioning tokens of a clip at frame 16 before the video, and a
+    per-token timestep that is 0 on them."""
+    from diffusers import LTXConditionPipeline as P
+
+    def coords(f, frame_index):
+        ids = P._prepare_video_ids(batch, f, h, w, patch_size=1, patch_size_t=1)
+        return P._scale_video_ids(ids, scale_factor=32, scale_factor_t=8, frame_index=frame_index)
+
+    parts = ([coords(prefix_frames, 16)] if prefix_frames else []) + [coords(frames, 0)]
+    video_coords = torch.cat(parts, dim=2).float()
+    video_coords[:, 0] = video_coords[:, 0] / 25.0
+    lead = prefix_frames * h * w
+    g = torch.Generator().manual_seed(5)
+    x = kw["hidden_states"]
+    prefix = torch.randn(batch, lead, x.shape[2], generator=g)
+    timestep = torch.cat([torch.zeros(batch, lead), torch.full((batch, frames * h * w), 500.0)], dim=1)
+    call = {k: v for k, v in kw.items() if k not in ("num_frames", "height", "width")}
+    return dict(call, hidden_states=torch.cat([prefix, x], dim=1), timestep=timestep, video_coords=video_coords), lead
+
+
+@pytest.mark.parametrize("prefix_frames", (0, 2))
+def test_ltx_call_with_video_coords_merges(prefix_frames):
+    f, h, w = 4, 6, 5
+    m, kw, sample = make_video("ltx-video", batch=2, frames=f, h=h, w=w)
+    call, lead = _ltx_condition_call(kw, 2, f, h, w, prefix_frames)
+    ref = run(m, call, sample)
+    seen = []
+    m.transformer_blocks[0].attn1.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True
+    )
+    apply_tome(m, 0.0, seed=0, min_tokens=0)
+    assert torch.equal(run(m, call, sample), ref)
+    n = f * h * w
+    for mode in ("block", "kv"):
+        apply_tome(m, 0.5, seed=0, min_tokens=0, dit_mode=mode)
+        out = run(m, call, sample)
+        assert torch.isfinite(out).all() and 0 < rel(out, ref) < 0.5
+        if mode == "block":
+            assert seen[-1] == lead + n - int(0.5 * n)  # the conditioning tokens are never merged
+    remove_tome(m)
+    assert torch.equal(run(m, call, sample), ref)
+
+
+def test_ltx_video_coords_that_are_no_raster_are_said_once(caplog):
+    f, h, w = 3, 4, 5
+    m, kw, sample = make_video("ltx-video", batch=1, frames=f, h=h, w=w)
+    call, _lead = _ltx_condition_call(kw, 1, f, h, w, 0)
+    call["video_coords"] = call["video_coords"].flip(2)  # the last token is now the first position
+    ref = run(m, call, sample)
+    apply_tome(m, 0.5, seed=0, min_tokens=0)
+    with caplog.at_level("WARNING", logger="tomesd_ext"):
+        outs = [run(m, call, sample) for _ in range(2)]
+    assert all(torch.equal(o, ref) for o in outs)
+    said = [r.getMessage() for r in caplog.records if "video_coords" in r.getMessage()]
+    assert len(said) == 1 and "ltx-video" in said[0] and "not merged" in said[0]

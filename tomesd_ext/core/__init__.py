@@ -18,6 +18,7 @@ from .importance import (
     importance_plan,
     max_importance_ratio,
     pool_to_grid,
+    pool_to_video_grid,
 )
 from .matching import bipartite_plan, normalize_metric, plan_from_matches
 from .merge import merge, unmerge
@@ -76,6 +77,7 @@ __all__ = [
     "partition_seed",
     "plan_from_matches",
     "pool_to_grid",
+    "pool_to_video_grid",
     "step_schedule",
     "temporal_attention",
     "timestep_key",

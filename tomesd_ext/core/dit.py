@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from .merge import merge, unmerge
+from .options import OptionError
 from .plan import MergePlan
 
 
@@ -165,5 +166,13 @@ def dit_settings(family: str, mode: str, skip_ends) -> Tuple[str, int]:
 
 
 def merged_blocks(n_blocks: int, skip_ends: int) -> range:
-    """Indices (in execution order) of the blocks that merge: all but skip_ends at each end."""
+    """Indices (in execution order) of the blocks that merge: all but skip_ends at each end.
+
+    Raises OptionError (at patch time, in every adapter) when skip_ends > 0 leaves no block to
+    merge: the patch would run the model unchanged while the caller asked for merging."""
+    if skip_ends > 0 and n_blocks > 0 and 2 * skip_ends >= n_blocks:
+        raise OptionError(
+            f"skip_ends={skip_ends} leaves no block to merge: this model has {n_blocks} blocks, so skip_ends must "
+            f"be in [0, {(n_blocks - 1) // 2}] (blocks kept unmerged at each end); lower it or pass None for the default"
+        )
     return range(min(skip_ends, n_blocks), max(n_blocks - skip_ends, 0))

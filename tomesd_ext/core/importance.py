@@ -14,6 +14,13 @@ by sx x sy windows inside the pool (one random pool token per window first, the 
 budget uniformly from the rest of the pool), so at low ratios where the pool is the whole image
 the partition is exactly ToMe's random window partition instead of an unstratified draw.
 Matching (cosine of the block's metric) is the unchanged engine (`bipartite_plan`).
+
+Video token grids (frames, h, w; the diffusers video transformers): the clip splits into slabs of
+st frames (the last one shallower when st does not divide frames), the windows of ToMe's video
+partition (``window_partition``); each slab is partitioned as an image whose windows are
+st x sy x sx (its own pool of the most important tokens, one destination per window first), so
+every slab keeps destinations and a source always reaches one within ``frame_reach >= st - 1``.
+Matching is ToMe's video matching (``bipartite_plan`` on the (frames, h, w) grid, frame_reach).
 """
 
 from __future__ import annotations
@@ -38,13 +45,13 @@ UNIMPORTANT_PRIORITY = 4.0
 def importance_map(pred: torch.Tensor, layout: str = "halves") -> torch.Tensor:
     """Channel-mean |pred_cond - pred_uncond| per latent pixel.
 
-    pred: (2*B0, C, H, W) denoiser output of a CFG batch (epsilon, v or flow; a learned-sigma
-    output is the caller's to slice). layout: "halves" ([uncond..., cond...] or the reverse: the
-    absolute difference does not depend on which half is which) or "interleaved"
-    ([u0, c0, u1, c1, ...]). Returns (B0, H, W) float32.
+    pred: (2*B0, C, H, W) denoiser output of a CFG batch, or (2*B0, C, F, H, W) of a video
+    (epsilon, v or flow; a learned-sigma output is the caller's to slice). layout: "halves"
+    ([uncond..., cond...] or the reverse: the absolute difference does not depend on which half is
+    which) or "interleaved" ([u0, c0, u1, c1, ...]). Returns (B0, H, W) (video: (B0, F, H, W)) float32.
     """
-    if pred.ndim != 4 or pred.shape[0] % 2:
-        raise ValueError(f"pred must be (2*B0, C, H, W) with an even batch, got {tuple(pred.shape)}")
+    if pred.ndim not in (4, 5) or pred.shape[0] % 2:
+        raise ValueError(f"pred must be (2*B0, C, H, W) or (2*B0, C, F, H, W) with an even batch, got {tuple(pred.shape)}")
     if layout == "halves":
         a, b = pred.chunk(2)
     elif layout == "interleaved":
@@ -76,6 +83,19 @@ def pool_to_grid(hmap: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return (total / count).reshape(B0, h * w)
 
 
+def pool_to_video_grid(hmap: torch.Tensor, frames: int, h: int, w: int) -> torch.Tensor:
+    """Area-average a (B0, F, H, W) video map to its frames x h x w token grid -> (B0, frames, h, w).
+
+    A token covers a patch of (F // frames, H // h, W // w) latent pixels (a patch embedding drops
+    the trailing pixels that fill no patch, so they are dropped here too)."""
+    B0, F, H, W = hmap.shape
+    if not (frames <= F and h <= H and w <= W):
+        raise ValueError(f"token grid {frames}x{h}x{w} does not fit a {F}x{H}x{W} map")
+    pt, ph, pw = F // frames, H // h, W // w
+    cells = hmap[:, : frames * pt, : h * ph, : w * pw].float().reshape(B0, frames, pt, h, ph, w, pw)
+    return cells.mean(dim=(2, 4, 6))
+
+
 def max_importance_ratio(sx: int, sy: int, pool_factor: float) -> float:
     """Largest ratio the partition allows: r <= N - N_dst and M >= N_dst (kk = 1/(sx*sy))."""
     kk = 1.0 / (sx * sy)
@@ -94,10 +114,10 @@ class ImportancePartition:
     pool: int
 
 
-def partition_counts(n: int, ratio: float, sx: int, sy: int, pool_factor: float):
+def partition_counts(n: int, ratio: float, sx: int, sy: int, pool_factor: float, depth: int = 1):
     """(r, N_dst, M) for N tokens; M is raised to N_dst and r capped at N - N_dst on tiny grids
-    where the floors would break the ratio limits."""
-    n_dst = n // (sx * sy)
+    where the floors would break the ratio limits. depth: frames per window (a video slab)."""
+    n_dst = n // (depth * sx * sy)
     r = min(int(ratio * n), n - n_dst)
     m = max(n_dst, min(n, math.floor((n - r) * pool_factor + 1e-9)))
     return r, n_dst, m
@@ -113,46 +133,69 @@ def importance_partitions(
     pool_factor: float,
     seed: int,
     stratify: bool = True,
+    frames: int = 1,
+    st: int = 1,
 ) -> list:
-    """One ImportancePartition per image. importance: (B0, h*w) pooled map.
+    """One ImportancePartition per image. importance: (B0, frames*h*w) pooled map (frame-major,
+    then row-major, as ``window_partition``).
 
     The draw uses a CPU generator seeded with `seed` (a (B0, N) uniform key), so the partition
     is a function of (map, seed) only. stratify=False draws dst uniformly from the pool, as the
-    paper's code does.
+    paper's code does. A video (frames > 1) is partitioned per slab of st frames (module
+    docstring); r counts the whole clip, and ``pool`` is the summed pool size.
     """
     B0, n = importance.shape
-    if n != h * w:
-        raise ValueError(f"importance has {n} tokens, grid {h}x{w} has {h * w}")
-    r, n_dst, m = partition_counts(n, ratio, sx, sy, pool_factor)
+    if n != frames * h * w:
+        raise ValueError(f"importance has {n} tokens, grid {frames}x{h}x{w} has {frames * h * w}")
+    st = st if frames > 1 else 1
     device = importance.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     u = torch.rand(B0, n, generator=gen).to(device)
+    in_pool = torch.zeros(B0, n, dtype=torch.bool, device=device)
+    is_dst = torch.zeros(B0, n, dtype=torch.bool, device=device)
+    plane, n_dst_all, pool = h * w, 0, 0
+    for f0 in range(0, frames, st):
+        depth = min(st, frames - f0)
+        lo, hi = f0 * plane, (f0 + depth) * plane
+        _r, n_dst, m = partition_counts(hi - lo, ratio, sx, sy, pool_factor, depth)
+        slab_pool, slab_dst = _slab_partition(importance[:, lo:hi], u[:, lo:hi], h, w, sx, sy, depth, n_dst, m, stratify)
+        in_pool[:, lo:hi], is_dst[:, lo:hi] = slab_pool, slab_dst
+        n_dst_all, pool = n_dst_all + n_dst, pool + m
+    r = partition_counts(n, ratio, sx, sy, pool_factor)[0] if frames == 1 else min(int(ratio * n), n - n_dst_all)
+    # ascending raster order without a host sync: stable sort of the mask puts src (0) first
+    split = is_dst.to(torch.uint8).argsort(dim=1, stable=True)
+    src, dst = split[:, : n - n_dst_all], split[:, n - n_dst_all :]
+    priority = torch.where(in_pool.gather(1, src), 0.0, UNIMPORTANT_PRIORITY).float()
+    return [ImportancePartition(dst[b], src[b], priority[b], r, pool) for b in range(B0)]
+
+
+def _slab_partition(importance, u, h, w, sx, sy, depth, n_dst, m, stratify):
+    """(in_pool, is_dst) (B0, depth*h*w) bool of one slab (an image: depth 1): the m most
+    important tokens form the pool, n_dst of them drawn (key u) as destinations."""
+    B0, n = importance.shape
+    device = importance.device
     order = importance.float().argsort(dim=1, descending=True, stable=True)
     in_pool = torch.zeros(B0, n, dtype=torch.bool, device=device)
     in_pool.scatter_(1, order[:, :m], True)
-    # tiers: 0 first pool token of a full sx*sy window, 1 of a partial edge window,
+    # tiers: 0 first pool token of a full window (depth x sy x sx), 1 of a partial edge window,
     # 2 any other pool token, 3 outside the pool (never a destination since M >= N_dst).
     key = u.clone()
     if stratify:
         rows = torch.arange(h, device=device).view(-1, 1) // sy
         cols = torch.arange(w, device=device).view(1, -1) // sx
         n_wx = -(-w // sx)
-        window = (rows * n_wx + cols).flatten().expand(B0, n)
-        full = ((rows + 1) * sy <= h) & ((cols + 1) * sx <= w)
+        window = (rows * n_wx + cols).flatten().repeat(depth).expand(B0, n)
+        full = (((rows + 1) * sy <= h) & ((cols + 1) * sx <= w)).flatten().repeat(depth)
         pool_u = torch.where(in_pool, u, torch.full_like(u, 2.0))
         first = torch.full((B0, -(-h // sy) * n_wx), 2.0, device=device)
         first = first.scatter_reduce(1, window, pool_u, reduce="amin")
         is_first = in_pool & (pool_u == first.gather(1, window))
-        tier = torch.where(is_first, torch.where(full.flatten(), 0.0, 1.0), 2.0)
+        tier = torch.where(is_first, torch.where(full, 0.0, 1.0), 2.0)
         key = key + 2.0 * tier
     key = torch.where(in_pool, key, torch.full_like(key, 8.0))
     chosen = key.argsort(dim=1, stable=True)[:, :n_dst]
     is_dst = torch.zeros(B0, n, dtype=torch.bool, device=device).scatter_(1, chosen, True)
-    # ascending raster order without a host sync: stable sort of the mask puts src (0) first
-    split = is_dst.to(torch.uint8).argsort(dim=1, stable=True)
-    src, dst = split[:, : n - n_dst], split[:, n - n_dst :]
-    priority = torch.where(in_pool.gather(1, src), 0.0, UNIMPORTANT_PRIORITY).float()
-    return [ImportancePartition(dst[b], src[b], priority[b], r, m) for b in range(B0)]
+    return in_pool, is_dst
 
 
 def image_rows(batch: int, layout: str, images: Optional[int] = None) -> list:
@@ -168,9 +211,10 @@ def image_rows(batch: int, layout: str, images: Optional[int] = None) -> list:
     return [rows[image == i] for i in range(b0)]
 
 
-def importance_plan(metric: torch.Tensor, parts: list, rows: list, grid) -> Optional[MergePlan]:
+def importance_plan(metric: torch.Tensor, parts: list, rows: list, grid, frame_reach: Optional[int] = None) -> Optional[MergePlan]:
     """Merge plan for metric (B, N, C); rows[i] (k,) are the rows of image i (e.g. its uncond
-    and cond rows), parts[i] its partition.
+    and cond rows), parts[i] its partition. grid: (h, w), or (frames, h, w) of a video, whose
+    sources then match destinations at most frame_reach frames away (None: any frame).
 
     Every row of an image uses that image's partition and priority; matching is per row, as in
     ToMe. Returns None when nothing is merged.
@@ -178,13 +222,14 @@ def importance_plan(metric: torch.Tensor, parts: list, rows: list, grid) -> Opti
     B, n, _ = metric.shape
     if not parts or parts[0].r == 0 or parts[0].dst.numel() == 0:
         return None
+    reach = frame_reach if len(grid) == 3 else None
     if len(parts) == 1:
         p = parts[0]
-        return bipartite_plan(metric, p.dst, p.src, p.r, p.priority.expand(B, -1), grid)
+        return bipartite_plan(metric, p.dst, p.src, p.r, p.priority.expand(B, -1), grid, reach)
     group = torch.empty(B, n, dtype=torch.long, device=metric.device)
     size = None
     for p, idx in zip(parts, rows):
-        sub = bipartite_plan(metric[idx], p.dst, p.src, p.r, p.priority.expand(idx.numel(), -1), grid)
+        sub = bipartite_plan(metric[idx], p.dst, p.src, p.r, p.priority.expand(idx.numel(), -1), grid, reach)
         if size is None:
             size = torch.empty(B, sub.n_groups, device=metric.device)
         group[idx] = sub.group
@@ -212,13 +257,13 @@ NO_CFG_WARNING = (
 
 
 def detect_cfg_layout(sample: torch.Tensor, setting: str = "auto") -> Optional[str]:
-    """The CFG layout of a denoiser input (B, C, H, W): "halves", "interleaved" or None.
+    """The CFG layout of a denoiser input (B, C, H, W) or (B, C, F, H, W): "halves", "interleaved" or None.
 
     CFG pipelines call the denoiser on the latents twice over, so the two rows of an image are
     bit-identical: halves equal -> "halves"; rows 2i, 2i+1 equal -> "interleaved"; neither -> no
     CFG batch. setting: "auto" (detect), "halves"/"interleaved" (forced for an even batch), "off".
     """
-    if setting == "off" or sample is None or sample.ndim != 4:
+    if setting == "off" or sample is None or sample.ndim not in (4, 5):
         return None
     B = sample.shape[0]
     if B < 2 or B % 2:
@@ -249,7 +294,8 @@ class ImportancePolicy:
 
     Per denoiser call the runtime calls ``on_call(step_key)`` and the adapter ``use_map(rows, batch,
     hw)``; after a CFG step the adapter stores the map with ``set_map(hmap (B0, H, W), step_key)``
-    (``importance_map`` / ``importance_map_from_x0``) or drops it with ``no_map(warn)``. ``plan`` is
+    (``importance_map`` / ``importance_map_from_x0``; a video transformer's map at its merged token
+    grid, (B0, frames, h, w), ``pool_to_video_grid``) or drops it with ``no_map(warn)``. ``plan`` is
     the importance partition of the map of the previous step, or ToMe's window plan when there is
     none (step 0, no CFG, another batch or size); the first ``opts.prune_steps`` steps of a run
     prune instead of merging. ``counts`` records which policy planned each block call.
@@ -257,7 +303,7 @@ class ImportancePolicy:
 
     def __init__(self, opts):
         self.opts = opts
-        self.hmap: Optional[torch.Tensor] = None  # (B0, H, W) of the last CFG step
+        self.hmap: Optional[torch.Tensor] = None  # (B0, H, W) (video: (B0, frames, h, w)) of the last CFG step
         self.hmap_step: Optional[float] = None
         self.active: Optional[torch.Tensor] = None  # the map used by the call in progress
         self.batch = 0
@@ -287,8 +333,8 @@ class ImportancePolicy:
 
     def use_map(self, rows: list, batch: int, hw) -> None:
         """Use the stored map for this call if it fits: rows[i] (k,) are image i's rows of the
-        `batch`, hw = (H, W) the latent size; the map must have len(rows) images of that size and
-        come from this run (its step key not below the current one)."""
+        `batch`, hw = (H, W) the latent size (a video: its merged token grid); the map must have
+        len(rows) images of that size and come from this run (its step key not below the current one)."""
         self.rows, self.batch = rows, batch
         prev = self.hmap
         if prev is not None and tuple(prev.shape) == (len(rows), *hw) and self.step_key <= self.hmap_step:
@@ -313,25 +359,33 @@ class ImportancePolicy:
             self._rows_cache = {key: [r.to(device) for r in image_rows(batch, layout, images)]}
         return self._rows_cache[key]
 
-    def plan(self, metric: torch.Tensor, h: int, w: int, seed: int) -> Optional[MergePlan]:
-        """metric (B, N, C) of a level with an h x w grid -> the block call's plan."""
+    def plan(self, metric: torch.Tensor, h: int, w: int, seed: Optional[int], frames: int = 1, partition=None) -> Optional[MergePlan]:
+        """metric (B, N, C) of a level with an h x w grid (a video: frames x h x w, whose map the
+        adapter stored at that token grid, (B0, frames, h, w)) -> the block call's plan.
+        partition: ToMe's (dst, src) drawn already for this call (the fallback uses it)."""
         opts = self.opts
         prune = self.step_index < opts.prune_steps
-        if self.active is None or metric.shape[0] != self.batch:
+        grid = (frames, h, w) if frames > 1 else (h, w)
+        active = self.active
+        if active is not None and frames > 1 and tuple(active.shape[1:]) != grid:
+            active = None
+        if active is None or metric.shape[0] != self.batch:
             self.counts["tome"] += 1
-            plan = tome_plan(metric, h, w, opts, seed)
+            plan = tome_plan(metric, h, w, opts, seed, frames, partition)
             if plan is not None and prune:
-                dst, _ = window_partition(h, w, opts.sx, opts.sy, seed, metric.device)
+                st = opts.st if frames > 1 else 1
+                dst = partition[0] if partition is not None else window_partition(h, w, opts.sx, opts.sy, seed, metric.device, frames, st)[0]
                 plan = with_prune_weights(plan, dst)
             return plan
-        parts = self.parts.get((h, w))
+        parts = self.parts.get(grid)
         if parts is None:
-            pooled = pool_to_grid(self.active, h, w)
-            key = derive_seed(opts.seed, "importance", self.step_key, h, w)
-            parts = importance_partitions(pooled, h, w, opts.ratio, opts.sx, opts.sy, opts.pool_factor, key)
-            self.parts[(h, w)] = parts
+            pooled = active.reshape(active.shape[0], -1).float() if frames > 1 else pool_to_grid(active, h, w)
+            key = derive_seed(opts.seed, "importance", self.step_key, *grid)
+            parts = importance_partitions(pooled, h, w, opts.ratio, opts.sx, opts.sy, opts.pool_factor, key,
+                                          frames=frames, st=opts.st)
+            self.parts[grid] = parts
         self.counts["importance"] += 1
-        plan = importance_plan(metric, parts, self.rows, (h, w))
+        plan = importance_plan(metric, parts, self.rows, grid, opts.frame_reach)
         if plan is not None and prune:
             dst = torch.empty(metric.shape[0], parts[0].dst.numel(), dtype=torch.long, device=metric.device)
             for p, idx in zip(parts, self.rows):

@@ -196,7 +196,8 @@ TOME_OPTIONS = _table(
            lo=0, hi=64),
     Option("skip_ends", "int", None, "None or int in [0, 64]",
            "Transformers: this many blocks at each end of the network stay unmerged; None = the family's "
-           "measured default. UNets ignore it.", lo=0, hi=64),
+           "measured default. A value that leaves no block to merge (2 * skip_ends >= the model's blocks) is an "
+           "OptionError when the model is patched. UNets ignore it.", lo=0, hi=64),
 )
 
 

@@ -13,7 +13,8 @@ The family facts (dit_families.py) say where the image tokens are; the algorithm
   SDPA (flash-attn, sage) run unmerged, said once.
 
 The call pre-hook reads the image grid from the call (position ids, latent shape, img_shapes)
-and starts the runtime's call; a call whose grid cannot be read merges nothing.
+and starts the runtime's call; a call whose grid cannot be read merges nothing (said once per patch
+when the family knows why: a Z-Image batch of several sizes, LTX-Video coordinates that are no raster).
 
 Beside diffusers' caches (``enable_cache``): they wrap ``module.forward`` of blocks or attentions,
 so torch hooks run outside them and a cache there sees what the hooks merged. Every step has its
@@ -63,10 +64,10 @@ class DitCallStart:
         self.patch.rewrap()
         info = self.family.read(bind(module.forward, args, kwargs).arguments, module)
         grid, state = info.grid, self.state
-        state.n_txt, state.lead = info.n_txt, 0
+        state.n_txt, state.lead = info.n_txt, info.lead
         if grid is not None and len(grid) == 3:
             if self.patch.opts.keep_first_frame:
-                state.lead = grid[1] * grid[2]
+                state.lead += grid[1] * grid[2]
                 grid = (grid[0] - 1,) + tuple(grid[1:])
             if grid[0] == 1:
                 grid = tuple(grid[1:])
@@ -75,8 +76,10 @@ class DitCallStart:
         sample = info.sample[0] if isinstance(info.sample, (list, tuple)) and info.sample else info.sample
         device = sample.device if isinstance(sample, torch.Tensor) else None
         self.patch.runtime.begin_call(grid, timestep_key(info.timestep), device=device)
+        if info.reason is not None:
+            say_once(self.patch.runtime, self.family, info.reason)
         if self.before is not None:
-            self.before(info.sample, info.grid)
+            self.before(info.sample, info.grid, info.lead)
 
 
 class BlockMerge:
@@ -108,9 +111,7 @@ class BlockMerge:
         rt = self.slot.runtime
         reason = self.family.positions(a, plan, self.state)
         if reason is not None:  # its positional inputs cannot follow the tokens
-            if not getattr(rt, "_reason_said", False):
-                rt._reason_said = True
-                log.warning("tomesd-ext: %s calls with %s are not merged (said once per patch)", self.family.name, reason)
+            say_once(rt, self.family, reason)
             return None
         merged = merge_span(x, plan, start)
         a[self.hidden] = merged
@@ -133,6 +134,14 @@ class BlockMerge:
                 )
             return True
         return False
+
+
+def say_once(runtime, family: Family, reason: str) -> None:
+    """Log once per patch and reason that the family's calls with ``reason`` are not merged."""
+    said = runtime.__dict__.setdefault("_reasons_said", set())
+    if reason not in said:
+        said.add(reason)
+        log.warning("tomesd-ext: %s calls with %s are not merged (said once per patch)", family.name, reason)
 
 
 def cache_keeps(module) -> bool:

@@ -19,12 +19,16 @@ from ..core.dit import gather_span
 @dataclass(frozen=True)
 class CallInfo:
     """One transformer call: the image token grid (h, w) or video token grid (frames, h, w), the
-    text length, the timestep, the latent input (importance mode reads its CFG layout)."""
+    text length, the timestep, the latent input (importance mode reads its CFG layout), ``lead``:
+    image tokens before the grid in the block's sequence (LTX-Video conditioning tokens), never
+    merged; ``reason``: why a call with image tokens has no grid to merge (said once per patch)."""
 
     grid: Optional[Tuple[int, ...]]
     n_txt: int
     timestep: object
     sample: object = None
+    lead: int = 0
+    reason: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -100,13 +104,18 @@ def _read_qwen(a, model):
 
 
 def _read_z_image(a, model):
+    """x is a list of per-sample latents (C, F, H, W); every sample's image tokens come first in
+    its sequence. One plan serves the call, so all samples must share one grid."""
     x, p, fp = a.get("x"), a.get("patch_size", 2), a.get("f_patch_size", 1)
-    grid = None
+    grid, reason = None, None
     if isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape") and x[0].ndim == 4 and a.get("siglip_feats") is None:
         _, f, h, w = x[0].shape
-        if f // fp == 1 and all(tuple(t.shape) == tuple(x[0].shape) for t in x):
+        if any(tuple(t.shape[1:]) != tuple(x[0].shape[1:]) for t in x):
+            reason = ("images of different sizes in one batch (one merge plan serves every sample of a call, and "
+                      "their image token spans differ in length; call the transformer once per size to merge them)")
+        elif f // fp == 1:
             grid = (h // p, w // p)
-    return CallInfo(grid, 0, a.get("t"), x)
+    return CallInfo(grid, 0, a.get("t"), x, reason=reason)
 
 
 def _gather(a, name, plan, start, dim, element=None):
@@ -196,10 +205,47 @@ def _read_video_latent(a, model):
     return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), x)
 
 
+def _grid_from_coords(coords, n_tokens: int):
+    """(grid (frames, h, w), lead) of LTX-Video ``video_coords`` (B, 3, N) (frame, row, column of
+    every token; LTXConditionPipeline puts the tokens of conditioning clips before the video): the
+    video is the longest tail of frames that repeat the last frame's raster of rows and columns at
+    increasing frame coordinates; lead = the tokens before it. (None, 0) when there is no raster."""
+    if not isinstance(coords, torch.Tensor) or coords.ndim != 3 or coords.shape[1] != 3 or coords.shape[2] != n_tokens:
+        return None, 0
+    if not torch.equal(coords[:1].expand_as(coords), coords):  # rows of one layout
+        return None, 0
+    t, y, x = coords[0]
+    last_row = ((t == t[-1]) & (y == y[-1])).flip(0)
+    w = int(last_row.cumprod(0).sum())
+    plane = int((t == t[-1]).flip(0).cumprod(0).sum())
+    if w == 0 or plane % w:
+        return None, 0
+    h = plane // w
+    rows, cols = y[-plane:].reshape(h, w), x[-plane:].reshape(h, w)
+    raster = bool((rows == rows[:, :1]).all() and (cols == cols[:1]).all())
+    raster = raster and bool((rows[1:, 0] > rows[:-1, 0]).all() and (cols[0, 1:] > cols[0, :-1]).all())
+    if not raster:
+        return None, 0
+    k = n_tokens // plane
+    tail = coords[0, :, n_tokens - k * plane :].reshape(3, k, plane)
+    same = (tail[1:] == coords[0, 1:, -plane:].unsqueeze(1)).all(dim=2).all(dim=0) & (tail[0] == tail[0, :, :1]).all(dim=1)
+    rising = torch.ones(k, dtype=torch.bool, device=coords.device)
+    rising[:-1] = tail[0, :-1, 0] < tail[0, 1:, 0]
+    frames = int((same & rising).flip(0).cumprod(0).sum())
+    return (frames, h, w), n_tokens - frames * plane
+
+
 def _read_ltx(a, model):
+    x, coords = a.get("hidden_states"), a.get("video_coords")
     f, h, w = a.get("num_frames"), a.get("height"), a.get("width")
-    grid = (int(f), int(h), int(w)) if None not in (f, h, w) and a.get("video_coords") is None else None
-    return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), a.get("hidden_states"))
+    grid, lead, reason = None, 0, None
+    if coords is not None and isinstance(x, torch.Tensor) and x.ndim == 3:  # rotary positions from the coordinates
+        grid, lead = _grid_from_coords(coords, x.shape[1])
+        if grid is None:
+            reason = "video_coords whose last tokens are no frames x rows x columns raster"
+    elif None not in (f, h, w):
+        grid = (int(f), int(h), int(w))
+    return CallInfo(grid, _n_txt(a), _call_timestep(a.get("timestep")), x, lead, reason)
 
 
 FAMILIES = {

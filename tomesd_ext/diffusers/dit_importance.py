@@ -8,7 +8,10 @@ As for UNets (importance.py), the map of step t drives step t+1. Two CFG shapes 
   second call's output minus the first's.
 
 Outputs are latents (B, C, H, W), lists of (C, 1, H, W) (Z-Image) or packed tokens (B, N, C) whose
-first h*w tokens are the image grid (Flux-style packing). DiT plans are shared by the batch, so the
+first h*w tokens are the image grid (Flux-style packing). Video transformers: latents (B, C, F, H,
+W) (Wan, HunyuanVideo) or packed tokens (B, N, C) whose grid follows ``lead`` conditioning tokens
+(LTX-Video); their map is pooled to the frames x h x w token grid (``pool_to_video_grid``), less
+the first frame when ``keep_first_frame`` holds it back. DiT plans are shared by the batch, so the
 map is the mean over the images of the call. No CFG (guidance-distilled Flux, cfg 1): ToMe's window
 partition with one warning, as for UNets.
 """
@@ -20,27 +23,31 @@ from typing import Optional
 
 import torch
 
-from ..core import detect_cfg_layout, importance_map
+from ..core import detect_cfg_layout, importance_map, pool_to_video_grid
 
 
-def _latent(t, grid) -> Optional[torch.Tensor]:
-    """A call's input or output as (B, C, H, W), or None when it has no image grid."""
+def _latent(t, grid, lead=0) -> Optional[torch.Tensor]:
+    """A call's input or output as (B, C, H, W) (a video of several frames: (B, C, F, H, W)), or
+    None when it has no image grid. lead: tokens before a packed video grid."""
     if isinstance(t, (list, tuple)):
         if not t or not all(isinstance(x, torch.Tensor) and x.shape == t[0].shape for x in t):
             return None
         t = torch.stack(list(t))
     if not isinstance(t, torch.Tensor):
         return None
+    if t.ndim == 3 and grid is not None and len(grid) == 3 and t.shape[1] >= lead + grid[0] * grid[1] * grid[2]:
+        n = grid[0] * grid[1] * grid[2]
+        t = t[:, lead : lead + n].transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
     if t.ndim == 5 and t.shape[2] == 1:
         t = t[:, :, 0]
-    if t.ndim == 3 and grid is not None and t.shape[1] >= grid[0] * grid[1]:
+    if t.ndim == 3 and grid is not None and len(grid) == 2 and t.shape[1] >= grid[0] * grid[1]:
         h, w = grid
         return t[:, : h * w].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
-    return t if t.ndim == 4 else None
+    return t if t.ndim in (4, 5) else None
 
 
 class DitImportance:
-    """``before(sample, grid)`` in the call pre-hook, ``post_hook`` on the transformer's output."""
+    """``before(sample, grid, lead)`` in the call pre-hook, ``post_hook`` on the transformer's output."""
 
     def __init__(self, policy):
         self.policy = policy
@@ -48,31 +55,53 @@ class DitImportance:
         self.pending = None  # (step key, input) of a call that may be the first of a cond/uncond pair
         self.prev_out = None
         self.grid = None
+        self.lead = 0
         self.sample = None
 
-    def before(self, sample, grid) -> None:
+    def before(self, sample, grid, lead=0) -> None:
         policy = self.policy
-        self.grid, self.sample = grid, _latent(sample, grid)
+        self.grid, self.lead = grid, lead
+        self.sample = _latent(sample, grid, lead)
         self.layout = detect_cfg_layout(self.sample, policy.opts.cfg_layout) if self.sample is not None else None
         x = self.sample
         if x is not None:
-            policy.use_map([torch.zeros(1, dtype=torch.long)], 1, tuple(x.shape[-2:]))
+            shape = self._merged_grid() if x.ndim == 5 else tuple(x.shape[-2:])
+            if shape is not None:
+                policy.use_map([torch.zeros(1, dtype=torch.long)], 1, shape)
+
+    def _merged_grid(self):
+        """The token grid a video call merges: (frames, h, w), less a kept first frame; (h, w)
+        when one frame is left; None when none is."""
+        f, h, w = self.grid
+        f -= bool(self.policy.opts.keep_first_frame)
+        return (f, h, w) if f > 1 else (h, w) if f == 1 else None
+
+    def _store(self, pred: torch.Tensor, layout: str) -> None:
+        """set_map of the mean map of a CFG prediction (a video's at its merged token grid)."""
+        hmap = importance_map(pred, layout).mean(0, keepdim=True)
+        if hmap.ndim == 4:
+            hmap = pool_to_video_grid(hmap, *self.grid)
+            if self.policy.opts.keep_first_frame:
+                hmap = hmap[:, 1:]
+            if hmap.shape[1] == 1:
+                hmap = hmap[:, 0]
+        self.policy.set_map(hmap)
 
     def post_hook(self, module, args, output) -> None:
         policy, x = self.policy, self.sample
         out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-        out = _latent(out, self.grid)
-        if x is None or out is None or out.shape[0] != x.shape[0]:
+        out = _latent(out, self.grid, self.lead)
+        if x is None or out is None or out.shape[0] != x.shape[0] or out.ndim != x.ndim:
             policy.set_map(None)
             return
         out = out.detach()[:, : x.shape[1]]  # learned sigma: (prediction, variance)
         if self.layout is not None:
-            policy.set_map(importance_map(out, self.layout).mean(0, keepdim=True))
+            self._store(out, self.layout)
             self.pending = None
             return
         prev = self.pending
         if prev is not None and prev[0] == policy.step_key and torch.equal(prev[1], x) and prev[2].shape == out.shape:
-            policy.set_map(importance_map(torch.cat([prev[2], out]), "halves").mean(0, keepdim=True))
+            self._store(torch.cat([prev[2], out]), "halves")
             self.pending = None
             return
         if prev is not None and prev[0] != policy.step_key and policy.hmap is None:
