@@ -240,3 +240,20 @@ def test_discard_partial_removes_only_the_dead_workers_temporaries(tmp_path):
         (p / "frames").mkdir(parents=True)
     discard_partial(job, os.getpid())
     assert sorted(p.name for p in out.iterdir()) == sorted([other.name, f".jj.tmp-{os.getpid()}"])
+
+
+@pytest.mark.parametrize("address", ["foo", "10.0.0.5", "10.0.0.5:port", "10.0.0.5:0", "ray://", "http://10.0.0.5:6379"])
+def test_malformed_address_is_one_error_line_and_exit_2(root, capsys, address):
+    folder = _batch(root, "address-" + "".join(c if c.isalnum() else "_" for c in address), GOOD[:1])
+    assert cli.main(["edit-video", str(folder / "jobs.yaml"), "--ray", address]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert repr(address) in err and "HOST:PORT" in err and "auto" in err  # the value and what is accepted
+    assert not (folder / "out").exists()
+
+
+def test_wellformed_addresses_are_accepted():
+    from tomesd_ext.video.ray_runner import check_address
+
+    for address in ("auto", "local", "127.0.0.1:6379", "head-node:6379", "[::1]:6379", "ray://10.0.0.5:10001"):
+        check_address(address)

@@ -57,8 +57,10 @@ def _run(args, session: ExitStack) -> int:
         if args.ray is None and (args.ray_workers is not None or args.ray_retries is not None):
             raise ValueError("--ray-workers and --ray-retries need --ray")
         if args.ray is not None:
-            from ..video.ray_runner import import_ray
+            from ..video.ray_runner import check_address, import_ray
 
+            if args.ray:
+                check_address(args.ray)
             import_ray()
         if args.json:
             check_output_file("--json", args.json, stdout_ok=True)

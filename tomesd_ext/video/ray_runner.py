@@ -79,6 +79,21 @@ def _death_reason(err) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+ADDRESS_FORMS = "HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT, auto or local"
+
+
+def check_address(address: str) -> None:
+    """ValueError unless `address` has a form ray.init takes (ADDRESS_FORMS); checked before Ray
+    is imported or any job runs, so a typo is one line instead of Ray's traceback."""
+    if address in ("auto", "local"):
+        return
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [IPv6]:PORT
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536) or "/" in host or any(c.isspace() for c in host):
+        raise ValueError(f"--ray {address!r} is not a Ray address: use {ADDRESS_FORMS}, or --ray alone for a local cluster")
+
+
 def _check_reachable(address: str) -> None:
     """A HOST:PORT address must accept a connection (Ray itself retries for minutes)."""
     host, _, port = address.rpartition(":")
