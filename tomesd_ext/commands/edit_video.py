@@ -68,18 +68,21 @@ def _run(args, session: ExitStack) -> int:
     except (JobError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    parsed = [(i, job, _job_name(raw[i], i, job)) for i, job in parse_jobs(raw, base, Path(args.jobs).resolve())]
+    names = [name for _, _, name in parsed]
+    unknown = [n for n in dict.fromkeys(args.only) if n not in names]
+    if unknown:
+        print(f"error: --only {', '.join(map(repr, unknown))}: no such job in {args.jobs}; "
+              f"its jobs are {', '.join(map(repr, names)) or 'none'}", file=sys.stderr)
+        return 2
     results, jobs = [], []
-    for i, job in parse_jobs(raw, base, Path(args.jobs).resolve()):
+    for i, job, name in parsed:
+        if args.only and name not in args.only:
+            continue
         if isinstance(job, JobError):
-            item = raw[i]
-            name = item.get("name") if isinstance(item, dict) and item.get("name") else f"job {i + 1}"
-            if args.only and name not in args.only:
-                continue
-            results.append((i, JobResult(str(name), "failed", message=str(job))))
-            continue
-        if args.only and job.name not in args.only:
-            continue
-        jobs.append(job)
+            results.append((i, JobResult(name, "failed", message=str(job))))
+        else:
+            jobs.append(job)
     show = not args.no_progress
     if args.ray is not None:
         from ..video.jobs import is_finished
@@ -106,6 +109,14 @@ def _run(args, session: ExitStack) -> int:
         else:
             write_text_atomic(args.json, data)
     return 1 if n_failed else 0
+
+
+def _job_name(item, index: int, job) -> str:
+    """The name --only selects a job by: its parsed name, or for a job that failed to parse its
+    `name:` field, else "job N"."""
+    if not isinstance(job, Exception):
+        return job.name
+    return str(item.get("name")) if isinstance(item, dict) and item.get("name") else f"job {index + 1}"
 
 
 def _skipped(job):
