@@ -106,3 +106,28 @@ def test_block_timer_times_first_blocks_and_leaves_no_hooks():
     assert {k: len(v) for k, v in times.items()} == {"transformer_blocks": 2, "single_transformer_blocks": 2}
     assert [len(b._forward_hooks) + len(b._forward_pre_hooks) for b in first_blocks(model).values()] == hooks
     assert first_blocks(torch.nn.Linear(2, 2)) == {}
+
+
+def _fits_here(name):
+    from tomesd_ext.models import too_large
+
+    return not too_large(name)
+
+
+@pytest.mark.parametrize("name", ["tiny", *TINY_DITS, *filter(_fits_here, VIDEO_NAMES)])
+def test_default_methods_fit_the_model(name, monkeypatch):
+    """Without --methods the run is not refused: the default list is one the model's kind takes."""
+    import tomesd_ext.bench.subject as subject
+    from tomesd_ext.commands import bench
+
+    monkeypatch.setattr(subject, "load_subject", lambda *a, **k: pytest.fail("built a model"))
+    args = cli.build_parser().parse_args(["bench", "--model", name])
+    bench.validate(args)
+    kind = "unet" if name == "tiny" else "video" if name in VIDEO_NAMES else "dit"
+    assert args.methods == list(bench.DEFAULT_METHODS[kind]) and "tome" in args.methods
+
+
+def test_tiny_flux_runs_without_methods(tmp_path):
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--model", "tiny-flux", *RUN, "--json", str(out)]) == 0
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["baseline", "tome", "tome-attn", "tome-kv"]

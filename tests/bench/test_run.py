@@ -113,3 +113,21 @@ def test_single_file_that_is_not_a_checkpoint_is_rejected(tmp_path):
     save_file({"weight": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not a Stable Diffusion single-file checkpoint"):
         builtin_architecture(path)
+
+
+def test_clamped_ratio_is_recorded_as_run_beside_the_requested_one(tmp_path, capsys):
+    """--ratios 0.9 runs at the maximum 0.75 (one destination per 2x2 window): the row's ratio is
+    0.75, the same run as --ratios 0.75 (equal error), and ratio_requested keeps the 0.9."""
+    out = tmp_path / "r.json"
+    argv = ["bench", *TINY, "--ratios", "0.75", "0.9", "--methods", "tome,tomesd,todo", "--inputs", "noise", "--repeats", "0", "--json", str(out)]
+    with pytest.warns(UserWarning, match="exceeds the maximum 0.75"):
+        assert cli.main(argv) == 0
+    rows = {(r["method"], r["ratio_requested"]): r for r in json.loads(out.read_text())["rows"]}
+    for method in ("tome", "tomesd"):
+        asked, at_max = rows[(method, 0.9)], rows[(method, 0.75)]
+        assert asked["ratio"] == at_max["ratio"] == 0.75 and at_max["ratio_requested"] == 0.75
+        assert asked["rel_error"] == at_max["rel_error"] > 0  # the same configuration ran
+    assert rows[("baseline", None)]["ratio"] is None and rows[("todo", None)]["ratio"] is None
+    table = capsys.readouterr().out
+    assert "0.75*" in table and "* tome: --ratios 0.9 is above its maximum; ran at 0.75" in table
+    assert "* tomesd: --ratios 0.9 is above its maximum; ran at 0.75" in table and "0.90" not in table

@@ -191,3 +191,15 @@ def test_input_inside_an_earlier_jobs_output_is_refused(tmp_path):
     rc, summary = _summary(tmp_path, f)
     assert summary["a"]["status"] == "done" and summary["b"]["status"] == "failed"
     assert "overlaps the output of job 1 (a)" in summary["b"]["message"]
+
+
+def test_unknown_only_name_is_an_error_before_any_job_runs(tmp_path, capsys):
+    f = _setup(tmp_path, [{"name": "ok", "input": "clip.mp4", "output": "out/ok"},
+                          {"input": "frames", "output": "out/second"},  # named after its output folder
+                          {"name": "bad", "input": "clip.mp4", "output": "out/bad", "steps": -1}])
+    assert _run_cli(f, "--only", "ok", "--only", "nosuchjob", "--only", "nor-this") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --only") and "Traceback" not in err
+    assert "'nosuchjob', 'nor-this'" in err  # the unknown names
+    assert "'ok', 'second', 'bad'" in err  # the known ones, a job that failed to parse included
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

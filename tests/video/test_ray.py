@@ -7,12 +7,15 @@ order and with it a few pixels by 1/255.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import cv2
@@ -240,3 +243,98 @@ def test_discard_partial_removes_only_the_dead_workers_temporaries(tmp_path):
         (p / "frames").mkdir(parents=True)
     discard_partial(job, os.getpid())
     assert sorted(p.name for p in out.iterdir()) == sorted([other.name, f".jj.tmp-{os.getpid()}"])
+
+
+@pytest.mark.parametrize("address", ["foo", "10.0.0.5", "10.0.0.5:port", "10.0.0.5:0", "ray://", "http://10.0.0.5:6379"])
+def test_malformed_address_is_one_error_line_and_exit_2(root, capsys, address):
+    folder = _batch(root, "address-" + "".join(c if c.isalnum() else "_" for c in address), GOOD[:1])
+    assert cli.main(["edit-video", str(folder / "jobs.yaml"), "--ray", address]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert repr(address) in err and "HOST:PORT" in err and "auto" in err  # the value and what is accepted
+    assert not (folder / "out").exists()
+
+
+def test_wellformed_addresses_are_accepted():
+    from tomesd_ext.video.ray_runner import check_address
+
+    for address in ("auto", "local", "127.0.0.1:6379", "head-node:6379", "[::1]:6379", "ray://10.0.0.5:10001"):
+        check_address(address)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@needs_ray
+def test_cluster_lost_mid_run_is_one_error_line_a_summary_and_exit_3(root, tmp_path, capsys):
+    """A real cluster started by another process (`ray start --head` on loopback, its own temp
+    dir and session) that goes away while a `--ray auto` driver runs on it: every process of the
+    cluster gets SIGTERM, as `ray stop` sends (only this cluster's processes: `ray stop` itself
+    would stop every Ray of this user on the machine)."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.exists():
+        pytest.skip(f"no ray command next to {sys.executable}")
+    # one worker runs them in turn: the cluster is stopped when the first is done, with several left
+    jobs = GOOD + [{"name": f"s{i}", "input": "../frames", "output": f"out/s{i}", "edit_prompt": "a fox", "mode": "sdedit",
+                    "seed": 10 + i} for i in range(4)]
+    folder = _batch(root, "lost", jobs)
+    port, temp = _free_port(), Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # Ray's socket paths must be short
+    # a token of its own (not ~/.ray/auth_token, which any local ray.init may create or replace)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+    head = subprocess.Popen(
+        [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+         "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(temp)], env={**os.environ, **auth},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # its own process group
+    env = {**os.environ, **auth, "RAY_ADDRESS": f"127.0.0.1:{port}",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    driver = None
+    try:
+        deadline = time.time() + 60
+        while not _answers(port):
+            assert head.poll() is None and time.time() < deadline, "the head node did not start"
+            time.sleep(0.2)
+        cmd = [sys.executable, "-m", "tomesd_ext.cli", "edit-video", str(folder / "jobs.yaml"), "--no-progress",
+               "--ray", "auto", "--ray-workers", "1", "--json", str(folder / "summary.json")]
+        driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not _finished(folder):
+            assert driver.poll() is None, driver.communicate()[1][-3000:]
+            assert time.time() < deadline, "no job finished"
+            time.sleep(0.05)
+        os.killpg(head.pid, signal.SIGTERM)  # the cluster goes away mid-run
+        out, err = driver.communicate(timeout=60)  # Ray alone would end the driver after 60 s, without a summary
+    finally:
+        for proc in (driver, head):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # what is left of the cluster
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert driver.returncode == 3, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: the Ray cluster at ") and f":{port} was lost mid-run" in errors[0], err[-3000:]
+    assert "--ray auto" in errors[0] and "a rerun runs the rest" in errors[0]
+    summary = {r["name"]: r for r in json.loads((folder / "summary.json").read_text())}
+    done = {n for n, r in summary.items() if r["status"] == "done"}
+    not_done = {n for n, r in summary.items() if r["status"] == "not done"}
+    assert done and not_done and done | not_done == {j["name"] for j in jobs}, summary
+    assert f"{len(done)} done, 0 skipped, 0 failed, {len(not_done)} not done" in out
+    assert done <= {p.parent.name for p in _finished(folder)}  # done is complete on disk
+    # a rerun (here serial: the cluster is gone) skips what finished and runs the rest
+    again = [min(done), min(not_done)]
+    rc, rerun = _run(folder, "--only", again[0], "--only", again[1])
+    assert rc == 0 and rerun[again[0]]["status"] == "skipped" and rerun[again[1]]["status"] in ("done", "skipped")

@@ -37,7 +37,7 @@ def equal_error(rows: List[dict], method: str, ratio: float) -> List[dict]:
     out = []
     for res, inp in dict.fromkeys((r["resolution"], r["input"]) for r in rows):
         group = [r for r in rows if r["resolution"] == res and r["input"] == inp and r["ratio"] is not None]
-        ref = next((r for r in group if r["method"] == method and abs(r["ratio"] - ratio) < 1e-9), None)
+        ref = next((r for r in group if r["method"] == method and abs(r.get("ratio_requested", r["ratio"]) - ratio) < 1e-9), None)
         if ref is None:
             continue
         ratios = {}

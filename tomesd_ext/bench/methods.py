@@ -6,6 +6,9 @@ the denoiser (a UNet or a diffusion transformer) in place, `remove(model)` resto
 with the same ones. `models` says which denoisers a method takes ("unet", "dit": image
 transformers, "video": video transformers); `supports(model)` gives the reason a particular
 denoiser cannot take it (e.g. a transformer without diffusers' cache), or None.
+`effective_ratio(model, ratio)` is the ratio the patched model runs, which rows record (a ratio
+above a method's maximum is clamped: ours reads its options, tomesd stops at one destination
+per window).
 
 Stacks (what users already run, alone and with ours): `fbcache` / `tome+fbcache` (diffusers'
 FirstBlockCache on the transformer, `probe` counts the denoiser calls that skipped their tail
@@ -35,6 +38,14 @@ class MethodContext:
     cache_threshold: float = 0.05  # FirstBlockCache threshold of fbcache / tome+fbcache
 
 
+def patched_ratio(model, ratio: float) -> float:
+    """The ratio of our patch on `model` (clamped by the option checks), or `ratio` unpatched."""
+    from ..diffusers import tome_options
+
+    opts = tome_options(model)
+    return ratio if opts is None else opts.ratio
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -50,6 +61,8 @@ class Method:
     # (model, ratio, ctx) -> the configuration's own denoiser, built once and kept (compiled.py);
     # apply/remove are then not used
     build: Optional[Callable] = None
+    # (patched model, requested ratio) -> the ratio it runs (rows: ratio, and ratio_requested)
+    effective_ratio: Callable[[object, float], float] = patched_ratio
 
 
 METHODS: Dict[str, Method] = {}
@@ -177,10 +190,21 @@ def _tomesd_missing():
     return None
 
 
+TOMESD_WINDOW = (2, 2)  # sx, sy of the tomesd peer
+
+
 def _tomesd_apply(unet, ratio, ctx):
     import tomesd
 
-    tomesd.apply_patch(unet, ratio=ratio, max_downsample=ctx.max_downsample, sx=2, sy=2, use_rand=True)
+    sx, sy = TOMESD_WINDOW
+    tomesd.apply_patch(unet, ratio=ratio, max_downsample=ctx.max_downsample, sx=sx, sy=sy, use_rand=True)
+
+
+def _tomesd_ratio(unet, ratio: float) -> float:
+    """tomesd merges at most its source tokens, all but one destination per sx x sy window: a
+    larger ratio runs as 1 - 1/(sx*sy) (on grids the windows tile; tomesd does not warn)."""
+    sx, sy = TOMESD_WINDOW
+    return min(ratio, 1.0 - 1.0 / (sx * sy))
 
 
 def _tomesd_remove(unet):
@@ -266,6 +290,7 @@ register(
         _tomesd_remove,
         "tomesd 0.1.3 apply_patch, same ratio/max_downsample/sx/sy/use_rand",
         unavailable=_tomesd_missing,
+        effective_ratio=_tomesd_ratio,
     )
 )
 register(

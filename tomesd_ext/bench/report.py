@@ -11,7 +11,7 @@ import sys
 from typing import List, Optional
 
 ROW_FIELDS = (  # every row; video-transformer rows add frames, latent_frames, tokens, frame_change, temporal
-    "method", "ratio", "resolution", "batch", "seconds_median", "seconds_min", "seconds_max", "speedup",
+    "method", "ratio", "ratio_requested", "resolution", "batch", "seconds_median", "seconds_min", "seconds_max", "speedup",
     "peak_mem_mb", "rel_error", "psnr", "ssim", "input",
 )
 
@@ -65,6 +65,22 @@ def _fmt(value, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
+def _clamped(r: dict) -> bool:
+    """Whether the row ran another ratio than the one requested (clamped to the method's maximum)."""
+    return r.get("ratio_requested") is not None and r["ratio"] != r["ratio_requested"]
+
+
+def _ratio_cell(r: dict) -> str:
+    """The markdown ratio: what ran, and the requested one beside it when it was clamped."""
+    return _fmt(r["ratio"], "g") + (f" ({r['ratio_requested']:g} requested)" if _clamped(r) else "")
+
+
+def clamp_note(rows: List[dict]) -> str:
+    """One line per method and requested ratio that ran clamped ("" when none did)."""
+    seen = dict.fromkeys((r["method"], r["ratio_requested"], r["ratio"]) for r in rows if _clamped(r))
+    return "\n".join(f"* {m}: --ratios {want:g} is above its maximum; ran at {got:g}" for m, want, got in seen)
+
+
 def table(rows: List[dict], title: Optional[str] = None) -> str:
     """A fixed-width text table of result rows (with --steps N, also the final latents' error; video
     transformers: the temporal figure, frame change relative to the baseline's)."""
@@ -77,13 +93,14 @@ def table(rows: List[dict], title: Optional[str] = None) -> str:
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['method']:<{w}} {_fmt(r['ratio'], '.2f'):>5} {r['resolution']:>5} {r['input']:<9} "
+            f"{r['method']:<{w}} {_fmt(r['ratio'], '.2f') + '*' * _clamped(r):>5} {r['resolution']:>5} {r['input']:<9} "
             f"{r['seconds_median']:>9.3f} {r['seconds_min']:>7.3f}-{r['seconds_max']:<7.3f} {r['speedup']:>6.2f}x "
             f"{_fmt(r['peak_mem_mb'], '.0f'):>8} {r['rel_error']:>8.4f} {_fmt(r['psnr'], '.2f', 'inf'):>6} {r['ssim']:>6.4f}"
             + (f" {_fmt(r.get('rel_error_latent'), '.4f'):>10}" if latent else "")
             + (f" {_fmt(r.get('temporal'), '.4f'):>8}" if temporal else "")
         )
-    return "\n".join(lines)
+    note = clamp_note(rows)
+    return "\n".join(lines + ([note] if note else []))
 
 
 def block_table(rows: List[dict]) -> str:
@@ -125,7 +142,7 @@ def markdown_table(rows: List[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_fmt(r['ratio'], '.1f')} | {r['resolution']} | {r['input']} | {r['seconds_median']:.2f} "
+            f"| {r['method']} | {_ratio_cell(r)} | {r['resolution']} | {r['input']} | {r['seconds_median']:.2f} "
             f"| {r['seconds_min']:.2f}-{r['seconds_max']:.2f} | {r['speedup']:.2f}x | {_fmt(r['peak_mem_mb'], '.0f')} "
             f"| {r['rel_error']:.4f} | {_fmt(r['psnr'], '.2f', 'inf')} | {r['ssim']:.4f} |"
             + (f" {_fmt(r.get('temporal'), '.4f')} |" if temporal else "")

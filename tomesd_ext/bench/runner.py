@@ -11,7 +11,9 @@ For every resolution:
    (parts.block_timer), reported per row as `block_seconds` (median per block call).
    repeats = 0 times the calls of step 2 instead (for long runs; documented in the header),
    after one untimed baseline call when there is no warm-up, so nothing is timed cold.
-Rows: one per (method, ratio, resolution, input); the JSON is rewritten after every row.
+Rows: one per (method, ratio, resolution, input); the JSON is rewritten after every row. A row's
+ratio is the one the patched model ran (Method.effective_ratio: a ratio above the method's
+maximum is clamped), ratio_requested the --ratios value.
 Video transformers: a resolution is (height, width) of clips of the subject's frames (the row's
 resolution "HxW", with frames and tokens); rows add temporal, the output's frame-to-frame change
 relative to the baseline's (metrics.frame_change).
@@ -204,7 +206,7 @@ def run_bench(
             if settings.repeats == 0 and settings.warmup == 0:
                 call(BASELINE, None, inputs[0], cond)  # the timed pass must not start cold
                 bar.update()
-            fidelity = {}
+            fidelity, ran = {}, {}  # ran: (method, ratio) -> the ratio the patched model runs
             first_pass: Dict[tuple, List[float]] = {c: [] for c in configs}
             for inp in inputs:
                 reference = None
@@ -212,6 +214,7 @@ def run_bench(
                     with configured(subject, method, ratio, ctx, own) as who, probed(who, method) as fields, \
                             PeakMemory(subject.device) as mem:
                         output, s = timed(lambda: call(method, ratio, inp, cond, who), subject.device)
+                        ran[(method, ratio)] = None if ratio is None else get_method(method).effective_ratio(who.denoiser, ratio)
                     first_pass[(method, ratio)].append(s)
                     bar.update()
                     reference = reference or (output, [metrics.to_image(x) for x in subject.decode(output.image_latent)])
@@ -236,7 +239,8 @@ def run_bench(
                 for method, ratio in configs:
                     stats = summary(seconds[(method, ratio)])
                     row = {
-                        "method": method, "ratio": ratio, "resolution": size_label(res), "batch": settings.batch,
+                        "method": method, "ratio": ran[(method, ratio)], "ratio_requested": ratio,
+                        "resolution": size_label(res), "batch": settings.batch,
                         **stats, "speedup": base / stats["seconds_median"],
                         **fidelity[(method, ratio, inp.name)], "input": inp.name, "steps": settings.steps,
                     }

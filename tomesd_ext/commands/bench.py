@@ -34,6 +34,9 @@ def _size(value: str):
 
 
 VIDEO_METHODS = ("tome", "tome-spatial", "tome-kv")  # the default of video transformers
+# --methods when not given, per kind of denoiser: methods that kind takes (image transformers:
+# ours with the family's dit_mode, and the two other modes)
+DEFAULT_METHODS = {"unet": ("tome", "tomesd"), "dit": ("tome", "tome-attn", "tome-kv"), "video": VIDEO_METHODS}
 _KINDS = {"unet": "a UNet", "dit": "an image diffusion transformer", "video": "a video transformer"}
 
 
@@ -61,7 +64,7 @@ def add_parser(subparsers):
     p.add_argument("--frames", type=int, default=None, help="video transformers: pixel frames of the clip, 1 + a multiple of the VAE's temporal factor (Wan, HunyuanVideo 4: 17 -> 5 latent frames; LTX 8) (default: the model's clip)")
     p.add_argument("--batch", type=int, default=None, help="denoiser batch; even = CFG with batch/2 images (default: 2; 1 for the guidance-distilled transformers Flux.1-dev, Flux.2-dev, Z-Image-Turbo)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="merge ratios (default: 0.5)")
-    p.add_argument("--methods", type=_methods, default=None, help=f"comma list from {','.join(m for m in METHODS if m != 'baseline')} (baseline is always measured; default: tome,tomesd; video transformers: {','.join(VIDEO_METHODS)})")
+    p.add_argument("--methods", type=_methods, default=None, help=f"comma list from {','.join(m for m in METHODS if m != 'baseline')} (baseline is always measured; default: UNets {','.join(DEFAULT_METHODS['unet'])}; image diffusion transformers: {','.join(DEFAULT_METHODS['dit'])}; video transformers: {','.join(VIDEO_METHODS)})")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; 0 = time the fidelity pass instead, for long runs (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before measuring (default: 1)")
     p.add_argument("--steps", type=int, default=0, help="0 = one denoiser forward; N = a sampling run of N steps: DDIM for UNets (and PixArt), flow-matching Euler for rectified-flow transformers; CFG when --batch is even (default: 0)")
@@ -119,7 +122,7 @@ def validate(args) -> None:
             if res < 64 or res % step:
                 raise ValueError(f"--resolution {res}: must be a multiple of {step} and >= 64")
     if args.methods is None:
-        args.methods = list(VIDEO_METHODS) if video else ["tome", "tomesd"]
+        args.methods = list(DEFAULT_METHODS[denoiser])
     if not args.methods:
         raise ValueError("--methods is empty")
     for name in args.methods:

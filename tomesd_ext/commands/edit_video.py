@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
+
+
+CLUSTER_LOST = 3  # exit status: the Ray cluster went away mid-run (docs/errors.md)
 
 
 def _count(lo: int):
@@ -50,15 +54,17 @@ def run(args) -> int:
 
 
 def _run(args, session: ExitStack) -> int:
-    from ..video.jobs import JobError, JobResult, format_table, load_jobs_file, parse_jobs
+    from ..video.jobs import NOT_DONE, JobError, JobResult, format_table, load_jobs_file, parse_jobs
     from .checks import check_output_file, write_text_atomic
 
     try:
         if args.ray is None and (args.ray_workers is not None or args.ray_retries is not None):
             raise ValueError("--ray-workers and --ray-retries need --ray")
         if args.ray is not None:
-            from ..video.ray_runner import import_ray
+            from ..video.ray_runner import check_address, import_ray
 
+            if args.ray:
+                check_address(args.ray)
             import_ray()
         if args.json:
             check_output_file("--json", args.json, stdout_ok=True)
@@ -66,18 +72,21 @@ def _run(args, session: ExitStack) -> int:
     except (JobError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    parsed = [(i, job, _job_name(raw[i], i, job)) for i, job in parse_jobs(raw, base, Path(args.jobs).resolve())]
+    names = [name for _, _, name in parsed]
+    unknown = [n for n in dict.fromkeys(args.only) if n not in names]
+    if unknown:
+        print(f"error: --only {', '.join(map(repr, unknown))}: no such job in {args.jobs}; "
+              f"its jobs are {', '.join(map(repr, names)) or 'none'}", file=sys.stderr)
+        return 2
     results, jobs = [], []
-    for i, job in parse_jobs(raw, base, Path(args.jobs).resolve()):
+    for i, job, name in parsed:
+        if args.only and name not in args.only:
+            continue
         if isinstance(job, JobError):
-            item = raw[i]
-            name = item.get("name") if isinstance(item, dict) and item.get("name") else f"job {i + 1}"
-            if args.only and name not in args.only:
-                continue
-            results.append((i, JobResult(str(name), "failed", message=str(job))))
-            continue
-        if args.only and job.name not in args.only:
-            continue
-        jobs.append(job)
+            results.append((i, JobResult(name, "failed", message=str(job))))
+        else:
+            jobs.append(job)
     show = not args.no_progress
     if args.ray is not None:
         from ..video.jobs import is_finished
@@ -89,21 +98,36 @@ def _run(args, session: ExitStack) -> int:
             except ConnectionError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
-        results += _run_on_ray(args, jobs, show)
+        ray_results, lost = _run_on_ray(args, jobs, show)
+        results += ray_results
     else:
-        results += _run_serial(args, jobs, show)
+        results, lost = results + _run_serial(args, jobs, show), None
     ordered = [r for _, r in sorted(results, key=lambda x: x[0])]
     print(format_table(ordered))
     n_failed = sum(r.status == "failed" for r in ordered)
+    n_not_done = sum(r.status == NOT_DONE for r in ordered)
     print(f"{len(ordered)} job(s): {sum(r.status == 'done' for r in ordered)} done, "
-          f"{sum(r.status == 'skipped' for r in ordered)} skipped, {n_failed} failed")
+          f"{sum(r.status == 'skipped' for r in ordered)} skipped, {n_failed} failed"
+          + f", {n_not_done} {NOT_DONE}" * bool(n_not_done))
     if args.json:
         data = json.dumps([r.__dict__ for r in ordered], indent=2, default=str)
         if args.json == "-":
             print(data)
         else:
             write_text_atomic(args.json, data)
+    if lost:
+        print(f"error: {lost} (--ray {args.ray or 'local'}); {n_not_done} job(s) {NOT_DONE}: "
+              "finished outputs are complete, a rerun runs the rest", file=sys.stderr)
+        return CLUSTER_LOST
     return 1 if n_failed else 0
+
+
+def _job_name(item, index: int, job) -> str:
+    """The name --only selects a job by: its parsed name, or for a job that failed to parse its
+    `name:` field, else "job N"."""
+    if not isinstance(job, Exception):
+        return job.name
+    return str(item.get("name")) if isinstance(item, dict) and item.get("name") else f"job {index + 1}"
 
 
 def _skipped(job):
@@ -137,12 +161,25 @@ def _run_serial(args, jobs, show) -> list:
     return results
 
 
-def _run_on_ray(args, jobs, show) -> list:
-    """[(index, JobResult)]: unfinished jobs on Ray workers (video/ray_runner.py), one bar over jobs."""
+def _after_loss(job, started: float):
+    """The result of a job the lost cluster did not report: done when a worker still finished its
+    output (job.json written since `started`: outputs are renamed into place whole), else NOT_DONE."""
+    from ..video.jobs import NOT_DONE, JobResult
+
+    record = job.output / "job.json"
+    if record.is_file() and record.stat().st_mtime >= started:
+        return JobResult(job.name, "done", output=str(job.output), message="its worker finished it after the cluster was lost")
+    return JobResult(job.name, NOT_DONE, output=str(job.output), message="the Ray cluster was lost")
+
+
+def _run_on_ray(args, jobs, show) -> tuple:
+    """([(index, JobResult)], None) of unfinished jobs on Ray workers (video/ray_runner.py), one
+    bar over jobs; when the cluster is lost mid-run, the jobs it did not finish are NOT_DONE and
+    the second item says what happened."""
     from tqdm.auto import tqdm
 
     from ..video.jobs import is_finished
-    from ..video.ray_runner import run_batch
+    from ..video.ray_runner import ClusterLostError, run_batch
 
     retries = 2 if args.ray_retries is None else args.ray_retries
     todo = [j for j in jobs if args.force or not is_finished(j)]
@@ -158,9 +195,14 @@ def _run_on_ray(args, jobs, show) -> list:
     def on_retry(job, reason, attempt):
         tqdm.write(f"job {job.name}: its worker died ({reason}); retry {attempt} of {retries}", file=sys.stderr)
 
+    lost, started = None, time.time()
     try:
         if todo:
             results += run_batch(todo, args.ray_workers, retries, on_result, on_retry)
+    except ClusterLostError as e:
+        ended = {i for i, _ in e.results}
+        results += e.results + [(j.index, _after_loss(j, started)) for j in todo if j.index not in ended]
+        lost = str(e)
     finally:
         bar.close()
-    return results
+    return results, lost

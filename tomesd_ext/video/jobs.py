@@ -69,10 +69,13 @@ class Job:
     output: Path
 
 
+NOT_DONE = "not done"  # the status of a job that was not finished because its run stopped (--ray: cluster lost)
+
+
 @dataclass
 class JobResult:
     name: str
-    status: str  # done | skipped | failed
+    status: str  # done | skipped | failed | NOT_DONE
     frames: int = 0
     size: str = ""
     seconds: float = 0.0
@@ -451,7 +454,7 @@ def format_table(results: List[JobResult]) -> str:
     for r in results:
         spf = f"{r.seconds / r.frames:.2f}" if r.frames and r.status == "done" else "-"
         we = f"{r.warp_error:.5f}" if r.status == "done" and r.warp_error == r.warp_error else "-"
-        msg = r.output if r.status != "failed" else r.message
+        msg = r.message if r.status in ("failed", NOT_DONE) else r.output
         if r.status == "done" and r.message:
             msg += f" ({r.message})"
         extra = (str(r.retries),) if retried else ()

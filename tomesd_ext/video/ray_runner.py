@@ -10,6 +10,13 @@ inversion reuse it and never compute it twice at once. Jobs go only to actors th
 is replaced; its job's temporaries are removed and the job is retried up to `retries` times, then
 reported failed with the reason.
 
+The cluster itself going away (`ray stop`, the head node lost) is not a worker death: the driver
+checks while it waits that the cluster's GCS still accepts connections, and when it has not for
+GCS_GRACE_S (or Ray says this driver's own node died) it stops with ClusterLostError, which
+carries the results of the jobs that ended before. Ray's own calls would wait for the GCS and
+then end the driver process (after 60 s) with no summary, so after the loss the driver makes
+only calls that do not need the GCS.
+
 Ray is optional (`pip install 'tomesd-ext[ray]'`) and imported only here, lazily.
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections import Counter, deque
 from contextlib import contextmanager
 from typing import Callable, List, Optional, Tuple
@@ -28,6 +36,56 @@ RAY_INSTALL = "pip install 'tomesd-ext[ray]'"
 
 class RayMissingError(ImportError):
     """Ray is not installed; the message names the extra that installs it."""
+
+
+class ClusterLostError(RuntimeError):
+    """The Ray cluster went away mid-run. address: its GCS; what: what was seen; results: the
+    [(job.index, JobResult)] of the jobs that ended before (the others did not finish)."""
+
+    def __init__(self, address: str, what: str, results: list):
+        super().__init__(f"the Ray cluster at {address} was lost mid-run: {what}")
+        self.address, self.what, self.results = address, what, results
+
+
+GCS_GRACE_S = 10.0  # a GCS that does not answer this long is lost (Ray ends the driver at 60 s)
+
+
+class _ClusterWatch:
+    """Whether the cluster's GCS (HOST:PORT) still accepts connections, checked at most once a
+    second; a refusal shorter than GCS_GRACE_S (a restarting GCS) is waited out."""
+
+    def __init__(self, address: Optional[str]):
+        self.address, self.down_since, self.last, self.why = address, None, 0.0, ""
+
+    def reachable(self) -> bool:
+        host, _, port = (self.address or "").rpartition(":")
+        if not port.isdigit():
+            return True  # no GCS address to check (e.g. a Ray Client connection)
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+        except OSError as e:
+            self.why = f"its GCS does not answer ({e.strerror or e})"
+            return False
+        return True
+
+    def lost(self) -> Optional[str]:
+        """None while the cluster is there; else what was seen."""
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            return None
+        self.last = now
+        if self.reachable():
+            self.down_since = None
+            return None
+        self.down_since = self.down_since or now
+        return f"{self.why} for {now - self.down_since:.0f} s" if now - self.down_since >= GCS_GRACE_S else None
+
+
+def _gcs_address(ray) -> Optional[str]:
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - a connection without one (Ray Client): not watched
+        return None
 
 
 def import_ray():
@@ -79,6 +137,21 @@ def _death_reason(err) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+ADDRESS_FORMS = "HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT, auto or local"
+
+
+def check_address(address: str) -> None:
+    """ValueError unless `address` has a form ray.init takes (ADDRESS_FORMS); checked before Ray
+    is imported or any job runs, so a typo is one line instead of Ray's traceback."""
+    if address in ("auto", "local"):
+        return
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [IPv6]:PORT
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536) or "/" in host or any(c.isspace() for c in host):
+        raise ValueError(f"--ray {address!r} is not a Ray address: use {ADDRESS_FORMS}, or --ray alone for a local cluster")
+
+
 def _check_reachable(address: str) -> None:
     """A HOST:PORT address must accept a connection (Ray itself retries for minutes)."""
     host, _, port = address.rpartition(":")
@@ -123,12 +196,12 @@ def run_batch(
     ray = import_ray()
     n, options, threads, device = _worker_options(ray, workers)
     actor = ray.remote(JobWorker).options(**options)
-    starting, idle = {}, []  # pid ref of an actor not yet up -> (actor, pid ref); workers that are up
+    watch = _ClusterWatch(_gcs_address(ray))
+    starting, idle = {}, []  # pid ref of an actor not yet up -> actor; (actor, pid) of workers that are up
 
     def spawn():
         a = actor.remote(threads, device)
-        ref = a.pid.remote()
-        starting[ref] = (a, ref)
+        starting[a.pid.remote()] = a
 
     for _ in range(min(n, len(jobs))):
         spawn()
@@ -159,15 +232,22 @@ def run_batch(
                 if inversion_group(job) not in cached:
                     busy.add(inversion_group(job))
             if not running and not starting:  # every worker died while starting
+                if not watch.reachable():
+                    raise ClusterLostError(watch.address, f"no worker could start ({reason}) and {watch.why}", results)
                 for job in pending:
                     finish(job, JobResult(job.name, "failed", output=str(job.output), message=f"no Ray worker could start: {reason}"))
                 break
-            ref = ray.wait(list(running) + list(starting), num_returns=1)[0][0]
+            came = ray.wait(list(running) + list(starting), num_returns=1, timeout=1.0)[0]
+            what = watch.lost()  # at most once a second, also while results come in
+            if what:
+                raise ClusterLostError(watch.address, what, results)
+            if not came:
+                continue
+            ref = came[0]
             if ref in starting:
-                worker = starting.pop(ref)
+                a = starting.pop(ref)
                 try:
-                    ray.get(ref)
-                    idle.append(worker)
+                    idle.append((a, ray.get(ref)))
                 except ray.exceptions.RayError as e:
                     reason, start_deaths = _death_reason(e), start_deaths + 1
                     if start_deaths <= n + retries:
@@ -185,7 +265,9 @@ def run_batch(
                 idle.append(worker)
             except ray.exceptions.RayError as e:  # the worker process died
                 reason = _death_reason(e)
-                discard_partial(job, ray.get(worker[1]))
+                if "its owner has died" in str(e):  # the owner is this driver: its node is gone
+                    raise ClusterLostError(watch.address, reason, results) from e
+                discard_partial(job, worker[1])
                 spawn()
                 if attempts[job.index] <= retries:
                     if on_retry:
@@ -196,6 +278,6 @@ def run_batch(
                                 message=f"its worker died {attempts[job.index]} time(s) (retry limit {retries}): {reason}")
             finish(job, res)
     finally:
-        for a, _ in idle + list(starting.values()) + [w for _, w in running.values()]:
-            ray.kill(a)
+        for a in [w[0] for w in idle] + list(starting.values()) + [w[0] for _, w in running.values()]:
+            ray.kill(a)  # asynchronous: does not wait for a GCS that is gone
     return results
