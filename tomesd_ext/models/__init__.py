@@ -14,6 +14,7 @@ from .dit_build import build_transformer, meta_transformer, parameter_count, too
 from .dit_call import LATENT_CHANNELS, dit_call, text_conditioning
 from .dit_configs import DIT_CONFIGS, DIT_NAMES, get_dit_config
 from .lora import random_lora
+from .motion import MOTION_CONFIGS, MOTION_NAMES, build_animatediff_pipeline, build_motion_adapter, build_motion_unet
 from .sharpen import sharpen_self_attention
 from .tokenizer import build_tokenizer, write_tiny_tokenizer
 from .weights import build_seeded, fill_random_weights
@@ -34,10 +35,15 @@ __all__ = [
     "DIT_NAMES",
     "LATENT_CHANNELS",
     "MODEL_NAMES",
+    "MOTION_CONFIGS",
+    "MOTION_NAMES",
     "UNET_NAMES",
+    "build_animatediff_pipeline",
     "build_controlnet",
     "build_pipeline",
     "build_scheduler",
+    "build_motion_adapter",
+    "build_motion_unet",
     "build_seeded",
     "build_text_encoders",
     "build_tokenizer",
