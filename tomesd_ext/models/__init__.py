@@ -20,13 +20,16 @@ from .tokenizer import build_tokenizer, write_tiny_tokenizer
 from .weights import build_seeded, fill_random_weights
 
 UNET_NAMES = tuple(CONFIGS)
-MODEL_NAMES = UNET_NAMES + DIT_NAMES  # every built-in name `tomesd-ext bench --model` accepts
+MODEL_NAMES = UNET_NAMES + MOTION_NAMES + DIT_NAMES  # every built-in name `tomesd-ext bench --model` accepts
 
 
 def model_family(name):
-    """"unet" for the SD/SDXL names, else the diffusion-transformer family (flux, sd3, ...)."""
+    """"unet" for the SD/SDXL names, "animatediff" for a UNet with motion modules, else the
+    diffusion-transformer family (flux, sd3, ...)."""
     if name in CONFIGS:
         return "unet"
+    if name in MOTION_CONFIGS:
+        return "animatediff"
     return get_dit_config(name)["family"]
 
 __all__ = [

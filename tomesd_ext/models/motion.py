@@ -12,6 +12,7 @@ import torch
 from diffusers import MotionAdapter, SparseControlNetModel, UNetMotionModel
 
 from .build import assemble_pipeline, build_controlnet, build_scheduler, build_text_encoders, build_unet, build_vae
+from .sharpen import sharpen_self_attention
 from .weights import build_seeded, cast
 
 # The motion adapters of AnimateDiff's published checkpoints, by architecture: SD 1.5 (v1-5-2 /
@@ -39,6 +40,9 @@ MOTION_CONFIGS = {  # name -> (base UNet name of configs.CONFIGS, motion adapter
     "sd15-animatediff": ("sd15", _SD15_ADAPTER),
 }
 MOTION_NAMES = tuple(MOTION_CONFIGS)
+# The bench's clip geometry (bench/video_inputs.py): SD's VAE, 8x spatial, no temporal compression
+# (a latent frame per frame); the default clip of AnimateDiff's pipelines (16 frames, 512 px).
+MOTION_VIDEO = {"channels": 4, "spatial": 8, "temporal": 1, "frames": 16, "height": 512, "width": 512}
 
 ANIMATEDIFF_PIPELINES = {
     "sd": {
@@ -64,9 +68,11 @@ def build_motion_adapter(name, seed=0):
     return build_seeded(lambda: MotionAdapter(**config), seed, keep_buffers=True)
 
 
-def build_motion_unet(name, seed=0, dtype=torch.float32, device="cpu", adapter=None):
+def build_motion_unet(name, seed=0, dtype=torch.float32, device="cpu", adapter=None, sharpen=False):
     """Random-weight ``UNetMotionModel`` of AnimateDiff model ``name``: its base UNet (seed) with
-    the motion adapter (``adapter``, else built from seed + 5).
+    the motion adapter (``adapter``, else built from seed + 5). sharpen: the base UNet's spatial
+    self-attention gets ``sharpen_self_attention`` (the bench's fidelity variant) before the
+    motion modules join, so their temporal attention stays as drawn.
 
     Input ``sample`` (B, 4, frames, H/8, W/8), ``timestep``, ``encoder_hidden_states``
     (B * frames, tokens, cross_attention_dim) (one row per frame, clip b's at b*frames ..);
@@ -74,7 +80,10 @@ def build_motion_unet(name, seed=0, dtype=torch.float32, device="cpu", adapter=N
     """
     base, _config = _motion_config(name)
     adapter = adapter if adapter is not None else build_motion_adapter(name, seed + 5)
-    unet = UNetMotionModel.from_unet2d(build_unet(base, seed), adapter)
+    plain = build_unet(base, seed)
+    if sharpen:
+        sharpen_self_attention(plain)
+    unet = UNetMotionModel.from_unet2d(plain, adapter)
     return cast(unet, device, dtype).eval()
 
 
