@@ -54,7 +54,7 @@ class Method:
     description: str
     uses_ratio: bool = True  # False: one row per resolution, ratio None
     unavailable: Callable[[], Optional[str]] = lambda: None  # why it cannot run here, or None
-    models: tuple = ("unet",)  # the denoisers it takes: "unet", "dit" (image), "video" (video transformers)
+    models: tuple = ("unet",)  # the denoisers it takes: "unet", "dit" (image), "video" (video transformers), "animatediff"
     supports: Callable[[object], Optional[str]] = lambda model: None  # why this denoiser cannot take it, or None
     # a context entered around a measured call after apply: yields a dict of row fields it fills
     probe: Optional[Callable[[object], object]] = None
@@ -231,9 +231,20 @@ def _todo_remove(unet):
     remove_todo(unet)
 
 
-register(Method(BASELINE, _noop, _noop, "the unmerged model", uses_ratio=False, models=("unet", "dit", "video")))
+register(Method(BASELINE, _noop, _noop, "the unmerged model", uses_ratio=False, models=("unet", "dit", "video", "animatediff")))
 register(Method("tome", _tome_apply, _tome_remove, "ours: tomesd_ext.apply_tome (defaults, seeded; DiTs: dit_mode='auto'; "
-                "video transformers: st=2, spatio-temporal windows)", models=("unet", "dit", "video")))
+                "video transformers: st=2, spatio-temporal windows; AnimateDiff: one plan per clip, "
+                "frame_plan='shared')", models=("unet", "dit", "video", "animatediff")))
+
+
+def _per_frame_apply(unet, ratio, ctx):
+    from ..diffusers import apply_tome
+
+    apply_tome(unet, ratio, seed=ctx.seed, frame_plan="per-frame")
+
+
+register(Method("tome-per-frame", _per_frame_apply, _tome_remove, "ours on an AnimateDiff UNet with "
+                "frame_plan='per-frame': every frame matched on its own tokens", models=("animatediff",)))
 _DIT_MODES = {
     "block": "image tokens merged through the whole block (attention and MLP), unmerged after",
     "attn": "image tokens merged around attention only",

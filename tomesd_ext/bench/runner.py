@@ -284,6 +284,8 @@ def run_bench(
 def _video_geometry(subject, inp) -> dict:
     """frames (pixel), latent_frames and tokens (the transformer's token grid) of a video row."""
     _, _, f, h, w = inp.noise.shape
+    if not subject.is_dit:  # AnimateDiff: frames of latent tokens at the UNet's first level
+        return {"frames": subject.frames, "latent_frames": f, "tokens": f * h * w}
     patch = subject.denoiser.config.patch_size
     pt, ph, pw = tuple(patch) if isinstance(patch, (list, tuple)) else (getattr(subject.denoiser.config, "patch_size_t", 1), patch, patch)
     return {"frames": subject.frames, "latent_frames": f, "tokens": (f // pt) * (h // ph) * (w // pw)}

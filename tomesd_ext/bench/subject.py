@@ -49,8 +49,9 @@ class Subject:
     """denoiser (a UNet or a diffusion transformer, on device, dtype), its scheduler (DDIM, or
     FlowSchedule for rectified-flow transformers), and for real weights the pipeline (VAE, text
     encoders). family: "unet" or the transformer family (models.model_family); text_tokens: the
-    text sequence of one transformer forward. Video transformers work on (B, C, F, h, w) latents
-    of ``frames``-frame clips (bench_input, decode)."""
+    text sequence of one transformer forward. Video transformers and AnimateDiff UNets (family
+    "unet" with ``video`` set) work on (B, C, F, h, w) latents of ``frames``-frame clips
+    (bench_input, decode; an AnimateDiff UNet takes one text row per frame)."""
 
     name: str
     denoiser: torch.nn.Module
@@ -166,9 +167,12 @@ class Subject:
             if self.is_sdxl:
                 width = self.denoiser.config.projection_class_embeddings_input_dim - 6 * self.denoiser.config.addition_time_embed_dim
                 text = torch.randn(halves, 1, width, generator=gen).repeat_interleave(n_images, 0).flatten(0, 1)
+        if self.is_video:  # AnimateDiff: one text row per frame, clip b's at b*F .. b*F + F - 1
+            hidden = hidden.repeat_interleave(self.frames, 0)
         kwargs = {"encoder_hidden_states": hidden.to(self.device, self.dtype)}
         if self.is_sdxl:
-            ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+            h, w = resolution if isinstance(resolution, tuple) else (resolution, resolution)  # AnimateDiff: (h, w)
+            ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
             kwargs["added_cond_kwargs"] = {
                 "text_embeds": text.to(self.device, self.dtype),
                 "time_ids": ids.repeat(halves * n_images, 1).to(self.device, self.dtype),
@@ -192,6 +196,8 @@ def load_subject(spec: str, device="cpu", dtype="fp32", seed: int = 0, sharpen: 
     if kind == "builtin":
         from ..models import build_scheduler, build_unet, model_family, sharpen_self_attention
 
+        if model_family(spec) == "animatediff":
+            return _load_motion_unet(spec, device, torch_dtype, seed, sharpen, frames)
         if model_family(spec) != "unet":
             return _load_transformer(spec, device, torch_dtype, seed, sharpen, frames)
 
@@ -205,6 +211,19 @@ def load_subject(spec: str, device="cpu", dtype="fp32", seed: int = 0, sharpen: 
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return Subject(spec, pipe.unet.eval(), _ddim(pipe.scheduler.config), device, torch_dtype, pipe=pipe)
+
+
+def _load_motion_unet(spec: str, device, torch_dtype, seed: int, sharpen: bool, frames: Optional[int] = None) -> Subject:
+    """A built-in AnimateDiff UNet (models.build_motion_unet; spatial self-attention sharpened
+    unless told not): a UNet subject on clips of ``frames`` frames (default 16)."""
+    from ..models import MOTION_CONFIGS, build_motion_unet, build_scheduler
+    from ..models.motion import MOTION_VIDEO
+
+    unet = build_motion_unet(spec, seed=seed, sharpen=sharpen)
+    unet = torch.nn.Module.to(unet, device=device, dtype=torch_dtype)
+    scheduler = _ddim(build_scheduler(MOTION_CONFIGS[spec][0]).config)
+    return Subject(spec, unet, scheduler, device, torch_dtype, sharpened=sharpen, video=MOTION_VIDEO,
+                   frames=frames or MOTION_VIDEO["frames"])
 
 
 def _load_transformer(spec: str, device, torch_dtype, seed: int, sharpen: bool, frames: Optional[int] = None) -> Subject:

@@ -4,6 +4,7 @@ Example (the README's main job):
     tomesd-ext bench --model sd15 --resolution 512 --methods tome,tomesd --ratios 0.5
 Video transformers (wan-1.3b, ltx, hunyuan-video-depth4; docs/bench.md): one forward on a clip,
     tomesd-ext bench --model wan-1.3b --resolution 480x832 --frames 17 --methods tome,tome-spatial,tome-kv
+    tomesd-ext bench --model sd15-animatediff --frames 16 --methods tome,tome-per-frame
 Stacks with what users already run, over whole sampling runs (docs/bench.md, "Stacks"):
     tomesd-ext bench --model sd15 --resolution 512 --steps 20 --methods tome,compile,tome+compile --ratios 0.5
     tomesd-ext bench --model flux-depth4 --resolution 1024 --steps 20 --batch 1 --methods tome,fbcache,tome+fbcache
@@ -34,17 +35,21 @@ def _size(value: str):
 
 
 VIDEO_METHODS = ("tome", "tome-spatial", "tome-kv")  # the default of video transformers
+ANIMATEDIFF_METHODS = ("tome", "tome-per-frame")  # the default of AnimateDiff UNets
 # --methods when not given, per kind of denoiser: methods that kind takes (image transformers:
 # ours with the family's dit_mode, and the two other modes)
-DEFAULT_METHODS = {"unet": ("tome", "tomesd"), "dit": ("tome", "tome-attn", "tome-kv"), "video": VIDEO_METHODS}
-_KINDS = {"unet": "a UNet", "dit": "an image diffusion transformer", "video": "a video transformer"}
+DEFAULT_METHODS = {"unet": ("tome", "tomesd"), "dit": ("tome", "tome-attn", "tome-kv"), "video": VIDEO_METHODS,
+                   "animatediff": ANIMATEDIFF_METHODS}
+_KINDS = {"unet": "a UNet", "dit": "an image diffusion transformer", "video": "a video transformer",
+          "animatediff": "an AnimateDiff UNet"}
 
 
 def _wrong_model(name: str, method, denoiser: str, model: str) -> str:
     """The error of a method that does not take this kind of denoiser, with the ones that do."""
     from ..bench.methods import BASELINE, METHODS
 
-    owner = {("unet",): "a UNet method", ("video",): "a video-transformer method"}.get(method.models, "a diffusion-transformer method")
+    owner = {("unet",): "a UNet method", ("video",): "a video-transformer method",
+             ("animatediff",): "an AnimateDiff method"}.get(method.models, "a diffusion-transformer method")
     choices = ",".join(m for m, v in METHODS.items() if denoiser in v.models and m != BASELINE)
     return f"--methods {name}: {owner}; --model {model} is {_KINDS[denoiser]} (choose from {choices})"
 
@@ -61,10 +66,10 @@ def add_parser(subparsers):
     )
     p.add_argument("--model", default="sd15", help="a built-in UNet (tiny|tiny-sd2|tiny-sdxl|sd15|sd21|sdxl) or diffusion transformer (flux-depth4, flux2-depth2, sd35-large-depth2, sd35-medium, pixart-sigma, qwen-image-depth2, z-image-depth2, tiny-flux, ...; docs/bench.md), seeded random weights, or a local diffusers folder / .safetensors file (default: sd15)")
     p.add_argument("--resolution", type=_size, nargs="+", default=None, help="image sizes in px, multiples of 8 (default: 512); video transformers: HEIGHTxWIDTH, multiples of the VAE factor x patch (default: the model's clip, e.g. 480x832 for wan-1.3b)")
-    p.add_argument("--frames", type=int, default=None, help="video transformers: pixel frames of the clip, 1 + a multiple of the VAE's temporal factor (Wan, HunyuanVideo 4: 17 -> 5 latent frames; LTX 8) (default: the model's clip)")
+    p.add_argument("--frames", type=int, default=None, help="video transformers: pixel frames of the clip, 1 + a multiple of the VAE's temporal factor (Wan, HunyuanVideo 4: 17 -> 5 latent frames; LTX 8) (default: the model's clip); AnimateDiff: frames of the clip, 2 to 32 (default 16)")
     p.add_argument("--batch", type=int, default=None, help="denoiser batch; even = CFG with batch/2 images (default: 2; 1 for the guidance-distilled transformers Flux.1-dev, Flux.2-dev, Z-Image-Turbo)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="merge ratios (default: 0.5)")
-    p.add_argument("--methods", type=_methods, default=None, help=f"comma list from {','.join(m for m in METHODS if m != 'baseline')} (baseline is always measured; default: UNets {','.join(DEFAULT_METHODS['unet'])}; image diffusion transformers: {','.join(DEFAULT_METHODS['dit'])}; video transformers: {','.join(VIDEO_METHODS)})")
+    p.add_argument("--methods", type=_methods, default=None, help=f"comma list from {','.join(m for m in METHODS if m != 'baseline')} (baseline is always measured; default: UNets {','.join(DEFAULT_METHODS['unet'])}; image diffusion transformers: {','.join(DEFAULT_METHODS['dit'])}; video transformers: {','.join(VIDEO_METHODS)}; AnimateDiff UNets: {','.join(ANIMATEDIFF_METHODS)})")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; 0 = time the fidelity pass instead, for long runs (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before measuring (default: 1)")
     p.add_argument("--steps", type=int, default=0, help="0 = one denoiser forward; N = a sampling run of N steps: DDIM for UNets (and PixArt), flow-matching Euler for rectified-flow transformers; CFG when --batch is even (default: 0)")
@@ -100,17 +105,20 @@ def validate(args) -> None:
     kind = model_kind(args.model)
     if kind == "file":
         check_checkpoint_file("--model", args.model)
-    dit = kind == "builtin" and model_family(args.model) != "unet"
+    motion = kind == "builtin" and model_family(args.model) == "animatediff"
+    dit = kind == "builtin" and model_family(args.model) not in ("unet", "animatediff")
     if dit:
         reason = too_large(args.model)
         if reason:
             raise ValueError(f"--model {args.model}: {reason}")
     video = get_dit_config(args.model)["video"] if dit else None
-    denoiser = "video" if video else "dit" if dit else "unet"
+    denoiser = "video" if video else "dit" if dit else "animatediff" if motion else "unet"
     if args.batch is None:  # the real pipeline's batch for one image: CFG doubles it
         args.batch = 2 if not dit or get_dit_config(args.model)["cfg"] else 1
     if video:
         _check_clip(args, video)
+    elif motion:
+        _check_motion_clip(args)
     else:
         if args.frames is not None:
             raise ValueError(f"--frames {args.frames}: only for video transformers; --model {args.model} is {_KINDS[denoiser]}")
@@ -136,11 +144,12 @@ def validate(args) -> None:
     for r in args.ratios:
         if not 0.0 <= r < 1.0:
             raise ValueError(f"--ratios {r}: must be in [0, 1)")
-    kinds = VIDEO_INPUT_KINDS if video else INPUT_KINDS
-    args.inputs = args.inputs or (["pan"] if video else ["photo", "noise"])
+    clips = video or motion
+    kinds = VIDEO_INPUT_KINDS if clips else INPUT_KINDS
+    args.inputs = args.inputs or (["pan"] if clips else ["photo", "noise"])
     for kind in args.inputs:
         if kind not in kinds:
-            raise ValueError(f"--inputs {kind}: choose from {', '.join(kinds)}" + " (a video transformer)" * bool(video))
+            raise ValueError(f"--inputs {kind}: choose from {', '.join(kinds)}" + f" ({_KINDS[denoiser]})" * bool(clips))
     if args.equal_error:
         method, ratio = args.equal_error = parse_reference(args.equal_error)
         if method not in args.methods or not any(abs(r - ratio) < 1e-9 for r in args.ratios):
@@ -153,6 +162,8 @@ def validate(args) -> None:
         raise ValueError(f"--timestep {args.timestep}: must be <= 999")
     if dit and args.micro:
         raise ValueError("--micro: the operator micro-bench reads UNet levels; not for diffusion transformers")
+    if motion and args.micro:
+        raise ValueError("--micro: the operator micro-bench reads image UNet levels; not for AnimateDiff UNets")
     if any(get_method(m).build is not None for m in args.methods):
         import torch._dynamo
 
@@ -188,6 +199,20 @@ def _check_clip(args, video: dict) -> None:
     for h, w in args.resolution:
         if min(h, w) < 2 * step or h % step or w % step:
             raise ValueError(f"--resolution {h}x{w}: height and width must be multiples of {step} (VAE x patch) and >= {2 * step}")
+
+
+def _check_motion_clip(args) -> None:
+    """AnimateDiff UNets: --frames (the motion modules' positions: at most 32) and --resolution
+    (a number or HEIGHTxWIDTH, multiples of 8); defaults 16 frames at 512x512."""
+    from ..models.motion import MOTION_VIDEO
+
+    args.frames = MOTION_VIDEO["frames"] if args.frames is None else args.frames
+    if not 2 <= args.frames <= 32:
+        raise ValueError(f"--frames {args.frames}: AnimateDiff clips have 2 to 32 frames (the motion modules' positions)")
+    args.resolution = [r if isinstance(r, tuple) else (r, r) for r in args.resolution or [(MOTION_VIDEO["height"], MOTION_VIDEO["width"])]]
+    for h, w in args.resolution:
+        if min(h, w) < 64 or h % 8 or w % 8:
+            raise ValueError(f"--resolution {h}x{w}: height and width must be multiples of 8 and >= 64")
 
 
 def run(args) -> int:

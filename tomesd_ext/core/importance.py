@@ -49,6 +49,8 @@ def importance_map(pred: torch.Tensor, layout: str = "halves") -> torch.Tensor:
     (epsilon, v or flow; a learned-sigma output is the caller's to slice). layout: "halves"
     ([uncond..., cond...] or the reverse: the absolute difference does not depend on which half is
     which) or "interleaved" ([u0, c0, u1, c1, ...]). Returns (B0, H, W) (video: (B0, F, H, W)) float32.
+    An AnimateDiff clip batch is such a video: one map per clip frame, cond and uncond of the same
+    frame paired.
     """
     if pred.ndim not in (4, 5) or pred.shape[0] % 2:
         raise ValueError(f"pred must be (2*B0, C, H, W) or (2*B0, C, F, H, W) with an even batch, got {tuple(pred.shape)}")
@@ -198,13 +200,19 @@ def _slab_partition(importance, u, h, w, sx, sy, depth, n_dst, m, stratify):
     return in_pool, is_dst
 
 
-def image_rows(batch: int, layout: str, images: Optional[int] = None) -> list:
+def image_rows(batch: int, layout: str, images: Optional[int] = None, frames: int = 1) -> list:
     """Row indices of each image in a CFG batch of `batch` rows: halves -> [i, B0 + i],
     interleaved -> [2i, 2i + 1] (CPU tensors; move them to the metric's device once).
 
     images: B0 for a batch of k = batch / B0 chunks of B0 rows each ("halves" only: ComfyUI's
     cond/uncond chunks, any k and order) -> image i = rows [i, B0 + i, 2*B0 + i, ...].
+    frames: F > 1 for a batch of clips run frame by frame (rows c*F .. c*F + F - 1 are the frames
+    of clip c, the clips in the CFG layout): image i*F + f = frame f of the cond and uncond clips
+    of pair i, the order of ``importance_map`` of a clip batch.
     """
+    if frames > 1:
+        clips = image_rows(batch // frames, layout, images)
+        return [c * frames + f for c in clips for f in range(frames)]
     b0 = images or batch // 2
     rows = torch.arange(batch)
     image = rows % b0 if layout == "halves" else rows // 2
@@ -257,7 +265,8 @@ NO_CFG_WARNING = (
 
 
 def detect_cfg_layout(sample: torch.Tensor, setting: str = "auto") -> Optional[str]:
-    """The CFG layout of a denoiser input (B, C, H, W) or (B, C, F, H, W): "halves", "interleaved" or None.
+    """The CFG layout of a denoiser input (B, C, H, W) or clip batch (B, C, F, H, W): "halves",
+    "interleaved" or None.
 
     CFG pipelines call the denoiser on the latents twice over, so the two rows of an image are
     bit-identical: halves equal -> "halves"; rows 2i, 2i+1 equal -> "interleaved"; neither -> no
@@ -336,9 +345,26 @@ class ImportancePolicy:
         `batch`, hw = (H, W) the latent size (a video: its merged token grid); the map must have
         len(rows) images of that size and come from this run (its step key not below the current one)."""
         self.rows, self.batch = rows, batch
+        if self._map_fits(len(rows), hw):
+            self.active = self.hmap
+
+    def use_clip_map(self, layout: str, clips: int, frames: int, hw, device) -> None:
+        """``use_map`` for a call of `clips` clips of `frames` frames in CFG `layout` (AnimateDiff;
+        the stored map has one map per clip frame, ``importance_map`` of a clip batch).
+
+        opts.frame_plan "shared": the runtime plans on clip metrics (one row per clip), so the
+        images are the clip pairs and each map is the mean of the clip's frame maps; "per-frame":
+        the images are the clip frames, cond and uncond rows of the same frame paired."""
+        per_frame = self.opts.frame_plan == "per-frame"
+        batch = clips * frames if per_frame else clips
+        self.rows = self.image_rows(batch, layout, device, frames=frames if per_frame else 1)
+        self.batch = batch
+        if self._map_fits(len(self.rows) * (1 if per_frame else frames), hw):
+            self.active = self.hmap if per_frame else self.hmap.view(-1, frames, *hw).mean(dim=1)
+
+    def _map_fits(self, images: int, hw) -> bool:
         prev = self.hmap
-        if prev is not None and tuple(prev.shape) == (len(rows), *hw) and self.step_key <= self.hmap_step:
-            self.active = prev
+        return prev is not None and tuple(prev.shape) == (images, *hw) and self.step_key <= self.hmap_step
 
     def set_map(self, hmap: Optional[torch.Tensor], step_key: Optional[float] = None) -> None:
         """Store the map of a finished CFG step (None drops it)."""
@@ -352,11 +378,11 @@ class ImportancePolicy:
             self.warned = True
         self.set_map(None)
 
-    def image_rows(self, batch: int, layout: str, device, images: Optional[int] = None) -> list:
-        """``image_rows(batch, layout, images)`` on `device`, cached for the last batch layout."""
-        key = (batch, layout, images, device)
+    def image_rows(self, batch: int, layout: str, device, images: Optional[int] = None, frames: int = 1) -> list:
+        """``image_rows(batch, layout, images, frames)`` on `device`, cached for the last batch layout."""
+        key = (batch, layout, images, device, frames)
         if key not in self._rows_cache:
-            self._rows_cache = {key: [r.to(device) for r in image_rows(batch, layout, images)]}
+            self._rows_cache = {key: [r.to(device) for r in image_rows(batch, layout, images, frames)]}
         return self._rows_cache[key]
 
     def plan(self, metric: torch.Tensor, h: int, w: int, seed: Optional[int], frames: int = 1, partition=None) -> Optional[MergePlan]:

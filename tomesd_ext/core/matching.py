@@ -31,6 +31,17 @@ def normalize_metric(metric: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def clip_metric(metric: torch.Tensor, frames: int) -> torch.Tensor:
+    """The matching metric of whole clips: metric (B*frames, N, C), rows b*frames .. b*frames +
+    frames - 1 the frames of clip b -> (B, N, C), the mean over each clip's frames of the
+    L2-normalised tokens (one plan per clip then merges the same groups in every frame)."""
+    rows, n, c = metric.shape
+    if rows % frames:
+        raise ValueError(f"metric has {rows} rows, not a whole number of {frames}-frame clips")
+    m = normalize_metric(metric)
+    return m.float().view(rows // frames, frames, n, c).mean(dim=1).to(m.dtype)
+
+
 def bipartite_plan(
     metric: torch.Tensor,
     dst_idx: torch.Tensor,

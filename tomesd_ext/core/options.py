@@ -107,6 +107,7 @@ MODES = ("tome", "importance")
 CFG_LAYOUTS = ("auto", "halves", "interleaved", "off")
 REUSE_CHOICES = ("block", "level")
 DIT_MODES = ("auto", "block", "attn", "kv")
+FRAME_PLANS = ("shared", "per-frame")
 
 # Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
 MIN_TOKENS_DEFAULT = 2048
@@ -194,6 +195,10 @@ TOME_OPTIONS = _table(
            "Video transformers: a token merges only into a destination at most this many latent frames away; "
            "None = any frame, 0 (with st=1) = its own frame (spatial-only merging, no mixing across frames).",
            lo=0, hi=64),
+    Option("frame_plan", "choice", "shared", "`\"shared\"`, `\"per-frame\"`",
+           "AnimateDiff (UNets with motion modules): shared = one merge plan per clip, matched on the mean of its "
+           "frames' normalised tokens, so every frame merges the same regions; per-frame = each frame matched on "
+           "its own tokens. Other models ignore it.", choices=FRAME_PLANS),
     Option("skip_ends", "int", None, "None or int in [0, 64]",
            "Transformers: this many blocks at each end of the network stay unmerged; None = the family's "
            "measured default. A value that leaves no block to merge (2 * skip_ends >= the model's blocks) is an "
@@ -229,6 +234,9 @@ class ToMeOptions:
         whether the first latent frame (image-to-video conditioning) stays unmerged, and how many
         frames away a token may find its destination (None: any; at least st - 1, so every token
         reaches its own window's destination).
+    frame_plan: UNets with motion modules (AnimateDiff) only: "shared" (one plan per clip from the
+        mean of its frames' normalised metrics, the same groups in every frame) or "per-frame"
+        (every frame matched on its own metric; the window partition is the same either way).
     min_tokens: levels whose grid has fewer tokens are not merged (merging cannot pay there:
         the matching and bookkeeping cost more than the smaller attention saves; the default
         comes from the measurement in docs/benchmarks.md, "Auto-skip rule"). 0 = merge always;
@@ -256,6 +264,7 @@ class ToMeOptions:
     st: int = 2
     keep_first_frame: bool = False
     frame_reach: Optional[int] = None
+    frame_plan: str = "shared"
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -302,6 +311,7 @@ class ToMeOptions:
             error = frame_reach_error(o.frame_reach, o.st)
             if error:
                 raise OptionError(error)
+        check_option(table["frame_plan"], o.frame_plan)
         if o.skip_ends is not None:
             check_option(table["skip_ends"], o.skip_ends)
         seed = resolve_seed(o.seed)

@@ -55,6 +55,18 @@ class MergePlan:
             raise ValueError("replace_weights needs a replace plan (rep set)")
         return torch.zeros(self.group.shape, device=self.group.device).scatter_(1, self.rep, 1.0)
 
+    def repeat_rows(self, times: int) -> "MergePlan":
+        """The plan with every row repeated ``times`` times in place (row b -> rows b*times ..
+        b*times + times - 1): one plan per clip given to each of its frames."""
+        if times == 1:
+            return self
+
+        def rows(t):
+            return None if t is None else t.repeat_interleave(times, dim=0)
+
+        return MergePlan(rows(self.group), rows(self.size), self.n_tokens, self.grid, rows(self.weight),
+                         rows(self.rep), rows(self.anchor))
+
     @staticmethod
     def identity(batch: int, n_tokens: int, device=None, grid=None) -> "MergePlan":
         group = torch.arange(n_tokens, device=device).expand(batch, n_tokens).contiguous()

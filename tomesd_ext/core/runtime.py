@@ -3,9 +3,10 @@
 An adapter builds one ``MergeRuntime`` per patch with the policy of its method and calls it at
 its attachment points:
 
-- ``begin_call(latent_hw, step_key, sigma, device)`` before the denoiser's blocks run (a forward
-  pre-hook, a ComfyUI diffusion-model wrapper): the latent size, the step key every random draw
-  is keyed on, and whether sigma lies inside the sampling window; ``end_call()`` after it;
+- ``begin_call(latent_hw, step_key, sigma, device, clip_frames)`` before the denoiser's blocks run
+  (a forward pre-hook, a ComfyUI diffusion-model wrapper): the latent size, the step key every
+  random draw is keyed on, whether sigma lies inside the sampling window, and (a UNet with
+  motion modules) the frames per clip of the batch; ``end_call()`` after it;
 - ``level(n_tokens)``: the (h, w) grid of a token sequence at a merged level, or None;
 - ``BlockSlot.get(metric)``: the merge plan of the block call in progress, computed once by the
   first merged operator of the block from its own normed input and shared by the others
@@ -14,7 +15,9 @@ its attachment points:
 Policies (given at construction): ``TomePolicy`` (core/tome.py), ``ImportancePolicy``
 (core/importance.py), ``VidToMePolicy`` (core/temporal.py), ``ToDoPolicy`` (core/downsample.py).
 A plan-based policy has ``plan(metric, h, w, seed) -> MergePlan | None``; the runtime adds the
-level check, the auto-skip of small grids, the keyed seed and plan reuse (``PlanCache``). A
+level check, the auto-skip of small grids, the keyed seed, plan reuse (``PlanCache``) and, for a
+call whose batch holds clips of frames (AnimateDiff), the plan shared by a clip's frames
+(``opts.frame_plan``: the policy plans on ``clip_metric`` and every frame gets its clip's plan). A
 policy with ``on_call(step_key)`` hears of every denoiser call (importance: the step count).
 
 torch.compile: a policy with ``draw_partition(h, w, seed, device, frames)`` (ToMe) has the random
@@ -32,6 +35,7 @@ from typing import Hashable, Optional, Tuple
 import torch
 
 from .grid import level_grid, level_sizes
+from .matching import clip_metric
 from .plan import MergePlan
 from .plan_cache import PlanCache
 from .tome import partition_seed
@@ -55,6 +59,7 @@ class MergeRuntime:
         self.sigma_end = sigma_end
         self.latent_hw: Optional[Tuple[int, int]] = None
         self.frames = 1  # > 1: the call's tokens are a frames x h x w video grid (transformers)
+        self.clip_frames = 1  # > 1: rows b*F .. b*F + F - 1 of the batch are the F frames of clip b (AnimateDiff)
         self.step_key = 0.0
         self.active = False
         reuses = getattr(self.opts, "reuses_plans", False)
@@ -65,11 +70,13 @@ class MergeRuntime:
         self.drawn_on = None  # the device of this call's drawn partitions (None: none drawn)
         self.drawn = {}  # (frames, h, w) -> (dst, src) partition of this call (policies with draw_partition)
 
-    def begin_call(self, latent_hw, step_key: float, sigma=None, device=None) -> None:
+    def begin_call(self, latent_hw, step_key: float, sigma=None, device=None, clip_frames: int = 1) -> None:
         """A denoiser call starts: latent (H, W) (or, for a video transformer, the token grid
         (frames, h, w)), its step key (``timestep_key``), its sigma (a number, a tensor whose
         first entry is used, or None: no window), the device of its tensors (given: partitions
         are drawn now, see the module docstring; None: by the first block that needs one).
+        clip_frames: a UNet with motion modules runs its spatial blocks on batch x frames rows,
+        the F = clip_frames frames of each clip consecutive; 1 otherwise.
 
         The call state lives on the patched model, so one model must not run in two threads at
         once: a call that starts while another thread's call is in progress raises RuntimeError.
@@ -82,6 +89,7 @@ class MergeRuntime:
             )
         self._caller = me
         self.frames = 1
+        self.clip_frames = max(1, int(clip_frames))
         if latent_hw is not None and len(latent_hw) == 3:
             self.frames, latent_hw = int(latent_hw[0]), tuple(latent_hw[1:])
         self.latent_hw = latent_hw
@@ -151,6 +159,8 @@ class MergeRuntime:
         in a step (matching stays per block), so both adapters agree exactly. Grids below
         ``opts.min_tokens`` are not merged (auto-skip). With plan reuse the plan comes from the
         cache, keyed by level (reuse="level") or by the block's scope, and by batch and device.
+        A call of clips (``clip_frames`` > 1) with ``opts.frame_plan`` "shared" plans once per clip
+        on ``clip_metric`` and gives every frame its clip's plan; "per-frame" plans every row.
         """
         if metric.ndim != 3:
             return None
@@ -169,10 +179,18 @@ class MergeRuntime:
             seed = None
         else:
             seed = self._seed(f, h, w)
+        clips = self.clip_frames
+        if clips > 1 and opts.frame_plan == "shared" and metric.shape[0] % clips == 0:
+            def compute():
+                plan = self.policy.plan(clip_metric(metric, clips), h, w, seed, **video)
+                return None if plan is None else plan.repeat_rows(clips)
+        else:
+            def compute():
+                return self.policy.plan(metric, h, w, seed, **video)
         if self.cache is None:
-            return self.policy.plan(metric, h, w, seed, **video)
+            return compute()
         key = (None if opts.reuse == "level" else scope, f, h, w, metric.shape[0], metric.device)
-        return self.cache.get(key, lambda: self.policy.plan(metric, h, w, seed, **video))
+        return self.cache.get(key, compute)
 
     def below_min_tokens(self, shape) -> bool:
         """Whether a token grid of this shape ((h, w) or (frames, h, w)) is below ``opts.min_tokens``

@@ -7,18 +7,20 @@ from __future__ import annotations
 from typing import List
 
 SUPPORTED = "UNet2DConditionModel (SD 1.x, SD 2.x, SDXL and their img2img/inpaint/ControlNet pipelines) and ControlNetModel"
+MOTION = "AnimateDiff: UNetMotionModel and the AnimateDiff pipelines holding one as unet"
 
 
-def denoiser_of(obj, transformers: bool = True):
+def denoiser_of(obj, transformers: bool = True, motion: bool = False):
     """The denoiser to patch: obj itself, or a pipeline's `unet` (or, with ``transformers``, an
-    image transformer of dit_families.FAMILIES or a pipeline's `transformer`); TypeError naming
-    what is supported."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    image transformer of dit_families.FAMILIES or a pipeline's `transformer`; with ``motion``, a
+    UNetMotionModel of AnimateDiff); TypeError naming what is supported."""
+    from diffusers import ControlNetModel, UNet2DConditionModel, UNetMotionModel
 
     from .dit_families import SUPPORTED_DITS, family_of
 
     def fits(m):
-        return isinstance(m, (UNet2DConditionModel, ControlNetModel)) or (transformers and family_of(m) is not None)
+        return (isinstance(m, (UNet2DConditionModel, ControlNetModel)) or (motion and isinstance(m, UNetMotionModel))
+                or (transformers and family_of(m) is not None))
 
     for candidate in (obj, getattr(obj, "unet", None), getattr(obj, "transformer", None)):
         if candidate is not None and fits(candidate):
@@ -26,6 +28,7 @@ def denoiser_of(obj, transformers: bool = True):
     inner = getattr(obj, "transformer", None) or getattr(obj, "unet", None)
     what = type(obj).__name__ + (f" (denoiser {type(inner).__name__})" if inner is not None else "")
     supported = SUPPORTED + (f"; transformers: {SUPPORTED_DITS}" if transformers else " (this method has no transformer support)")
+    supported += f"; {MOTION}" if motion else " (this method has no AnimateDiff support)"
     raise TypeError(f"tomesd-ext cannot patch {what}: supported are {supported}")
 
 
@@ -63,7 +66,8 @@ def resolve_max_downsample(model, max_downsample) -> int:
 
 
 def transformer_blocks(model):
-    """The spatial BasicTransformerBlocks inside the model's Transformer2DModels."""
+    """The spatial BasicTransformerBlocks inside the model's Transformer2DModels (in a
+    UNetMotionModel: not the motion modules' temporal blocks, which are no Transformer2DModel)."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 

@@ -3,7 +3,8 @@
 The denoiser's forward pre-hook detects the CFG layout of its input (``core.detect_cfg_layout``:
 standard pipelines call it on ``torch.cat([latents] * 2)``) and hands the policy the rows of each
 image; a forward hook takes ``core.importance_map`` of the output, which drives the next call's
-destinations (``core.ImportancePolicy``). No CFG pair (guidance <= 1, a guidance-distilled model,
+destinations (``core.ImportancePolicy``). A UNetMotionModel's clip batch (B, C, F, H, W) gives one
+map per clip frame, cond and uncond of the same frame paired (``ImportancePolicy.use_clip_map``). No CFG pair (guidance <= 1, a guidance-distilled model,
 a 3-way batch): ToMe's window policy with one warning. Nothing else runs: no second forward pass.
 """
 
@@ -25,6 +26,7 @@ class ImportanceHooks:
         self.policy = policy
         self.layout = None
         self.channels = 0
+        self.shape = None  # (batch, ndim) of the call's sample: its output must match
 
     def before(self, sample, timestep) -> None:
         policy = self.policy
@@ -35,21 +37,26 @@ class ImportanceHooks:
             else:
                 policy.no_map(lambda text: warnings.warn(text, stacklevel=4))
             return
-        B, C, H, W = sample.shape
-        self.channels = C
-        policy.use_map(policy.image_rows(B, self.layout, sample.device), B, (H, W))
+        B, C = sample.shape[:2]
+        self.channels, self.shape = C, (B, sample.ndim)
+        hw = tuple(sample.shape[-2:])
+        if sample.ndim == 5:  # AnimateDiff: B clips of F frames
+            policy.use_clip_map(self.layout, B, sample.shape[2], hw, sample.device)
+        else:
+            policy.use_map(policy.image_rows(B, self.layout, sample.device), B, hw)
 
     def post_hook(self, module, args, output) -> None:
         policy = self.policy
         if self.layout is None:
             return
         out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-        if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != policy.batch:
+        if not isinstance(out, torch.Tensor) or (out.shape[0], out.ndim) != self.shape:
             policy.set_map(None)
             return
         if out.shape[1] == 2 * self.channels:  # learned sigma: (prediction, variance)
             out = out[:, : self.channels]
-        policy.set_map(importance_map(out.detach(), self.layout))
+        hmap = importance_map(out.detach(), self.layout)  # a clip batch: (clips, F, H, W)
+        policy.set_map(hmap.flatten(0, 1) if hmap.ndim == 4 else hmap)  # clip i's frame f at i*F + f
 
 
 def track_importance(patch) -> ImportanceHooks:

@@ -27,7 +27,8 @@ from .processors import wrapped_chain
 class CallStart:
     """Forward pre-hook of the denoiser: ``runtime.begin_call(latent (H, W), timestep key)``, the
     policy's own per-call step ``before(sample, timestep)`` if any, and re-wrapping of processors
-    that were swapped since the last call."""
+    that were swapped since the last call. A clip sample (B, C, F, H, W) of a UNet with motion
+    modules also tells the runtime F, the frames per clip of the rows its spatial blocks see."""
 
     def __init__(self, patch: "ModelPatch", before=None):
         self.patch = patch
@@ -39,7 +40,10 @@ class CallStart:
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         self.patch.rewrap()
         latent_hw = tuple(sample.shape[-2:]) if sample is not None else None
-        self.patch.runtime.begin_call(latent_hw, timestep_key(timestep), device=getattr(sample, "device", None))
+        clip_frames = sample.shape[2] if sample is not None and sample.ndim == 5 else 1
+        self.patch.runtime.begin_call(
+            latent_hw, timestep_key(timestep), device=getattr(sample, "device", None), clip_frames=clip_frames
+        )
         if self.before is not None and sample is not None:
             self.before(sample, timestep)
 
@@ -149,11 +153,11 @@ def check_not_patched_elsewhere(model) -> None:
         )
 
 
-def install_patch(pipe_or_model, attr: str, build, transformers: bool = False):
+def install_patch(pipe_or_model, attr: str, build, transformers: bool = False, motion: bool = False):
     """Replace the patch stored under ``attr`` on the denoiser by ``build(model)`` (a ModelPatch that
     ``build`` attaches); a build that fails leaves nothing behind. transformers: the method also
-    patches image transformers. Returns the argument."""
-    model = denoiser_of(pipe_or_model, transformers)
+    patches image transformers; motion: UNets with motion modules (AnimateDiff). Returns the argument."""
+    model = denoiser_of(pipe_or_model, transformers, motion)
     check_kernel_setting()  # a bad TOMESD_EXT_KERNELS fails here, not at every forward
     check_not_patched_elsewhere(model)
     uninstall_patch(model, attr)
@@ -164,7 +168,7 @@ def install_patch(pipe_or_model, attr: str, build, transformers: bool = False):
 
 def uninstall_patch(pipe_or_model, attr: str):
     """Remove the patch stored under ``attr`` (a no-op when there is none); returns the argument."""
-    patch = denoiser_of(pipe_or_model).__dict__.pop(attr, None)
+    patch = denoiser_of(pipe_or_model, motion=True).__dict__.pop(attr, None)
     if patch is not None:
         patch.remove()
     return pipe_or_model
@@ -172,7 +176,7 @@ def uninstall_patch(pipe_or_model, attr: str):
 
 def installed_patch(pipe_or_model, attr: str):
     """The ModelPatch stored under ``attr``, or None."""
-    return denoiser_of(pipe_or_model).__dict__.get(attr)
+    return denoiser_of(pipe_or_model, motion=True).__dict__.get(attr)
 
 
 def building(patch: ModelPatch, attach) -> ModelPatch:

@@ -86,7 +86,7 @@ def _install(pipe_or_model, opts: ToMeOptions, queries_only: bool = False):
         runtime = MergeRuntime(policy, resolve_max_downsample(model, opts.max_downsample))
         return building(ModelPatch(model, runtime), _attach)
 
-    return install_patch(pipe_or_model, PATCH_ATTR, build, transformers=not queries_only)
+    return install_patch(pipe_or_model, PATCH_ATTR, build, transformers=not queries_only, motion=True)
 
 
 def apply_tome(
@@ -113,6 +113,7 @@ def apply_tome(
     st: int = 2,
     keep_first_frame: bool = False,
     frame_reach=None,
+    frame_plan: str = "shared",
 ):
     """Patch a diffusers pipeline's denoiser in place; returns the argument.
 
@@ -122,6 +123,9 @@ def apply_tome(
     only; dit_mode and skip_ends apply to them, max_downsample and merge_* to UNets) and the video
     transformers WanTransformer3DModel (a Wan 2.2 pipeline's transformer_2 too),
     HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel (st, keep_first_frame, frame_reach).
+    AnimateDiff's UNetMotionModel (and the AnimateDiff pipelines holding one): the spatial
+    self-attention of every frame is merged, the motion modules' temporal attention is not;
+    frame_plan "shared" gives all frames of a clip one plan, "per-frame" plans each frame.
 
     mode="importance" draws destinations from the tokens with the largest CFG difference of the
     previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
@@ -133,7 +137,7 @@ def apply_tome(
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, mode=mode,
         pool_factor=pool_factor, cfg_layout=cfg_layout, prune_steps=prune_steps, reuse=reuse,
         reuse_steps=reuse_steps, min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=skip_ends,
-        st=st, keep_first_frame=keep_first_frame, frame_reach=frame_reach,
+        st=st, keep_first_frame=keep_first_frame, frame_reach=frame_reach, frame_plan=frame_plan,
     )
     second = second_denoisers(pipe_or_model)
     _install(pipe_or_model, opts)
@@ -147,7 +151,8 @@ def apply_query_merge(pipe_or_model, ratio: float = 0.3, *, seed=None, max_downs
 
     The same plan as apply_tome (window partition, cosine matching on norm1(x)), but keys and
     values keep all N tokens. ratio in [0, 0.75]; max_downsample 1 as in ComfyUI (SDXL then merges
-    nothing, like the original). Stored as an apply_tome patch: ``remove_tome`` undoes it.
+    nothing, like the original). Stored as an apply_tome patch: ``remove_tome`` undoes it. On a
+    UNetMotionModel the frames of a clip share one plan (frame_plan "shared").
     """
     opts = ToMeOptions.create(ratio=ratio, seed=seed, max_downsample=max_downsample, min_tokens=min_tokens)
     return _install(pipe_or_model, opts, queries_only=True)

@@ -14,18 +14,22 @@ from .dit_build import build_transformer, meta_transformer, parameter_count, too
 from .dit_call import LATENT_CHANNELS, dit_call, text_conditioning
 from .dit_configs import DIT_CONFIGS, DIT_NAMES, get_dit_config
 from .lora import random_lora
+from .motion import MOTION_CONFIGS, MOTION_NAMES, build_animatediff_pipeline, build_motion_adapter, build_motion_unet
 from .sharpen import sharpen_self_attention
 from .tokenizer import build_tokenizer, write_tiny_tokenizer
 from .weights import build_seeded, fill_random_weights
 
 UNET_NAMES = tuple(CONFIGS)
-MODEL_NAMES = UNET_NAMES + DIT_NAMES  # every built-in name `tomesd-ext bench --model` accepts
+MODEL_NAMES = UNET_NAMES + MOTION_NAMES + DIT_NAMES  # every built-in name `tomesd-ext bench --model` accepts
 
 
 def model_family(name):
-    """"unet" for the SD/SDXL names, else the diffusion-transformer family (flux, sd3, ...)."""
+    """"unet" for the SD/SDXL names, "animatediff" for a UNet with motion modules, else the
+    diffusion-transformer family (flux, sd3, ...)."""
     if name in CONFIGS:
         return "unet"
+    if name in MOTION_CONFIGS:
+        return "animatediff"
     return get_dit_config(name)["family"]
 
 __all__ = [
@@ -34,10 +38,15 @@ __all__ = [
     "DIT_NAMES",
     "LATENT_CHANNELS",
     "MODEL_NAMES",
+    "MOTION_CONFIGS",
+    "MOTION_NAMES",
     "UNET_NAMES",
+    "build_animatediff_pipeline",
     "build_controlnet",
     "build_pipeline",
     "build_scheduler",
+    "build_motion_adapter",
+    "build_motion_unet",
     "build_seeded",
     "build_text_encoders",
     "build_tokenizer",

@@ -154,7 +154,11 @@ def build_pipeline(name, kind="txt2img", seed=0, dtype=torch.float32, scheduler=
     }
     if kind == "controlnet":
         components["controlnet"] = build_controlnet(unet, seed + 4)
-    cls = pipelines[kind]
+    return assemble_pipeline(pipelines[kind], components)
+
+
+def assemble_pipeline(cls, components):
+    """Pipeline ``cls`` of ``components``, with the extras it accepts turned off, progress bar off."""
     accepted = inspect.signature(cls.__init__).parameters
     extras = {k: v for k, v in _PIPELINE_EXTRAS.items() if k in accepted}
     pipe = cls(**components, **extras)
