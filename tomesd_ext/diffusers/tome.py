@@ -29,8 +29,8 @@ def _attach(patch: ModelPatch) -> None:
         patch.track_calls()
     for block in transformer_blocks(patch.model):
         slot = runtime.new_slot()
-        patch.hook(block.register_forward_pre_hook(ResetSlot(slot)))
-        patch.hook(block.register_forward_hook(ResetSlot(slot)))
+        patch.hook(block.register_forward_pre_hook(EnterSlot(slot), with_kwargs=True))
+        patch.hook(block.register_forward_hook(LeaveSlot(slot), always_call=True))
         if opts.merge_attn and getattr(block, "attn1", None) is not None:
             self_attention = not block.only_cross_attention
             patch.wrap(block.attn1, partial(MergedAttnProcessor, slot=slot, self_attention=self_attention, queries_only=queries_only))
@@ -41,14 +41,25 @@ def _attach(patch: ModelPatch) -> None:
             patch.hook(block.ff.register_forward_hook(UnmergeOutput(slot)))
 
 
-class ResetSlot:
-    """Before and after each block call: forget the plan (it is per call; frees memory)."""
+class EnterSlot:
+    """Before each block call: a new plan (kept, or replayed by a gradient checkpoint's
+    recomputation, under the block's hidden_states: ``BlockSlot.enter``)."""
 
     def __init__(self, slot):
         self.slot = slot
 
-    def __call__(self, module, args, *output):
-        self.slot.reset()
+    def __call__(self, module, args, kwargs):
+        self.slot.enter(args[0] if args else kwargs.get("hidden_states"))
+
+
+class LeaveSlot:
+    """After each block call (also on an exception): forget the plan (it is per call; frees memory)."""
+
+    def __init__(self, slot):
+        self.slot = slot
+
+    def __call__(self, module, args, output):
+        self.slot.leave()
 
 
 class MergeInput:
