@@ -28,8 +28,9 @@ def _parts(obj):
 
 def denoiser_of(obj, transformers: bool = True):
     """The denoiser to patch: obj itself, or a pipeline's `unet` (or, with ``transformers``, an
-    image transformer of dit_families.FAMILIES or a pipeline's `transformer`); a torch.compile'd
-    module counts as the module it compiled. TypeError naming what is supported."""
+    image transformer of dit_families.FAMILIES, or a pipeline's `transformer`, or its
+    `transformer_2` when it has no `transformer`: Wan 2.2 with only the low-noise expert); a
+    torch.compile'd module counts as the module it compiled. TypeError naming what is supported."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from .dit_families import SUPPORTED_DITS, family_of
@@ -37,11 +38,12 @@ def denoiser_of(obj, transformers: bool = True):
     def fits(m):
         return isinstance(m, (UNet2DConditionModel, ControlNetModel)) or (transformers and family_of(m) is not None)
 
-    me, unet, transformer, _second = _parts(obj)
-    for candidate in (me, unet, transformer):
+    me, unet, transformer, transformer_2 = _parts(obj)
+    candidates = (me, unet, transformer) if transformer is not None else (me, unet, transformer_2)
+    for candidate in candidates:
         if candidate is not None and fits(candidate):
             return candidate
-    inner = transformer if transformer is not None else unet
+    inner = next((m for m in (transformer, unet, transformer_2) if m is not None), None)
     what = type(obj).__name__ + (f" (denoiser {type(inner).__name__})" if inner is not None else "")
     if me is not obj:
         what = f"{type(obj).__name__} (torch.compile of {type(me).__name__})"
@@ -50,12 +52,13 @@ def denoiser_of(obj, transformers: bool = True):
 
 
 def second_denoisers(obj) -> list:
-    """Further denoisers of a pipeline that apply_tome patches beside the first: the
-    low-noise expert ``transformer_2`` of two-expert pipelines (Wan 2.2 A14B)."""
+    """Further denoisers of a pipeline that apply_tome patches beside the first (``denoiser_of``):
+    the low-noise expert ``transformer_2`` of two-expert pipelines (Wan 2.2 A14B), when the
+    pipeline has a ``transformer`` too."""
     from .dit_families import family_of
 
-    second = _parts(obj)[3]
-    return [second] if second is not None and family_of(second) is not None else []
+    _me, _unet, transformer, second = _parts(obj)
+    return [second] if transformer is not None and second is not None and family_of(second) is not None else []
 
 
 def attention_levels(model) -> List[int]:

@@ -131,8 +131,9 @@ def apply_tome(
     transformers FluxTransformer2DModel, Flux2Transformer2DModel, SD3Transformer2DModel,
     QwenImageTransformer2DModel, ZImageTransformer2DModel, PixArtTransformer2DModel (image tokens
     only; dit_mode and skip_ends apply to them, max_downsample and merge_* to UNets) and the video
-    transformers WanTransformer3DModel (a Wan 2.2 pipeline's transformer_2 too),
-    HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel (st, keep_first_frame, frame_reach).
+    transformers WanTransformer3DModel (a Wan 2.2 pipeline's transformer_2 too, or alone when its
+    transformer is None), HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel (st,
+    keep_first_frame, frame_reach).
 
     mode="importance" draws destinations from the tokens with the largest CFG difference of the
     previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
