@@ -38,6 +38,7 @@ from ..core import ImportancePolicy, timestep_key
 from ..core.dit import dit_settings, merge_keys_values, merge_span, merged_blocks, span_plan, unmerge_span, unmerge_update
 from .dit_families import CallArgs, Family, bind
 from .dit_importance import track_dit_importance
+from .patching import LeaveSlot
 from .processors import WrappedProcessor
 
 log = logging.getLogger("tomesd_ext")
@@ -265,14 +266,6 @@ class BlockEnter:
         self.slot.enter(partial(block_input, module, args, kwargs, self.hidden))
 
 
-class BlockLeave:
-    def __init__(self, slot):
-        self.slot = slot
-
-    def __call__(self, module, args, output):
-        self.slot.leave()
-
-
 def attach_dit(patch, family: Family) -> None:
     """Hooks of one DiT patch: the call pre-hook, then per merged block the block hooks (block
     mode), the attention hooks (attn mode) or the wrapped image attentions (kv mode)."""
@@ -297,7 +290,7 @@ def attach_dit(patch, family: Family) -> None:
             patch.hook(block.register_forward_hook(BlockUnmerge(merge), always_call=True))
         else:
             patch.hook(block.register_forward_pre_hook(BlockEnter(slot, spec.hidden), with_kwargs=True))
-            patch.hook(block.register_forward_hook(BlockLeave(slot), always_call=True))
+            patch.hook(block.register_forward_hook(LeaveSlot(slot), always_call=True))
         for attn in attentions:
             if mode != "kv":
                 # A pass-through wrapper: torch.compile does not guard module hooks, but it does

@@ -13,7 +13,7 @@ from .discovery import resolve_max_downsample, second_denoisers, transformer_blo
 from .dit import attach_dit
 from .dit_families import family_of
 from .importance import track_importance
-from .patching import ModelPatch, building, install_patch, installed_patch, uninstall_patch
+from .patching import LeaveSlot, ModelPatch, building, install_patch, installed_patch, uninstall_patch
 from .processors import MergedAttnProcessor
 
 PATCH_ATTR = "_tomesd_ext_patch"
@@ -50,16 +50,6 @@ class EnterSlot:
 
     def __call__(self, module, args, kwargs):
         self.slot.enter(args[0] if args else kwargs.get("hidden_states"))
-
-
-class LeaveSlot:
-    """After each block call (also on an exception): forget the plan (it is per call; frees memory)."""
-
-    def __init__(self, slot):
-        self.slot = slot
-
-    def __call__(self, module, args, output):
-        self.slot.leave()
 
 
 class MergeInput:
