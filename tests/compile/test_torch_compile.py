@@ -8,14 +8,15 @@ one runs AOT autograd ("aot_eager": functionalised graph) against float toleranc
 is exercised by `tomesd-ext bench --methods compile,tome+compile` (docs/benchmarks.md).
 """
 
+import copy
 from collections import Counter
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from tomesd_ext.diffusers import apply_tome, remove_tome
-from tomesd_ext.models.build import build_unet
+from tomesd_ext.diffusers import apply_tome, remove_tome, tome_options
+from tomesd_ext.models.build import build_pipeline, build_unet
 from tomesd_ext.models.dit_build import build_transformer
 from tomesd_ext.models.dit_call import LATENT_CHANNELS, dit_call, text_conditioning
 from tomesd_ext.models.video_call import VIDEO_CHANNELS
@@ -172,3 +173,50 @@ def test_dit_patch_after_compiling_is_seen(mode):
     assert torch.equal(call(compiled, 500), merged)
     remove_tome(model)
     assert torch.equal(call(compiled, 500), plain)
+
+
+@pytest.mark.parametrize("mode", ["block", "kv"])
+def test_compiled_transformer_of_a_pipeline_unpatches_and_repatches(mode):
+    """The documented recipe (apply_tome, then pipe.transformer = torch.compile(...)): the pipeline
+    is patched, unpatched and patched again through the compiled transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    model, call = dit_setup("tiny-flux", seed=4)
+    plain = call(model, 500)
+    eager = copy.deepcopy(model)
+    apply_tome(eager, 0.3, min_tokens=0, dit_mode=mode, seed=1)
+    eager_03 = call(eager, 500)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=model)
+    apply_tome(pipe, 0.5, min_tokens=0, dit_mode=mode, seed=1)
+    merged = call(model, 500)
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    assert torch.equal(call(pipe.transformer, 500), merged)
+    assert tome_options(pipe).ratio == 0.5
+    remove_tome(pipe)
+    assert tome_options(pipe) is None
+    assert torch.equal(call(pipe.transformer, 500), plain)  # recompiled: no merging left
+    apply_tome(pipe, 0.3, min_tokens=0, dit_mode=mode, seed=1)
+    assert tome_options(pipe).ratio == 0.3
+    assert torch.equal(call(pipe.transformer, 500), eager_03)
+
+
+def test_compiled_unet_of_a_pipeline_and_a_compiled_model_are_patched():
+    pipe = build_pipeline("tiny")
+    x, ctx = unet_inputs(pipe.unet)
+    plain = run_unet(pipe.unet, x, 500, ctx)
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    apply_tome(pipe, 0.5, min_tokens=0, seed=1)
+    merged = run_unet(pipe.unet, x, 500, ctx)
+    assert (merged - plain).abs().max() > 1e-4
+    assert torch.equal(merged, run_unet(pipe.unet._orig_mod, x, 500, ctx))
+    remove_tome(pipe)
+    assert torch.equal(run_unet(pipe.unet, x, 500, ctx), plain)
+
+    compiled = pipe.unet  # the compiled module itself
+    assert apply_tome(compiled, 0.5, min_tokens=0, seed=1) is compiled
+    assert tome_options(compiled).ratio == 0.5 and tome_options(compiled._orig_mod).ratio == 0.5
+    assert torch.equal(run_unet(compiled, x, 500, ctx), merged)
+    remove_tome(compiled)
+    assert tome_options(compiled._orig_mod) is None
+    assert torch.equal(run_unet(compiled, x, 500, ctx), plain)

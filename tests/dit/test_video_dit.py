@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tomesd_ext import apply_tome, remove_tome
+from tomesd_ext.diffusers import tome_options
 from tomesd_ext.core import window_partition
 
 from .dit_models import VIDEO_FAMILIES, make_video
@@ -104,6 +105,34 @@ def test_two_expert_pipelines_patch_both_transformers():
     assert all(not torch.equal(o, r) for o, r in zip(outs, refs))
     remove_tome(pipe)
     assert all(torch.equal(run(t, kw, sample), r) for t, r in zip((pipe.transformer, pipe.transformer_2), refs))
+
+
+def wan_pipeline(transformer, transformer_2):
+    """diffusers' WanPipeline with the given experts; no text encoder, tokenizer or VAE (the tests
+    call the transformers themselves)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=transformer, transformer_2=transformer_2, boundary_ratio=0.875)
+
+
+@pytest.mark.parametrize("experts", ["low-noise only", "both"])
+def test_wan22_pipeline_patches_whichever_experts_it_has(experts):
+    # diffusers allows transformer=None in a boundary_ratio pipeline: transformer_2 denoises
+    low, kw, sample = make_video("wan", seed=1)
+    high = make_video("wan", seed=0)[0] if experts == "both" else None
+    pipe = wan_pipeline(high, low)
+    models = [m for m in (high, low) if m is not None]
+    refs = [run(m, kw, sample) for m in models]
+    assert apply_tome(pipe, 0.5, seed=0, min_tokens=0) is pipe
+    assert tome_options(pipe).ratio == 0.5
+    assert all(tome_options(m).ratio == 0.5 for m in models)
+    assert all(not torch.equal(run(m, kw, sample), r) for m, r in zip(models, refs))
+    apply_tome(pipe, 0.3, seed=0, min_tokens=0)  # applying again replaces the settings of each
+    assert all(tome_options(m).ratio == 0.3 for m in models)
+    remove_tome(pipe)
+    assert tome_options(pipe) is None and all(tome_options(m) is None for m in models)
+    assert all(torch.equal(run(m, kw, sample), r) for m, r in zip(models, refs))
 
 
 def test_frame_reach_limits_matching_to_near_frames():

@@ -56,7 +56,9 @@ def span_plan(slot, x, start: int) -> Optional[MergePlan]:
     n = rt.grid_tokens
     if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[1] < start + n:
         return None
-    return slot.get(shared_metric(x[:, start : start + n]))
+    with torch.no_grad():  # the metric only chooses the plan: nothing to keep for backward
+        metric = shared_metric(x[:, start : start + n])
+    return slot.get(metric)
 
 
 def anchors(plan: MergePlan) -> torch.Tensor:

@@ -24,6 +24,12 @@ torch.compile: a policy with ``draw_partition(h, w, seed, device, frames)`` (ToM
 partitions of every grid the call merges drawn in ``begin_call`` (which adapters run outside the
 compiled graph), into tensors that are kept and refilled in place. The blocks then only read
 tensors: no graph break at the draw, and no recompilation when the step (the seed) changes.
+
+Gradient checkpointing: a checkpointed block runs again during backward, after the call ended.
+A call with gradients on keeps, per block call, the call's state and the plan it used, weakly
+keyed by the block's input tensor (``BlockSlot.enter``); the recomputation finds them through its
+input (the same tensor, or a detached view of it) and replays them, so it merges exactly as the
+forward did. Plans are computed without gradients (they are indices: nothing flows through them).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import threading
 from typing import Hashable, Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .grid import level_grid, level_sizes
 from .matching import clip_metric
@@ -69,6 +76,11 @@ class MergeRuntime:
         self._skip_said = False
         self.drawn_on = None  # the device of this call's drawn partitions (None: none drawn)
         self.drawn = {}  # (frames, h, w) -> (dst, src) partition of this call (policies with draw_partition)
+        self.context = None  # an adapter's per-call state object (its attributes are kept for recomputations)
+        self.recording = False  # this call keeps its blocks' plans (gradients on: a backward may recompute them)
+        self.recorded = False  # some call kept plans (a recomputation may look them up)
+        self.replaying = False  # a block recomputation replays a kept call
+        self._snapshot = None
 
     def begin_call(self, latent_hw, step_key: float, sigma=None, device=None, clip_frames: int = 1) -> None:
         """A denoiser call starts: latent (H, W) (or, for a video transformer, the token grid
@@ -98,6 +110,10 @@ class MergeRuntime:
             sigma = float(sigma.flatten()[0].item())
         in_window = sigma is None or self.sigma_end <= float(sigma) <= self.sigma_start
         self.active = latent_hw is not None and in_window
+        self.replaying = False
+        self.recording = self.active and torch.is_grad_enabled()
+        self.recorded = self.recorded or self.recording
+        self._snapshot = None
         self.drawn_on = None
         if self.active and device is not None and hasattr(self.policy, "draw_partition"):
             self._draw_partitions(torch.device(device))
@@ -137,7 +153,25 @@ class MergeRuntime:
     def end_call(self) -> None:
         if self._caller == threading.get_ident():
             self._caller = None
-        self.active = False
+        self.active = self.recording = False
+
+    def snapshot(self) -> tuple:
+        """The state of the call in progress a recomputation needs (one tuple per call)."""
+        if self._snapshot is None:
+            context = dict(vars(self.context)) if self.context is not None else None
+            self._snapshot = (self.latent_hw, self.frames, self.step_key, context)
+        return self._snapshot
+
+    def replay(self, snapshot: tuple) -> None:
+        """Run a block recomputation as part of the kept call ``snapshot`` (``end_replay`` after)."""
+        self.latent_hw, self.frames, self.step_key, context = snapshot
+        if context is not None:
+            vars(self.context).update(context)
+        self.active = self.replaying = True
+        self.drawn_on = None  # the kept plan is used: nothing is drawn
+
+    def end_replay(self) -> None:
+        self.active = self.replaying = False
 
     def level(self, n_tokens: int) -> Optional[Tuple[int, int]]:
         """(h, w) when a sequence of n_tokens is the grid of a merged level of this call, else None
@@ -230,18 +264,27 @@ class MergeRuntime:
 class BlockSlot:
     """The plan of the block call in progress, shared by the operators merged in that block.
 
-    ``reset()`` at the start (and end) of every block call; ``get(metric)`` computes the plan from
-    the first metric asked for while the call is active, and returns it to every operator whose
-    input has the plan's token count (None otherwise). ``merged`` names the operators whose
-    output must be unmerged.
+    ``enter(key)`` at the start of every block call and ``leave()`` at its end (``reset()`` alone
+    where no recomputation can happen); ``get(metric)`` computes the plan from the first metric
+    asked for while the call is active, and returns it to every operator whose input has the
+    plan's token count (None otherwise). ``merged`` names the operators whose output must be
+    unmerged. ``records``: the kept plans of this block's calls (module docstring).
     """
 
-    __slots__ = ("runtime", "scope", "plan", "ready", "merged")
+    __slots__ = ("runtime", "scope", "plan", "ready", "merged", "records", "record", "replaying")
 
     def __init__(self, runtime: MergeRuntime, scope: Hashable = None):
         self.runtime = runtime
         self.scope = scope
+        self.records = WeakTensorKeyDictionary()  # block input -> [call snapshot, plan]
+        self.replaying = False
         self.reset()
+
+    def __getstate__(self):  # copies and pickles keep no plans of calls of the original
+        return {k: getattr(self, k) for k in ("runtime", "scope")}
+
+    def __setstate__(self, state):
+        self.__init__(state["runtime"], state["scope"])
 
     def reset(self, scope: Hashable = None) -> None:
         if scope is not None:
@@ -249,13 +292,60 @@ class BlockSlot:
         self.plan: Optional[MergePlan] = None
         self.ready = False
         self.merged = set()
+        self.record = None
+
+    def enter(self, key=None) -> None:
+        """A block call starts: reset; with gradients on, keep this call's plan under the block's
+        input; outside a call (a checkpoint recomputation), replay the plan kept for this input.
+        key: the block's input tensor, or a function returning it (only called when needed)."""
+        self.reset()
+        rt = self.runtime
+        if rt.recording or (rt.recorded and (not rt.active or rt.replaying)):
+            self._keep_or_replay(key)
+
+    @torch.compiler.disable  # a weak dictionary: outside a compiled graph (only with gradients on)
+    def _keep_or_replay(self, key) -> None:
+        rt = self.runtime
+        if rt.replaying:
+            rt.end_replay()
+        key = key() if callable(key) else key
+        if not isinstance(key, torch.Tensor):
+            return
+        if rt.active:
+            self.record = [rt.snapshot(), None]
+            self.records[key] = self.record
+            return
+        record = self.records.get(key)
+        if record is None:  # a reentrant checkpoint recomputes from detached views of its inputs
+            record = next((r for k, r in self.records.items() if _same_memory(k, key)), None)
+        if record is not None:
+            rt.replay(record[0])
+            self.plan, self.ready, self.replaying = record[1], True, True
+
+    def leave(self) -> None:
+        """A block call ends (also on an exception): forget the plan; end a replay."""
+        if self.replaying:
+            self.replaying = False
+            self.runtime.end_replay()
+        self.reset()
 
     def get(self, metric: torch.Tensor) -> Optional[MergePlan]:
         if not self.ready:
             self.ready = True
             if self.runtime.active:
-                self.plan = self.runtime.plan_for(metric, self.scope)
+                with torch.no_grad():  # a plan is indices and counts: no gradient flows through it
+                    self.plan = self.runtime.plan_for(metric, self.scope)
+                if self.record is not None:
+                    self.record[1] = self.plan
         plan = self.plan
         if plan is None or metric.ndim != 3 or metric.shape[1] != plan.n_tokens:
             return None
         return plan
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether b views exactly the elements of a (a live tensor: its memory is not reused)."""
+    return (
+        a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        and a.numel() > 0 and a.data_ptr() == b.data_ptr()
+    )

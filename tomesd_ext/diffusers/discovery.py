@@ -4,16 +4,35 @@ transformer blocks and their levels."""
 
 from __future__ import annotations
 
+import sys
 from typing import List
 
 SUPPORTED = "UNet2DConditionModel (SD 1.x, SD 2.x, SDXL and their img2img/inpaint/ControlNet pipelines) and ControlNetModel"
 MOTION = "AnimateDiff: UNetMotionModel and the AnimateDiff pipelines holding one as unet"
 
 
+def compiled_original(module):
+    """The module a ``torch.compile``d wrapper runs (``OptimizedModule._orig_mod``), else module
+    itself: a patch goes on the original module, whose hooks and processors the compiled code
+    calls (and guards, see dit.py and docs/stacking.md)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    while eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
+def _parts(obj):
+    """obj (original module) and its unet, transformer and transformer_2 (original modules or None)."""
+    return [compiled_original(p) if p is not None else None
+            for p in (obj, *(getattr(obj, name, None) for name in ("unet", "transformer", "transformer_2")))]
+
+
 def denoiser_of(obj, transformers: bool = True, motion: bool = False):
     """The denoiser to patch: obj itself, or a pipeline's `unet` (or, with ``transformers``, an
-    image transformer of dit_families.FAMILIES or a pipeline's `transformer`; with ``motion``, a
-    UNetMotionModel of AnimateDiff); TypeError naming what is supported."""
+    image transformer of dit_families.FAMILIES, or a pipeline's `transformer`, or its
+    `transformer_2` when it has no `transformer`: Wan 2.2 with only the low-noise expert; with
+    ``motion``, a UNetMotionModel of AnimateDiff); a torch.compile'd module counts as the module it
+    compiled. TypeError naming what is supported."""
     from diffusers import ControlNetModel, UNet2DConditionModel, UNetMotionModel
 
     from .dit_families import SUPPORTED_DITS, family_of
@@ -22,23 +41,28 @@ def denoiser_of(obj, transformers: bool = True, motion: bool = False):
         return (isinstance(m, (UNet2DConditionModel, ControlNetModel)) or (motion and isinstance(m, UNetMotionModel))
                 or (transformers and family_of(m) is not None))
 
-    for candidate in (obj, getattr(obj, "unet", None), getattr(obj, "transformer", None)):
+    me, unet, transformer, transformer_2 = _parts(obj)
+    candidates = (me, unet, transformer) if transformer is not None else (me, unet, transformer_2)
+    for candidate in candidates:
         if candidate is not None and fits(candidate):
             return candidate
-    inner = getattr(obj, "transformer", None) or getattr(obj, "unet", None)
+    inner = next((m for m in (transformer, unet, transformer_2) if m is not None), None)
     what = type(obj).__name__ + (f" (denoiser {type(inner).__name__})" if inner is not None else "")
+    if me is not obj:
+        what = f"{type(obj).__name__} (torch.compile of {type(me).__name__})"
     supported = SUPPORTED + (f"; transformers: {SUPPORTED_DITS}" if transformers else " (this method has no transformer support)")
     supported += f"; {MOTION}" if motion else " (this method has no AnimateDiff support)"
     raise TypeError(f"tomesd-ext cannot patch {what}: supported are {supported}")
 
 
 def second_denoisers(obj) -> list:
-    """Further denoisers of a pipeline that apply_tome patches beside the first: the
-    low-noise expert ``transformer_2`` of two-expert pipelines (Wan 2.2 A14B)."""
+    """Further denoisers of a pipeline that apply_tome patches beside the first (``denoiser_of``):
+    the low-noise expert ``transformer_2`` of two-expert pipelines (Wan 2.2 A14B), when the
+    pipeline has a ``transformer`` too."""
     from .dit_families import family_of
 
-    second = getattr(obj, "transformer_2", None)
-    return [second] if second is not None and family_of(second) is not None else []
+    _me, _unet, transformer, second = _parts(obj)
+    return [second] if transformer is not None and second is not None and family_of(second) is not None else []
 
 
 def attention_levels(model) -> List[int]:

@@ -39,6 +39,7 @@ from ..core import ImportancePolicy, timestep_key
 from ..core.dit import dit_settings, merge_keys_values, merge_span, merged_blocks, span_plan, unmerge_span, unmerge_update
 from .dit_families import CallArgs, Family, bind
 from .dit_importance import track_dit_importance
+from .patching import LeaveSlot
 from .processors import WrappedProcessor
 
 log = logging.getLogger("tomesd_ext")
@@ -85,7 +86,8 @@ class DitCallStart:
 class BlockMerge:
     """Pre-hook of one block (block mode): merge its image span, gather its positional inputs.
 
-    A block's call starts a new plan (``slot.reset``); the attention pre-hook subclass reuses it."""
+    A block's call starts a new plan (``slot.enter``, which keeps or replays it for gradient
+    checkpointing); the attention pre-hook subclass reuses it."""
 
     starts_block = True
 
@@ -97,7 +99,7 @@ class BlockMerge:
 
     def __call__(self, module, args, kwargs):
         if self.starts_block:
-            self.slot.reset()
+            self.slot.enter(partial(block_input, module, args, kwargs, self.hidden))
         self.pending = None
         if not self.slot.runtime.active or self.cached():
             return None
@@ -177,7 +179,7 @@ class AttnUnmerge:
 
     def __call__(self, module, args, output):
         pending, self.merge.pending = self.merge.pending, None
-        if pending is None:
+        if pending is None or output is None:
             return None
         _x, _merged, plan, start = pending
         if isinstance(output, tuple):
@@ -193,7 +195,8 @@ class BlockUnmerge:
 
     def __call__(self, module, args, output):
         pending, self.merge.pending = self.merge.pending, None
-        if pending is None:
+        self.merge.slot.leave()
+        if pending is None or output is None:  # None: the call raised (a recomputation stopped early)
             return None
         x, merged, plan, start = pending
         if isinstance(output, tuple):
@@ -257,12 +260,19 @@ class KeysValuesProcessor(WrappedProcessor):
         return out
 
 
-class ResetOnExit:
-    def __init__(self, slot):
-        self.slot = slot
+def block_input(module, args, kwargs, hidden):
+    """The token sequence a block call was given (its argument ``hidden``)."""
+    return CallArgs(module.forward, args, kwargs).named.get(hidden)
 
-    def __call__(self, module, args, *output):
-        self.slot.reset()
+
+class BlockEnter:
+    """Pre-hook of a block in attn and kv mode: its call starts a new plan (``slot.enter``)."""
+
+    def __init__(self, slot, hidden: str):
+        self.slot, self.hidden = slot, hidden
+
+    def __call__(self, module, args, kwargs):
+        self.slot.enter(partial(block_input, module, args, kwargs, self.hidden))
 
 
 def attach_dit(patch, family: Family) -> None:
@@ -271,6 +281,7 @@ def attach_dit(patch, family: Family) -> None:
     model, runtime, opts = patch.model, patch.runtime, patch.opts
     mode, skip = dit_settings(family.name, opts.dit_mode, opts.skip_ends)
     state = CallState()
+    runtime.context = state  # kept with each call's plans for checkpoint recomputations
     patch.dit_mode, patch.skip_ends = mode, skip
     before = None
     if isinstance(runtime.policy, ImportancePolicy):
@@ -287,8 +298,8 @@ def attach_dit(patch, family: Family) -> None:
             patch.hook(block.register_forward_pre_hook(merge, with_kwargs=True))
             patch.hook(block.register_forward_hook(BlockUnmerge(merge), always_call=True))
         else:
-            patch.hook(block.register_forward_pre_hook(ResetOnExit(slot)))
-            patch.hook(block.register_forward_hook(ResetOnExit(slot), always_call=True))
+            patch.hook(block.register_forward_pre_hook(BlockEnter(slot, spec.hidden), with_kwargs=True))
+            patch.hook(block.register_forward_hook(LeaveSlot(slot), always_call=True))
         for attn in attentions:
             if mode != "kv":
                 # A pass-through wrapper: torch.compile does not guard module hooks, but it does

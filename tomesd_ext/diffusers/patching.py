@@ -59,6 +59,17 @@ class CallEnd:
         self.runtime.end_call()
 
 
+class LeaveSlot:
+    """Forward hook of a merged block (``always_call``: also when the call raised): the block's
+    ``BlockSlot.leave`` (forgets the per-call plan, ends a checkpoint recomputation's replay)."""
+
+    def __init__(self, slot):
+        self.slot = slot
+
+    def __call__(self, module, args, output):
+        self.slot.leave()
+
+
 class ModelPatch:
     """Everything one ``apply_*`` added to a denoiser (hooks, wrapped processors) around one runtime.
 

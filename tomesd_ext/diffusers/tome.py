@@ -13,7 +13,7 @@ from .discovery import resolve_max_downsample, second_denoisers, transformer_blo
 from .dit import attach_dit
 from .dit_families import family_of
 from .importance import track_importance
-from .patching import ModelPatch, building, install_patch, installed_patch, uninstall_patch
+from .patching import LeaveSlot, ModelPatch, building, install_patch, installed_patch, uninstall_patch
 from .processors import MergedAttnProcessor
 
 PATCH_ATTR = "_tomesd_ext_patch"
@@ -29,8 +29,8 @@ def _attach(patch: ModelPatch) -> None:
         patch.track_calls()
     for block in transformer_blocks(patch.model):
         slot = runtime.new_slot()
-        patch.hook(block.register_forward_pre_hook(ResetSlot(slot)))
-        patch.hook(block.register_forward_hook(ResetSlot(slot)))
+        patch.hook(block.register_forward_pre_hook(EnterSlot(slot), with_kwargs=True))
+        patch.hook(block.register_forward_hook(LeaveSlot(slot), always_call=True))
         if opts.merge_attn and getattr(block, "attn1", None) is not None:
             self_attention = not block.only_cross_attention
             patch.wrap(block.attn1, partial(MergedAttnProcessor, slot=slot, self_attention=self_attention, queries_only=queries_only))
@@ -41,14 +41,15 @@ def _attach(patch: ModelPatch) -> None:
             patch.hook(block.ff.register_forward_hook(UnmergeOutput(slot)))
 
 
-class ResetSlot:
-    """Before and after each block call: forget the plan (it is per call; frees memory)."""
+class EnterSlot:
+    """Before each block call: a new plan (kept, or replayed by a gradient checkpoint's
+    recomputation, under the block's hidden_states: ``BlockSlot.enter``)."""
 
     def __init__(self, slot):
         self.slot = slot
 
-    def __call__(self, module, args, *output):
-        self.slot.reset()
+    def __call__(self, module, args, kwargs):
+        self.slot.enter(args[0] if args else kwargs.get("hidden_states"))
 
 
 class MergeInput:
@@ -121,8 +122,9 @@ def apply_tome(
     transformers FluxTransformer2DModel, Flux2Transformer2DModel, SD3Transformer2DModel,
     QwenImageTransformer2DModel, ZImageTransformer2DModel, PixArtTransformer2DModel (image tokens
     only; dit_mode and skip_ends apply to them, max_downsample and merge_* to UNets) and the video
-    transformers WanTransformer3DModel (a Wan 2.2 pipeline's transformer_2 too),
-    HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel (st, keep_first_frame, frame_reach).
+    transformers WanTransformer3DModel (a Wan 2.2 pipeline's transformer_2 too, or alone when its
+    transformer is None), HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel (st,
+    keep_first_frame, frame_reach).
     AnimateDiff's UNetMotionModel (and the AnimateDiff pipelines holding one): the spatial
     self-attention of every frame is merged, the motion modules' temporal attention is not;
     frame_plan "shared" gives all frames of a clip one plan, "per-frame" plans each frame.
