@@ -183,6 +183,11 @@ def ray_session(address: Optional[str]):
         ray.shutdown()
 
 
+def _kill(ray, idle, starting, running) -> None:
+    for a in [w[0] for w in idle] + list(starting.values()) + [w[0] for _, w in running.values()]:
+        ray.kill(a)
+
+
 def run_batch(
     jobs: List[Job],
     workers: Optional[int] = None,
@@ -250,7 +255,7 @@ def run_batch(
                     idle.append((a, ray.get(ref)))
                 except ray.exceptions.RayError as e:
                     reason, start_deaths = _death_reason(e), start_deaths + 1
-                    if start_deaths <= n + retries:
+                    if start_deaths <= n + retries and watch.reachable():
                         spawn()
                 continue
             job, worker = running.pop(ref)
@@ -265,9 +270,11 @@ def run_batch(
                 idle.append(worker)
             except ray.exceptions.RayError as e:  # the worker process died
                 reason = _death_reason(e)
+                discard_partial(job, worker[1])
                 if "its owner has died" in str(e):  # the owner is this driver: its node is gone
                     raise ClusterLostError(watch.address, reason, results) from e
-                discard_partial(job, worker[1])
+                if not watch.reachable():  # the cluster went with it (a new actor would wait on the missing GCS)
+                    raise ClusterLostError(watch.address, f"a worker died ({reason}) and {watch.why}", results) from e
                 spawn()
                 if attempts[job.index] <= retries:
                     if on_retry:
@@ -277,7 +284,10 @@ def run_batch(
                 res = JobResult(job.name, "failed", output=str(job.output),
                                 message=f"its worker died {attempts[job.index]} time(s) (retry limit {retries}): {reason}")
             finish(job, res)
-    finally:
-        for a in [w[0] for w in idle] + list(starting.values()) + [w[0] for _, w in running.values()]:
-            ray.kill(a)  # asynchronous: does not wait for a GCS that is gone
+    except ClusterLostError:
+        raise  # its actors went with it: killing one still being created would wait on the missing GCS
+    except BaseException:
+        _kill(ray, idle, starting, running)
+        raise
+    _kill(ray, idle, starting, running)
     return results
