@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from typing import List
 
+import torch
+
 SUPPORTED = "UNet2DConditionModel (SD 1.x, SD 2.x, SDXL and their img2img/inpaint/ControlNet pipelines) and ControlNetModel"
 MOTION = "AnimateDiff: UNetMotionModel and the AnimateDiff pipelines holding one as unet"
 
@@ -52,6 +54,9 @@ def denoiser_of(obj, transformers: bool = True, motion: bool = False):
         what = f"{type(obj).__name__} (torch.compile of {type(me).__name__})"
     supported = SUPPORTED + (f"; transformers: {SUPPORTED_DITS}" if transformers else " (this method has no transformer support)")
     supported += f"; {MOTION}" if motion else " (this method has no AnimateDiff support)"
+    nets = getattr(obj, "nets", None)
+    if isinstance(nets, torch.nn.ModuleList) and any(fits(n) for n in nets):  # Flux/SD MultiControlNetModel
+        what += " (several ControlNets: patch each of its .nets)"
     raise TypeError(f"tomesd-ext cannot patch {what}: supported are {supported}")
 
 

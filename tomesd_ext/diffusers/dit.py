@@ -284,7 +284,7 @@ def attach_dit(patch, family: Family) -> None:
     runtime.context = state  # kept with each call's plans for checkpoint recomputations
     patch.dit_mode, patch.skip_ends = mode, skip
     before = None
-    if isinstance(runtime.policy, ImportancePolicy):
+    if isinstance(runtime.policy, ImportancePolicy) and family.predicts:
         patch.importance = track_dit_importance(patch)
         before = patch.importance.before
     patch.track_calls(start=DitCallStart(patch, family, state, before))

@@ -8,7 +8,7 @@ and which positional inputs of a block must follow merged tokens (``gather_span`
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -52,13 +52,16 @@ class Family:
     image] (else image first); read: (bound forward arguments, model) -> CallInfo; positions:
     (bound block arguments, plan, span) -> None, gathers positional inputs in place, or returns a
     reason the call cannot merge; span.n_txt is the call's text length, span.lead the image tokens
-    before the merged span (the first frame when it is kept)."""
+    before the merged span (the first frame when it is kept). predicts: the model's output is a
+    prediction of the latent, which importance mode takes its map from (a ControlNet's residuals
+    are none: it plans with ToMe's windows, as a UNet ControlNetModel does)."""
 
     name: str
     lists: Tuple[BlockList, ...]
     text_first: bool
     read: Callable
     positions: Callable
+    predicts: bool = True
 
 
 def _grid_from_ids(ids, axes=(1, 2)):
@@ -84,6 +87,16 @@ def _n_txt(a) -> int:
 
 def _read_flux(a, model):
     return CallInfo(_grid_from_ids(a.get("img_ids")), _n_txt(a), a.get("timestep"), a.get("hidden_states"))
+
+
+def _read_flux_controlnet(a, model):
+    """FluxControlNetModel: ControlNet-Union (``num_mode`` set) puts the embedding of
+    ``controlnet_mode`` before the text tokens (and one more text id before the rotary table's
+    image part), so every block's text is one token longer than ``encoder_hidden_states``."""
+    info = _read_flux(a, model)
+    if getattr(model, "union", False) and a.get("controlnet_mode") is not None:
+        info = replace(info, n_txt=info.n_txt + 1)
+    return info
 
 
 def _read_patched_latent(a, model):
@@ -254,6 +267,14 @@ FAMILIES = {
         (BlockList("transformer_blocks", "hidden_states", False, False, ("attn",)),
          BlockList("single_transformer_blocks", "hidden_states", False, True, ("attn",))),
         True, _read_flux, _rotary_after_text,
+    ),
+    # Flux.1's ControlNet (InstantX, Union, Shakker-Labs): Flux blocks; each block's output, taken
+    # at full length (the hooks unmerge it), becomes a residual of the transformer.
+    "FluxControlNetModel": Family(
+        "flux",
+        (BlockList("transformer_blocks", "hidden_states", False, False, ("attn",)),
+         BlockList("single_transformer_blocks", "hidden_states", False, True, ("attn",))),
+        True, _read_flux_controlnet, _rotary_after_text, predicts=False,
     ),
     "Flux2Transformer2DModel": Family(
         "flux2",

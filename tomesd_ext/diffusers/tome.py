@@ -121,7 +121,8 @@ def apply_tome(
     Denoisers: UNet2DConditionModel / ControlNetModel (SD 1.x, 2.x, SDXL) and the image
     transformers FluxTransformer2DModel, Flux2Transformer2DModel, SD3Transformer2DModel,
     QwenImageTransformer2DModel, ZImageTransformer2DModel, PixArtTransformer2DModel (image tokens
-    only; dit_mode and skip_ends apply to them, max_downsample and merge_* to UNets) and the video
+    only; dit_mode and skip_ends apply to them, max_downsample and merge_* to UNets), Flux's
+    FluxControlNetModel (passed explicitly: a pipeline's ControlNet is not patched) and the video
     transformers WanTransformer3DModel (a Wan 2.2 pipeline's transformer_2 too, or alone when its
     transformer is None), HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel (st,
     keep_first_frame, frame_reach).
