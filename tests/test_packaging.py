@@ -3,6 +3,7 @@
 without diffusers/transformers (a subprocess where they cannot be imported)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,12 @@ class Blocker:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, Blocker())
 """
+
+
+def oldest_comfyui():
+    """The pack's OLDEST_COMFYUI (root __init__.py), read without importing it."""
+    with open(os.path.join(REPO, "__init__.py")) as f:
+        return re.search(r'^OLDEST_COMFYUI = "([0-9.]+)"', f.read(), re.M).group(1)
 
 
 def _pyproject():
@@ -89,3 +96,34 @@ for entry in ("from tomesd_ext import apply_tome", "import tomesd_ext.diffusers"
     assert done.returncode == 0, done.stdout + done.stderr
     messages = done.stdout.strip().splitlines()
     assert len(messages) == 2 and all('pip install "tomesd-ext[diffusers]"' in m for m in messages), messages
+
+
+def test_requires_comfyui_is_the_oldest_release_the_pack_names():
+    assert _pyproject()["tool"]["comfy"]["requires-comfyui"] == ">=" + oldest_comfyui()
+
+
+@pytest.mark.parametrize("has_v3", [False, True])
+def test_pack_in_a_comfyui_without_v3_logs_one_line(tmp_path, has_v3):
+    """Loaded as ComfyUI loads a custom node (folder_paths already imported) in a ComfyUI without
+    comfy_api.v0_0_2: no exception, one warning naming the release needed; with it: silence."""
+    if has_v3:
+        (tmp_path / "comfy_api" / "v0_0_2").mkdir(parents=True)
+        (tmp_path / "comfy_api" / "__init__.py").write_text("")
+        (tmp_path / "comfy_api" / "v0_0_2" / "__init__.py").write_text("")
+    code = f"""
+import importlib.util, logging, sys, types
+logging.basicConfig(level=logging.INFO, format="%(name)s|%(message)s")
+sys.modules["folder_paths"] = types.ModuleType("folder_paths")
+spec = importlib.util.spec_from_file_location("pack_under_test", {os.path.join(REPO, "__init__.py")!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print("loaded", hasattr(module, "comfy_entrypoint"))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "loaded True", done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("tomesd_ext|")]
+    if has_v3:
+        assert lines == [], lines
+    else:
+        assert len(lines) == 1 and f"ComfyUI v{oldest_comfyui()} or newer" in lines[0], done.stderr
