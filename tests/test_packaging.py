@@ -57,7 +57,8 @@ def comfy_cli():
 
 
 def test_comfy_node_validate_accepts_pyproject(comfy_cli, tmp_path):
-    env = dict(os.environ, PYTHONPATH=comfy_cli, HOME=str(tmp_path))  # comfy-cli keeps its settings in HOME
+    # comfy-cli keeps its settings in HOME; the ruff it runs would leave its cache in the checkout
+    env = dict(os.environ, PYTHONPATH=comfy_cli, HOME=str(tmp_path), RUFF_CACHE_DIR=str(tmp_path / "ruff"))
     done = subprocess.run([sys.executable, "-m", "comfy_cli", "node", "validate"], cwd=REPO, env=env,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     out = done.stdout + done.stderr
