@@ -29,13 +29,20 @@ demo: setup
 # skip, except in CI (CI=true), where that is an error. docs/development.md has the details.
 COMFYUI_SNAPSHOT ?= $(lastword $(sort $(wildcard ../shared/vendor/ComfyUI-*.tar.gz)))
 COMFYUI_CACHE ?= $(or $(TOMESD_EXT_CACHE),$(HOME)/.cache/tomesd_ext)
-ifeq ($(COMFYUI_PATH),)
-ifneq ($(COMFYUI_SNAPSHOT),)
-COMFYUI_PATH := $(abspath $(COMFYUI_CACHE)/$(basename $(basename $(notdir $(COMFYUI_SNAPSHOT)))))/ComfyUI
-COMFYUI_UNPACK := $(COMFYUI_SNAPSHOT)
-endif
-endif
+# $(call unpacked,SNAPSHOT): the ComfyUI folder that SNAPSHOT unpacks to in COMFYUI_CACHE
+unpacked = $(abspath $(COMFYUI_CACHE)/$(basename $(basename $(notdir $(1)))))/ComfyUI
+COMFYUI_UNPACK := $(if $(COMFYUI_PATH),,$(COMFYUI_SNAPSHOT))
+COMFYUI_PATH := $(or $(COMFYUI_PATH),$(if $(COMFYUI_UNPACK),$(call unpacked,$(COMFYUI_UNPACK))))
 IN_CI := $(filter true 1 yes,$(CI))
+
+# The older ComfyUI release of the smoke tests (tests/comfy/test_comfyui_old.py), the same way:
+# COMFYUI_OLD_PATH set, or the snapshot COMFYUI_OLD_SNAPSHOT unpacked into COMFYUI_CACHE. It runs
+# on $(VENV) as the main ComfyUI prepared it; only its own frontend, templates and docs packages
+# go into COMFYUI_OLD_PYLIB (first on its PYTHONPATH in the tests).
+COMFYUI_OLD_SNAPSHOT ?= $(lastword $(sort $(wildcard ../shared/vendor/older/ComfyUI-*.tar.gz)))
+COMFYUI_OLD_UNPACK := $(if $(COMFYUI_OLD_PATH),,$(COMFYUI_OLD_SNAPSHOT))
+COMFYUI_OLD_PATH := $(or $(COMFYUI_OLD_PATH),$(if $(COMFYUI_OLD_UNPACK),$(call unpacked,$(COMFYUI_OLD_UNPACK))))
+COMFYUI_OLD_PYLIB ?= $(if $(COMFYUI_OLD_PATH),$(abspath $(COMFYUI_OLD_PATH)/..)/pylib)
 
 comfyui: setup
 ifneq ($(COMFYUI_PATH),)
@@ -46,9 +53,18 @@ else ifneq ($(IN_CI),)
 else
 	@echo "note: no ComfyUI (set COMFYUI_PATH or COMFYUI_SNAPSHOT): the ComfyUI tests will skip"
 endif
+ifneq ($(COMFYUI_OLD_PATH),)
+	bash scripts/comfyui_for_tests.sh $(PY) "$(COMFYUI_OLD_PATH)" "$(COMFYUI_OLD_UNPACK)" "$(COMFYUI_OLD_PYLIB)"
+else ifneq ($(IN_CI),)
+	@echo "error: CI needs the older ComfyUI release: no COMFYUI_OLD_PATH and no snapshot (COMFYUI_OLD_SNAPSHOT, default ../shared/vendor/older/ComfyUI-*.tar.gz)" >&2
+	@exit 1
+else
+	@echo "note: no older ComfyUI (set COMFYUI_OLD_PATH or COMFYUI_OLD_SNAPSHOT): its smoke tests will skip"
+endif
 
 test: setup comfyui
-	COMFYUI_PATH="$(COMFYUI_PATH)" $(PY) -m pytest -q
+	COMFYUI_PATH="$(COMFYUI_PATH)" COMFYUI_OLD_PATH="$(COMFYUI_OLD_PATH)" COMFYUI_OLD_PYLIB="$(COMFYUI_OLD_PYLIB)" \
+		$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares the ComfyUI that the tests in tests/comfy run against (called by `make test`).
 #
-#   scripts/comfyui_for_tests.sh PYTHON COMFYUI_PATH [SNAPSHOT]
+#   scripts/comfyui_for_tests.sh PYTHON COMFYUI_PATH [SNAPSHOT] [PYLIB]
 #
 # COMFYUI_PATH is the ComfyUI folder the tests will use. When it has no main.py yet and SNAPSHOT
 # (a .tar.gz holding one folder ComfyUI/) is given, the snapshot is unpacked there: COMFYUI_PATH
@@ -11,11 +11,17 @@
 # and with the installed torch pinned (ComfyUI's packages may not replace it). The filtered list
 # is kept in the environment, so an unchanged ComfyUI costs no pip call on the next run. Also
 # installs Debian's chromium for the browser test when it is missing and we are root.
+#
+# PYLIB given (a second, older ComfyUI release next to the main one): PYTHON's environment is left
+# as the main ComfyUI set it; only this release's own `comfyui-*` packages (frontend, workflow
+# templates, embedded docs, pinned in its requirements.txt) are installed, without dependencies,
+# into the folder PYLIB, which the tests put first on that ComfyUI's PYTHONPATH.
 set -euo pipefail
 
 py=${1:?python}
 comfy=${2:?COMFYUI_PATH}
 snapshot=${3:-}
+pylib=${4:-}
 
 if [[ ! -f "$comfy/main.py" ]]; then
     if [[ -z "$snapshot" ]]; then
@@ -54,9 +60,25 @@ if [[ ! -x "$chromium" ]]; then
     fi
 fi
 
-env_dir=$("$py" -c 'import sys; print(sys.prefix)')
 wanted=$(mktemp)
 trap 'rm -f "$wanted"' EXIT
+
+if [[ -n "$pylib" ]]; then
+    grep -E '^\s*comfyui-' "$comfy/requirements.txt" > "$wanted"
+    if cmp -s "$wanted" "$pylib/.comfyui-requirements.txt"; then
+        exit 0
+    fi
+    echo "installing $(tr '\n' ' ' < "$wanted")into $pylib"
+    fresh=$(mktemp -d "$pylib.new.XXXXXX")
+    trap 'rm -f "$wanted"; rm -rf "$fresh"' EXIT
+    "$py" -m pip install -q --no-deps --target "$fresh" -r "$wanted"
+    cp "$wanted" "$fresh/.comfyui-requirements.txt"
+    rm -rf "$pylib"
+    mv "$fresh" "$pylib"
+    exit 0
+fi
+
+env_dir=$("$py" -c 'import sys; print(sys.prefix)')
 grep -vE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$' "$comfy/requirements.txt" > "$wanted"
 installed="$env_dir/comfyui-requirements.txt"
 if cmp -s "$wanted" "$installed"; then

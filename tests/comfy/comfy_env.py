@@ -38,6 +38,63 @@ def comfyui_path():
     return path if path and os.path.isfile(os.path.join(path, "main.py")) else None
 
 
+def old_comfyui_path():
+    """The older ComfyUI release the smoke tests run on (COMFYUI_OLD_PATH), or None."""
+    path = os.environ.get("COMFYUI_OLD_PATH")
+    return path if path and os.path.isfile(os.path.join(path, "main.py")) else None
+
+
+def old_comfyui_pylib():
+    """The folder with the older release's own frontend, templates and docs packages, put first on
+    its PYTHONPATH (COMFYUI_OLD_PYLIB, default: pylib beside COMFYUI_OLD_PATH); None if absent."""
+    path = os.environ.get("COMFYUI_OLD_PYLIB")
+    if not path and old_comfyui_path():
+        path = os.path.join(os.path.dirname(os.path.abspath(old_comfyui_path())), "pylib")
+    return path if path and os.path.isdir(path) else None
+
+
+def old_missing_reason() -> str:
+    path = os.environ.get("COMFYUI_OLD_PATH")
+    what = f"COMFYUI_OLD_PATH={path} has no main.py" if path else "COMFYUI_OLD_PATH is not set"
+    return (f"{what}: point it at the older ComfyUI release (tested: v0.3.64) to run its smoke tests "
+            "(`make test` unpacks one from COMFYUI_OLD_SNAPSHOT; docs/development.md)")
+
+
+def run_pack_probe(comfy_path, pythonpath=None, timeout=600):
+    """tests/comfy/pack_probe.py in a fresh process on the ComfyUI at ``comfy_path`` (``pythonpath``
+    first on its path): the pack loaded as ComfyUI loads it and each node run there, without
+    diffusers and transformers; returns the probe's report (a dict)."""
+    env = dict(os.environ, COMFYUI_PATH=comfy_path)
+    env.pop("PYTHONPATH", None)  # the pack must load from its folder, as ComfyUI loads it
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pack_probe.py")
+    done = subprocess.run([sys.executable, probe], cwd=comfy_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"pack_probe failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def release_of(comfy_path) -> str:
+    """The release number in a ComfyUI folder's comfyui_version.py (e.g. "0.8.0")."""
+    with open(os.path.join(comfy_path, "comfyui_version.py")) as f:
+        return f.read().split("__version__")[1].split('"')[1]
+
+
+def check_pack_probe(report, comfy_path):
+    """The probe's report from the ComfyUI at ``comfy_path``: our three nodes registered, loaded
+    with diffusers and transformers blocked, each merging in ComfyUI's sampler without touching
+    its input model, ToMe exact at ratio 0, and no file of ours importing the blocked libraries."""
+    assert report["comfyui"] == release_of(comfy_path)
+    assert report["nodes"] == ["TomesdExtImportanceMerging", "TomesdExtTokenMerging", "TomesdExtVidToMe"]
+    assert report["loaded_without"] == ["diffusers", "transformers"]
+    assert report["refused_imports"] == [], report["refused_imports"]
+    assert report["foreign_modules"] == [], report["foreign_modules"]
+    for node_id, run in report["runs"].items():
+        assert run["finite"] and run["changed"] and run["input_untouched"], (node_id, run)
+    assert report["runs"]["TomesdExtTokenMerging"]["ratio0_exact"]
+
+
 def missing_reason() -> str:
     """Why there is no ComfyUI to test against (when comfyui_path() is None)."""
     path = os.environ.get("COMFYUI_PATH")
@@ -78,7 +135,9 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: str, checkpoints=None, python=sys.executable):
+    def __init__(self, base_dir: str, checkpoints=None, python=sys.executable, comfy_path=None, pythonpath=None):
+        """comfy_path: the ComfyUI to start (default COMFYUI_PATH); pythonpath: put first on its
+        path (an older release's own frontend packages)."""
         self.base = base_dir
         checkpoints = checkpoints or {}
         for sub in ("models/checkpoints", "models/diffusion_models", "models/text_encoders", "models/vae",
@@ -99,8 +158,11 @@ class ComfyServer:
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)  # the pack must load from custom_nodes, not from the test's path
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=comfy_path or comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=env)
 
     def add_checkpoint(self, name, target):
         """Symlink a checkpoint into models/checkpoints (ComfyUI rescans the folder on use)."""

@@ -1,4 +1,5 @@
-"""Fixtures of the ComfyUI tests: skip without COMFYUI_PATH, the browser tests without Chromium
+"""Fixtures of the ComfyUI tests: skip without COMFYUI_PATH (the older-release ones without
+COMFYUI_OLD_PATH), the browser tests without Chromium
 or playwright (in CI, CI=true: fail); a cached
 random SD1.5 checkpoint; one ComfyUI server per session (loopback, --cpu, temp base dir),
 stopped at teardown.
@@ -13,7 +14,7 @@ import os
 import pytest
 
 from comfy_browser import chromium_missing
-from comfy_env import ComfyServer, comfyui_path, missing_reason
+from comfy_env import ComfyServer, comfyui_path, missing_reason, old_comfyui_path, old_missing_reason
 
 CKPT_NAME = "tomesd_ext_sd15_random.safetensors"
 # SD1.5 widths, UNet cut to one level (tomesd_ext.models.configs "sd15-1level"): ComfyUI loads it as
@@ -31,6 +32,8 @@ def _skip_or_fail(items, marker, reason, what):
 
 
 def pytest_collection_modifyitems(config, items):
+    if old_comfyui_path() is None:
+        _skip_or_fail(items, "comfyui_old", old_missing_reason(), "older-ComfyUI")
     if comfyui_path() is None:
         _skip_or_fail(items, "comfyui", missing_reason(), "ComfyUI")
         return
@@ -41,6 +44,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "comfyui: needs a ComfyUI checkout in COMFYUI_PATH")
+    config.addinivalue_line("markers", "comfyui_old: needs the older ComfyUI release in COMFYUI_OLD_PATH")
     config.addinivalue_line("markers", "browser: needs Chromium (Debian package) and playwright")
 
 
