@@ -55,10 +55,13 @@ def guard_our_imports():
     """An import statement in one of our files that names a LIBRARY fails, even when ComfyUI has
     the module loaded already."""
     real_import = builtins.__import__
+    # our files: the pack's entry point, the nodes and the library (not a virtual environment that
+    # may live inside the checkout, as .venv does on a fresh machine)
+    ours = (os.path.join(REPO, "__init__.py"), os.path.join(REPO, "nodes") + os.sep, os.path.join(REPO, "tomesd_ext") + os.sep)
 
     def guarded(name, globals=None, locals=None, fromlist=(), level=0):
         importer = (globals or {}).get("__file__") or ""
-        if level == 0 and name.split(".")[0] in LIBRARIES and os.path.abspath(importer).startswith(REPO + os.sep):
+        if level == 0 and name.split(".")[0] in LIBRARIES and os.path.abspath(importer).startswith(ours):
             attempts.append((os.path.relpath(importer, REPO), name))
             raise ModuleNotFoundError(f"No module named {name!r} (blocked by pack_probe)", name=name)
         return real_import(name, globals, locals, fromlist, level)
