@@ -61,6 +61,16 @@ def span_plan(slot, x, start: int) -> Optional[MergePlan]:
     return slot.get(metric)
 
 
+def merged_video_grid(grid, keep_first_frame: bool):
+    """(grid, held) of a video call: the token grid it merges and the frames held back before it.
+    grid: (frames, h, w); keep_first_frame holds the first latent frame back (held 1). The merged
+    grid is (frames', h, w), (h, w) when one frame is left, None when none is."""
+    held = int(bool(keep_first_frame))
+    f, h, w = grid
+    f -= held
+    return ((f, h, w) if f > 1 else (h, w) if f == 1 else None), held
+
+
 def anchors(plan: MergePlan) -> torch.Tensor:
     """(M,) long: the token whose position each group of a batch-shared plan carries."""
     if plan.anchor is None or plan.anchor.shape[0] != 1:

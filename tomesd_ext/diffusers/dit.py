@@ -36,7 +36,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..core import ImportancePolicy, timestep_key
-from ..core.dit import dit_settings, merge_keys_values, merge_span, merged_blocks, span_plan, unmerge_span, unmerge_update
+from ..core.dit import dit_settings, merged_video_grid, merge_keys_values, merge_span, merged_blocks, span_plan, unmerge_span, unmerge_update
 from .dit_families import CallArgs, Family, bind
 from .dit_importance import track_dit_importance
 from .patching import LeaveSlot
@@ -67,13 +67,9 @@ class DitCallStart:
         grid, state = info.grid, self.state
         state.n_txt, state.lead = info.n_txt, info.lead
         if grid is not None and len(grid) == 3:
-            if self.patch.opts.keep_first_frame:
-                state.lead += grid[1] * grid[2]
-                grid = (grid[0] - 1,) + tuple(grid[1:])
-            if grid[0] == 1:
-                grid = tuple(grid[1:])
-            if grid[0] < 1:
-                grid = None
+            frames_grid = grid
+            grid, held = merged_video_grid(frames_grid, self.patch.opts.keep_first_frame)
+            state.lead += held * frames_grid[1] * frames_grid[2]
         sample = info.sample[0] if isinstance(info.sample, (list, tuple)) and info.sample else info.sample
         device = sample.device if isinstance(sample, torch.Tensor) else None
         self.patch.runtime.begin_call(grid, timestep_key(info.timestep), device=device)

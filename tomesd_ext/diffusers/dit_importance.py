@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from ..core import detect_cfg_layout, importance_map, pool_to_video_grid
+from ..core.dit import merged_video_grid
 
 
 def _latent(t, grid, lead=0) -> Optional[torch.Tensor]:
@@ -72,9 +73,7 @@ class DitImportance:
     def _merged_grid(self):
         """The token grid a video call merges: (frames, h, w), less a kept first frame; (h, w)
         when one frame is left; None when none is."""
-        f, h, w = self.grid
-        f -= bool(self.policy.opts.keep_first_frame)
-        return (f, h, w) if f > 1 else (h, w) if f == 1 else None
+        return merged_video_grid(self.grid, self.policy.opts.keep_first_frame)[0]
 
     def _store(self, pred: torch.Tensor, layout: str) -> None:
         """set_map of the mean map of a CFG prediction (a video's at its merged token grid)."""
