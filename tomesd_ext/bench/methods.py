@@ -36,6 +36,7 @@ class MethodContext:
     max_downsample: Optional[int]
     compile_backend: str = "inductor"  # torch.compile backend of the compile methods
     cache_threshold: float = 0.05  # FirstBlockCache threshold of fbcache / tome+fbcache
+    min_tokens: Optional[int] = None  # ours' auto-skip threshold (bench --min-tokens); None: the library's default
 
 
 def patched_ratio(model, ratio: float) -> float:
@@ -85,10 +86,17 @@ def _noop(*args):
     return None
 
 
-def _tome_apply(unet, ratio, ctx):
+def _ours(model, ratio, ctx, **options):
+    """apply_tome with the run's seed (and --min-tokens when given) and ``options``."""
     from ..diffusers import apply_tome
 
-    apply_tome(unet, ratio, seed=ctx.seed)
+    if ctx.min_tokens is not None:
+        options.setdefault("min_tokens", ctx.min_tokens)
+    apply_tome(model, ratio, seed=ctx.seed, **options)
+
+
+def _tome_apply(unet, ratio, ctx):
+    _ours(unet, ratio, ctx)
 
 
 def _tome_remove(unet):
@@ -98,27 +106,19 @@ def _tome_remove(unet):
 
 
 def _importance_apply(unet, ratio, ctx):
-    from ..diffusers import apply_tome
-
-    apply_tome(unet, ratio, seed=ctx.seed, mode="importance")
+    _ours(unet, ratio, ctx, mode="importance")
 
 
 def _tome_d2_apply(unet, ratio, ctx):
-    from ..diffusers import apply_tome
-
-    apply_tome(unet, ratio, seed=ctx.seed, max_downsample=max(2, ctx.max_downsample * 2))
+    _ours(unet, ratio, ctx, max_downsample=max(2, ctx.max_downsample * 2))
 
 
 def _level_apply(unet, ratio, ctx):
-    from ..diffusers import apply_tome
-
-    apply_tome(unet, ratio, seed=ctx.seed, reuse="level")
+    _ours(unet, ratio, ctx, reuse="level")
 
 
 def _level_k2_apply(unet, ratio, ctx):
-    from ..diffusers import apply_tome
-
-    apply_tome(unet, ratio, seed=ctx.seed, reuse="level", reuse_steps=2)
+    _ours(unet, ratio, ctx, reuse="level", reuse_steps=2)
 
 
 @contextlib.contextmanager
@@ -169,9 +169,7 @@ def _kernel_method(mode: str) -> tuple:
 
 def _dit_mode_method(mode: str, **options) -> Callable:
     def apply(model, ratio, ctx):
-        from ..diffusers import apply_tome
-
-        apply_tome(model, ratio, seed=ctx.seed, dit_mode=mode, **options)
+        _ours(model, ratio, ctx, dit_mode=mode, **options)
 
     return apply
 
@@ -238,9 +236,7 @@ register(Method("tome", _tome_apply, _tome_remove, "ours: tomesd_ext.apply_tome 
 
 
 def _per_frame_apply(unet, ratio, ctx):
-    from ..diffusers import apply_tome
-
-    apply_tome(unet, ratio, seed=ctx.seed, frame_plan="per-frame")
+    _ours(unet, ratio, ctx, frame_plan="per-frame")
 
 
 register(Method("tome-per-frame", _per_frame_apply, _tome_remove, "ours on an AnimateDiff UNet with "
@@ -285,15 +281,31 @@ register(
         "ours with one plan per level kept for 2 steps (reuse='level', reuse_steps=2; reuses from the 2nd step of --steps N)",
     )
 )
-register(Method("tome-torch", *_kernel_method("torch"), "ours with the torch kernels forced (TOMESD_EXT_KERNELS=torch)"))
+_ANY_DENOISER = ("unet", "dit", "video", "animatediff")
+register(Method("tome-torch", *_kernel_method("torch"), "ours with the torch kernels forced (TOMESD_EXT_KERNELS=torch)",
+                models=_ANY_DENOISER))
 register(
     Method(
         "tome-cuda",
         *_kernel_method("cuda"),
         "ours with the CUDA kernels required (TOMESD_EXT_KERNELS=cuda; CPU tensors run the torch path)",
         unavailable=_cuda_missing,
+        models=_ANY_DENOISER,
     )
 )
+
+
+def _reuse_steps_method(k: int) -> Callable:
+    def apply(model, ratio, ctx):
+        _ours(model, ratio, ctx, reuse_steps=k)
+
+    return apply
+
+
+for _k in (2, 4):
+    register(Method(f"tome-k{_k}", _reuse_steps_method(_k), _tome_remove,
+                    f"ours with every block's plan kept for {_k} steps (reuse_steps={_k}; reuses from the 2nd step of "
+                    "--steps N)", models=_ANY_DENOISER))
 register(
     Method(
         "tomesd",

@@ -62,6 +62,7 @@ class BenchSettings:
     equal_error: Optional[tuple] = None  # (method, ratio): report the ratio each method reaches at its error
     compile_backend: str = "inductor"  # torch.compile backend of compile / tome+compile
     cache_threshold: float = 0.05  # FirstBlockCache threshold of fbcache / tome+fbcache
+    min_tokens: Optional[int] = None  # ours' auto-skip threshold (None: the library's default)
 
     def configs(self):
         """(method, ratio) pairs: baseline first, ratio None for methods without a ratio."""
@@ -79,6 +80,7 @@ class BenchSettings:
             "warmup": self.warmup, "seed": self.seed, "inputs": list(self.inputs), "micro": self.micro,
             "equal_error": None if self.equal_error is None else f"{self.equal_error[0]}:{self.equal_error[1]:g}",
             "compile_backend": self.compile_backend, "cache_threshold": self.cache_threshold,
+            "min_tokens": self.min_tokens,
             "cfg": self.batch % 2 == 0, "images_per_batch": self.batch // 2 if self.batch % 2 == 0 else self.batch,
             "peak_memory": "extra memory of one call above what was held before it (CUDA: max_memory_allocated; CPU: peak RSS sampled every 1 ms)",
             "input_latents": "VAE encoder (real weights) or the fixed linear map of tomesd_ext/bench/latent_map.py",
@@ -165,7 +167,8 @@ def run_bench(
     cfg = settings.batch % 2 == 0
     n_images = settings.batch // 2 if cfg else settings.batch
     ctx = MethodContext(seed=settings.seed, max_downsample=None if subject.is_dit else resolve_max_downsample(model, "auto"),
-                        compile_backend=settings.compile_backend, cache_threshold=settings.cache_threshold)
+                        compile_backend=settings.compile_backend, cache_threshold=settings.cache_threshold,
+                        min_tokens=settings.min_tokens)
     for method in settings.methods:
         reason = get_method(method).supports(model)
         if reason:

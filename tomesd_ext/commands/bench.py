@@ -81,6 +81,9 @@ def add_parser(subparsers):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-tokens", type=int, default=None, dest="min_tokens",
+                   help="min_tokens of our methods (auto-skip: grids with fewer tokens are not merged); 0 = merge every "
+                        "grid, e.g. to exercise merging on tiny models at small sizes (default: the library's default)")
     p.add_argument("--no-sharpen", dest="sharpen", action="store_false", help="measure fidelity on the plain random weights instead of the sharpened-attention variant (built-in models only)")
     p.add_argument("--micro", action="store_true", help="also time the merging operators alone at the first merged level (plan, merge+unmerge per kernel backend, sort vs topk)")
     p.add_argument("--json", help="write results here (rewritten after every row)")
@@ -154,6 +157,8 @@ def validate(args) -> None:
         method, ratio = args.equal_error = parse_reference(args.equal_error)
         if method not in args.methods or not any(abs(r - ratio) < 1e-9 for r in args.ratios):
             raise ValueError(f"--equal-error {method}:{ratio:g}: the run must measure it: add {method} to --methods and {ratio:g} to --ratios")
+    if args.min_tokens is not None and args.min_tokens < 0:
+        raise ValueError(f"--min-tokens {args.min_tokens}: must be >= 0")
     checks = (("--batch", args.batch, 1), ("--repeats", args.repeats, 0), ("--warmup", args.warmup, 0), ("--steps", args.steps, 0), ("--timestep", args.timestep, 1))
     for name, value, lo in checks:
         if value < lo:
@@ -228,7 +233,7 @@ def run(args) -> int:
         resolutions=args.resolution, methods=args.methods, ratios=args.ratios, batch=args.batch,
         repeats=args.repeats, warmup=args.warmup, steps=args.steps, timestep=args.timestep,
         seed=args.seed, inputs=args.inputs, micro=args.micro, equal_error=args.equal_error,
-        compile_backend=args.compile_backend, cache_threshold=args.cache_threshold,
+        compile_backend=args.compile_backend, cache_threshold=args.cache_threshold, min_tokens=args.min_tokens,
     )
     print(f"building {args.model} ({args.dtype}, {args.device}) ...", file=sys.stderr, flush=True)
     subject = load_subject(args.model, args.device, args.dtype, args.seed, args.sharpen, args.frames)
