@@ -44,7 +44,7 @@ FIELDS = {
     "source_guidance": "flowedit: CFG scale of the source prompt (default 1.5)",
     "tome": "video transformers: false (unmerged) or apply_tome options {ratio, dit_mode, st, frame_reach, keep_first_frame, min_tokens, skip_ends}",
     "frames": "{start, end, stride, max}",
-    "size": "short side (int) or [width, height]; rounded to a multiple of 8",
+    "size": "short side (int) or [width, height]; rounded to a multiple of 8 (video transformers: of 2)",
     "steps": "DDIM steps",
     "guidance": "CFG scale (of the edit prompt; default 7.5, Wan 5.0, LTX-Video 3.0)",
     "negative_prompt": "negative prompt",
@@ -445,7 +445,8 @@ def run_job(job: Job, pipes: PipelineCache, progress_factory=None) -> JobResult:
         tmp = _prepare_output(job.output)
         sel = job.spec.get("frames") or {}
         clip = read_frames(job.spec["input"], sel.get("start", 0), sel.get("end"), sel.get("stride", 1), sel.get("max"))
-        frames, note = fit_size(clip.frames, job.spec.get("size"))
+        flow = isinstance(job.settings, FlowEditSettings)  # runs at its own multiple, resized back: keep the size
+        frames, note = fit_size(clip.frames, job.spec.get("size"), multiple=2 if flow else 8)
         res.frames, res.size = len(frames), f"{frames[0].shape[1]}x{frames[0].shape[0]}"
         model = str(job.spec.get("model", "tiny"))
         sharpen = job.spec.get("sharpen", 0.0)
@@ -453,7 +454,7 @@ def run_job(job: Job, pipes: PipelineCache, progress_factory=None) -> JobResult:
         s = job.settings
         fps = float(job.spec.get("fps") or clip.fps)
         notes = [note]
-        if isinstance(s, FlowEditSettings):
+        if flow:
             editor = FlowVideoEditor(pipe)
             bar = progress_factory(editor.steps_of(s), job.name) if progress_factory else None
             try:
