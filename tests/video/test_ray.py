@@ -153,6 +153,37 @@ def test_worker_killed_mid_job_is_retried(root, serial, cluster, capsys):
     assert _leftovers(folder) == []
 
 
+FLOW = [  # video transformers (tests/video/test_flow_jobs.py): sdedit merged, flowedit, LTX sdedit
+    {"name": "wan-sde", "model": "wan-tiny", "input": "../clip.mp4", "output": "out/wan-sde", "edit_prompt": "a cat",
+     "strength": 0.6, "tome": {"min_tokens": 0}},
+    {"name": "wan-fe", "model": "wan-tiny", "mode": "flowedit", "input": "../clip.mp4", "output": "out/wan-fe",
+     "edit_prompt": "a dog", "n_max": 2},
+    {"name": "ltx-sde", "model": "ltx-tiny", "input": "../frames", "output": "out/ltx-sde", "edit_prompt": "a fox"},
+]
+
+
+@needs_ray
+def test_video_transformer_jobs_on_ray_equal_serial_and_survive_a_killed_worker(root, cluster, capsys):
+    ref = _batch(root, "flow-serial", FLOW)
+    rc, summary = _run(ref)
+    assert rc == 0 and all(r["status"] == "done" for r in summary.values())
+    reference = {j["name"]: _frames(ref / "out" / j["name"]) for j in FLOW}
+    folder = _batch(root, "flow-ray", FLOW)
+    killed = []
+    watcher = threading.Thread(target=_kill_when_started, args=(folder, "wan-fe", killed))
+    watcher.start()
+    try:
+        rc, summary = _run(folder, "--ray", "--ray-workers", "2")
+    finally:
+        killed.append(None)
+        watcher.join()
+    assert killed[0] not in (None, os.getpid())
+    assert rc == 0 and all(r["status"] == "done" for r in summary.values())
+    assert summary["wan-fe"]["retries"] == 1 and "job wan-fe: its worker died" in capsys.readouterr().err
+    _same_frames(folder, reference, [j["name"] for j in FLOW])
+    assert _leftovers(folder) == []
+
+
 def _finished(folder):
     return list((folder / "out").glob("*/job.json")) if (folder / "out").is_dir() else []
 

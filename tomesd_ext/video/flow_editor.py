@@ -37,14 +37,15 @@ FAMILIES = {
     "ltx-video": {"guidance": 3.0, "text_tokens": 128, "max_frames": 257},
 }
 WAN22_TI2V_FRAMES = 121  # Wan 2.2 TI2V-5B (expand_timesteps) generates 121 frames at 24 fps
-TOME_KEYS = ("ratio", "dit_mode", "st", "frame_reach", "keep_first_frame", "min_tokens", "skip_ends")
+TOME_KEYS = ("ratio", "dit_mode", "st", "frame_reach", "keep_first_frame", "min_tokens", "skip_ends", "seed")
 DEFAULT_TOME = {"ratio": 0.5}  # apply_tome's video defaults; clips under min_tokens are not merged
 
 
 @dataclass
 class FlowEditSettings:
     """Settings of one edit with a flow-matching video model. tome: apply_tome keyword arguments
-    (TOME_KEYS), or None for no merging. guidance: the edit prompt's CFG scale (None: the
+    (TOME_KEYS; its seed defaults to the job's, so a job merges alike on every run and worker),
+    or None for no merging. guidance: the edit prompt's CFG scale (None: the
     family's default); source_guidance: the source prompt's (flowedit)."""
 
     mode: str = "sdedit"
@@ -260,9 +261,10 @@ class FlowVideoEditor:
             return torch.randn(latents.shape, generator=gen).to(latents)
 
         t1 = time.perf_counter()
-        self.last_merged = s.tome is not None and self.tokens(latents) >= ToMeOptions.create(**s.tome).min_tokens
+        tome = {"seed": s.seed, **s.tome} if s.tome is not None else None  # the merge pattern is the job's
+        self.last_merged = tome is not None and self.tokens(latents) >= ToMeOptions.create(**tome).min_tokens
         if self.last_merged:  # under min_tokens apply_tome would skip every call: leave the model alone
-            apply_tome(self.pipe, **s.tome)
+            apply_tome(self.pipe, **tome)
         try:
             v_tar = self.velocity(self.embed(edit_prompt, s.negative_prompt if guidance != 1 else None), guidance, fps)
             if s.mode == "sdedit":

@@ -42,7 +42,7 @@ FIELDS = {
     "n_min": "flowedit: last steps run as plain sampling with the edit prompt (default 0)",
     "n_avg": "flowedit: noise draws averaged per step (default 1)",
     "source_guidance": "flowedit: CFG scale of the source prompt (default 1.5)",
-    "tome": "video transformers: false (unmerged) or apply_tome options {ratio, dit_mode, st, frame_reach, keep_first_frame, min_tokens, skip_ends}",
+    "tome": "video transformers: false (unmerged) or apply_tome options {ratio, dit_mode, st, frame_reach, keep_first_frame, min_tokens, skip_ends, seed}",
     "frames": "{start, end, stride, max}",
     "size": "short side (int) or [width, height]; rounded to a multiple of 8 (video transformers: of 2)",
     "steps": "DDIM steps",
