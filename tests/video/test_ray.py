@@ -131,18 +131,24 @@ def _kill_when_started(folder, job, killed):
         time.sleep(0.01)
 
 
-@needs_ray
-def test_worker_killed_mid_job_is_retried(root, serial, cluster, capsys):
-    folder = _batch(root, "killed", GOOD[2:])
+def _run_killing(folder, job):
+    """_run on Ray (2 workers) while the worker that starts `job` is SIGKILLed; checks one was."""
     killed = []
-    watcher = threading.Thread(target=_kill_when_started, args=(folder, "c", killed))
+    watcher = threading.Thread(target=_kill_when_started, args=(folder, job, killed))
     watcher.start()
     try:
-        rc, summary = _run(folder, "--ray", "--ray-workers", "2")
+        result = _run(folder, "--ray", "--ray-workers", "2")
     finally:
         killed.append(None)  # stops the watcher if it found nothing
         watcher.join()
     assert killed[0] not in (None, os.getpid())  # a worker process died, not this driver
+    return result
+
+
+@needs_ray
+def test_worker_killed_mid_job_is_retried(root, serial, cluster, capsys):
+    folder = _batch(root, "killed", GOOD[2:])
+    rc, summary = _run_killing(folder, "c")
     assert rc == 0 and summary["c"]["status"] == "done" and summary["c"]["retries"] == 1
     assert summary["d"]["status"] == "done" and summary["d"]["retries"] == 0
     out = capsys.readouterr()
@@ -169,15 +175,7 @@ def test_video_transformer_jobs_on_ray_equal_serial_and_survive_a_killed_worker(
     assert rc == 0 and all(r["status"] == "done" for r in summary.values())
     reference = {j["name"]: _frames(ref / "out" / j["name"]) for j in FLOW}
     folder = _batch(root, "flow-ray", FLOW)
-    killed = []
-    watcher = threading.Thread(target=_kill_when_started, args=(folder, "wan-fe", killed))
-    watcher.start()
-    try:
-        rc, summary = _run(folder, "--ray", "--ray-workers", "2")
-    finally:
-        killed.append(None)
-        watcher.join()
-    assert killed[0] not in (None, os.getpid())
+    rc, summary = _run_killing(folder, "wan-fe")
     assert rc == 0 and all(r["status"] == "done" for r in summary.values())
     assert summary["wan-fe"]["retries"] == 1 and "job wan-fe: its worker died" in capsys.readouterr().err
     _same_frames(folder, reference, [j["name"] for j in FLOW])
