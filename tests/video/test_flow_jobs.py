@@ -123,3 +123,38 @@ def test_a_clip_longer_than_the_native_length_fails_naming_the_limit(tmp_path):
     assert rc == 1 and r["status"] == "failed"
     assert "82 frames" in r["message"] and "at most 81" in r["message"] and "frames: {max: 81}" in r["message"]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_wan22_two_experts_split_the_steps_at_the_boundary():
+    """A Wan 2.2 A14B-shaped pipeline: transformer above boundary_ratio, transformer_2 below; an
+    edit with merging runs both experts and leaves neither patched."""
+    import torch
+    from diffusers import WanPipeline
+
+    from tomesd_ext.models.video_pipeline import build_video_pipeline
+    from tomesd_ext.video.flow_editor import FlowEditSettings, FlowVideoEditor
+
+    base = build_video_pipeline("wan-tiny")
+    second = build_video_pipeline("wan-tiny", seed=9).transformer
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                       transformer=base.transformer, transformer_2=second, boundary_ratio=0.8)
+    pipe.text_tokens = base.text_tokens
+    editor = FlowVideoEditor(pipe)
+    assert editor._model(0.9) is base.transformer and editor._model(0.8) is base.transformer
+    assert editor._model(0.79) is second
+    x = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    emb = editor.embed("a cat", "")
+    before = [editor.velocity(emb, 5.0, 16)(x, s) for s in (0.9, 0.5)]
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, o, name=name: seen.append(name))
+             for name, m in (("high", base.transformer), ("low", second))]
+    try:
+        frames = moving_shapes(5, 32)
+        out = editor.edit(frames, "", "a cat", FlowEditSettings(steps=4, strength=1.0, tome={"min_tokens": 0}))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(out) == 5 and out[0].shape == (32, 32, 3)
+    assert seen.count("high") == 2 and seen.count("low") == 2  # sigmas 1, 0.9 | 0.75, 0.5 (shift 3)
+    after = [editor.velocity(emb, 5.0, 16)(x, s) for s in (0.9, 0.5)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # both experts unpatched again

@@ -123,8 +123,9 @@ class FlowVideoEditor:
         self.device, self.dtype = model.device, model.dtype
         self.text_tokens = getattr(pipe, "text_tokens", None) or FAMILIES[self.family]["text_tokens"]
         if self.family == "wan":
-            self.spatial = 2 ** len(self.vae.config.temperal_downsample) * (self.vae.config.patch_size or 1)
-            self.temporal = 2 ** sum(self.vae.config.temperal_downsample)
+            c = self.vae.config  # Wan 2.1: 8x / 4x; Wan 2.2 TI2V-5B's VAE: 16x / 4x
+            self.spatial = c.get("scale_factor_spatial") or 2 ** len(c.temperal_downsample) * (c.get("patch_size") or 1)
+            self.temporal = c.get("scale_factor_temporal") or 2 ** sum(c.temperal_downsample)
             self.multiple = self.spatial * model.config.patch_size[1]
         else:
             self.spatial, self.temporal = self.vae.spatial_compression_ratio, self.vae.temporal_compression_ratio
