@@ -49,10 +49,10 @@ class FlowEditSettings:
     family's default); source_guidance: the source prompt's (flowedit)."""
 
     mode: str = "sdedit"
-    steps: int = 10
+    steps: int = 8
     guidance: Optional[float] = None
     source_guidance: float = 1.5
-    strength: float = 0.6
+    strength: float = 0.8
     n_max: Optional[int] = None  # None: round(0.66 * steps)
     n_min: int = 0
     n_avg: int = 1
