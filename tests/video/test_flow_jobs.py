@@ -158,3 +158,15 @@ def test_wan22_two_experts_split_the_steps_at_the_boundary():
     assert seen.count("high") == 2 and seen.count("low") == 2  # sigmas 1, 0.9 | 0.75, 0.5 (shift 3)
     after = [editor.velocity(emb, 5.0, 16)(x, s) for s in (0.9, 0.5)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # both experts unpatched again
+
+
+def test_a_video_transformer_single_file_is_refused_with_a_hint(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from tomesd_ext.video.models import load_pipeline
+
+    path = tmp_path / "wan.safetensors"  # a Wan transformer's original key layout
+    save_file({"blocks.0.self_attn.q.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ValueError, match="not a Stable Diffusion single-file checkpoint.*diffusers folder"):
+        load_pipeline(str(path))

@@ -95,7 +95,11 @@ def load_pipeline(model: str, seed: int = 0, dtype=None, sharpen: float = 0.0):
         else:
             from ..models.single_file import load_single_file
 
-            pipe = load_single_file(str(p), dtype)
+            try:
+                pipe = load_single_file(str(p), dtype)
+            except ValueError as e:  # e.g. a Wan / LTX-Video transformer file
+                raise ValueError(f"{e}; single files are read as SD 1.x/2.x checkpoints: give a Wan or LTX-Video "
+                                 "model as a diffusers folder (with model_index.json)") from e
             if not isinstance(pipe, StableDiffusionPipeline):
                 raise ValueError(f"model {model!r} is an SDXL checkpoint; video editing supports SD1.x/2.x")
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
