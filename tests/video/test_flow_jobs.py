@@ -170,3 +170,17 @@ def test_a_video_transformer_single_file_is_refused_with_a_hint(tmp_path):
     save_file({"blocks.0.self_attn.q.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(ValueError, match="not a Stable Diffusion single-file checkpoint.*diffusers folder"):
         load_pipeline(str(path))
+
+
+def test_a_local_wan_diffusers_folder_is_a_video_transformer_model(tmp_path):
+    from tomesd_ext.models.video_pipeline import build_video_pipeline
+    from tomesd_ext.video.models import backend_of
+
+    build_video_pipeline("wan-tiny").save_pretrained(str(tmp_path / "wan"))
+    assert backend_of(str(tmp_path / "wan")) == "flow" and backend_of("tiny") == "sd"
+    write_mp4(moving_shapes(3, 32), tmp_path / "clip.mp4", 8)
+    f = tmp_path / "jobs.yaml"
+    f.write_text(yaml.safe_dump({"jobs": [{**BASE, "model": str(tmp_path / "wan"), "steps": 2, "mode": "flowedit", "n_max": 1}]}))
+    rc = cli.main(["edit-video", str(f), "--no-progress", "--json", str(tmp_path / "s.json")])
+    (r,) = json.loads((tmp_path / "s.json").read_text())
+    assert rc == 0 and r["status"] == "done" and r["frames"] == 3 and "flowedit: no inversion cache needed" in r["message"]
