@@ -131,18 +131,24 @@ def _kill_when_started(folder, job, killed):
         time.sleep(0.01)
 
 
-@needs_ray
-def test_worker_killed_mid_job_is_retried(root, serial, cluster, capsys):
-    folder = _batch(root, "killed", GOOD[2:])
+def _run_killing(folder, job):
+    """_run on Ray (2 workers) while the worker that starts `job` is SIGKILLed; checks one was."""
     killed = []
-    watcher = threading.Thread(target=_kill_when_started, args=(folder, "c", killed))
+    watcher = threading.Thread(target=_kill_when_started, args=(folder, job, killed))
     watcher.start()
     try:
-        rc, summary = _run(folder, "--ray", "--ray-workers", "2")
+        result = _run(folder, "--ray", "--ray-workers", "2")
     finally:
         killed.append(None)  # stops the watcher if it found nothing
         watcher.join()
     assert killed[0] not in (None, os.getpid())  # a worker process died, not this driver
+    return result
+
+
+@needs_ray
+def test_worker_killed_mid_job_is_retried(root, serial, cluster, capsys):
+    folder = _batch(root, "killed", GOOD[2:])
+    rc, summary = _run_killing(folder, "c")
     assert rc == 0 and summary["c"]["status"] == "done" and summary["c"]["retries"] == 1
     assert summary["d"]["status"] == "done" and summary["d"]["retries"] == 0
     out = capsys.readouterr()
@@ -150,6 +156,29 @@ def test_worker_killed_mid_job_is_retried(root, serial, cluster, capsys):
     assert "retries" in header  # the table gains a retries column
     assert "job c: its worker died" in out.err and "retry 1 of 2" in out.err
     _same_frames(folder, serial, "cd")
+    assert _leftovers(folder) == []
+
+
+FLOW = [  # video transformers (tests/video/test_flow_jobs.py): sdedit merged, flowedit, LTX sdedit
+    {"name": "wan-sde", "model": "wan-tiny", "input": "../clip.mp4", "output": "out/wan-sde", "edit_prompt": "a cat",
+     "strength": 0.6, "tome": {"min_tokens": 0}},
+    {"name": "wan-fe", "model": "wan-tiny", "mode": "flowedit", "input": "../clip.mp4", "output": "out/wan-fe",
+     "edit_prompt": "a dog", "n_max": 2},
+    {"name": "ltx-sde", "model": "ltx-tiny", "input": "../frames", "output": "out/ltx-sde", "edit_prompt": "a fox"},
+]
+
+
+@needs_ray
+def test_video_transformer_jobs_on_ray_equal_serial_and_survive_a_killed_worker(root, cluster, capsys):
+    ref = _batch(root, "flow-serial", FLOW)
+    rc, summary = _run(ref)
+    assert rc == 0 and all(r["status"] == "done" for r in summary.values())
+    reference = {j["name"]: _frames(ref / "out" / j["name"]) for j in FLOW}
+    folder = _batch(root, "flow-ray", FLOW)
+    rc, summary = _run_killing(folder, "wan-fe")
+    assert rc == 0 and all(r["status"] == "done" for r in summary.values())
+    assert summary["wan-fe"]["retries"] == 1 and "job wan-fe: its worker died" in capsys.readouterr().err
+    _same_frames(folder, reference, [j["name"] for j in FLOW])
     assert _leftovers(folder) == []
 
 

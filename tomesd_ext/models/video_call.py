@@ -26,19 +26,22 @@ LTX_FRAME_RATE = 25  # the LTX pipeline's default frame_rate
 
 
 def video_call(model, family: str, latents: torch.Tensor, timestep, text: torch.Tensor,
-               pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+               pooled: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+               frame_rate: float = LTX_FRAME_RATE) -> torch.Tensor:
     """One forward of video transformer ``model`` of ``family`` on latents (B, C, F, h, w) at
-    ``timestep`` (float in [0, 1000]); text (B, L, D), pooled (B, P) for HunyuanVideo.
-    Returns (B, C, F, h, w)."""
+    ``timestep`` (float in [0, 1000]); text (B, L, D), pooled (B, P) for HunyuanVideo, mask
+    (B, L) of the text's real tokens (LTX-Video, HunyuanVideo; default all ones), frame_rate of
+    LTX-Video's rotary scale. Returns (B, C, F, h, w)."""
     if latents.ndim != 5:
         raise ValueError(f"{family} takes video latents (B, C, F, h, w), got shape {tuple(latents.shape)}")
     b, c, f, h, w = latents.shape
-    if c != VIDEO_CHANNELS[family]:
-        raise ValueError(f"{family} takes {VIDEO_CHANNELS[family]} latent channels, got {c}")
+    channels = getattr(getattr(model, "config", None), "in_channels", None) or VIDEO_CHANNELS[family]
+    if c != channels:  # Wan 2.2 TI2V-5B: 48
+        raise ValueError(f"{family} takes {channels} latent channels, got {c}")
     dev, dt = latents.device, latents.dtype
     t = torch.full((b,), float(timestep), device=dev, dtype=dt)
     text = text.to(dev, dt)
-    mask = torch.ones(text.shape[:2], device=dev, dtype=dt)
+    mask = torch.ones(text.shape[:2], device=dev, dtype=dt) if mask is None else mask.to(dev, dt)
     if family == "wan":
         return model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
     if family == "hunyuan-video":
@@ -47,7 +50,7 @@ def video_call(model, family: str, latents: torch.Tensor, timestep, text: torch.
                      pooled_projections=pooled.to(dev, dt), guidance=guidance, return_dict=False)[0]
     if family == "ltx-video":
         tokens = latents.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
-        scale = (LTX_VAE["temporal"] / LTX_FRAME_RATE, LTX_VAE["spatial"], LTX_VAE["spatial"])
+        scale = (LTX_VAE["temporal"] / frame_rate, LTX_VAE["spatial"], LTX_VAE["spatial"])
         out = model(hidden_states=tokens, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask,
                     num_frames=f, height=h, width=w, rope_interpolation_scale=scale, return_dict=False)[0]
         return out.reshape(b, f, h, w, c).permute(0, 4, 1, 2, 3)

@@ -12,6 +12,8 @@ from torch import nn
 
 _AFFINE = (nn.Linear, nn.modules.conv._ConvNd)
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm, DiffusersRMSNorm)
+# Norms of the video VAEs and T5 text encoders, by class name (weight / gamma 1, bias 0).
+_NORM_NAMES = ("WanRMS_norm", "T5LayerNorm", "UMT5LayerNorm")
 # Free parameters of transformer modules, by name: N(0, 1) / sqrt(last dim), as their own init
 # draws them (PixArt's adaLN-single shift/scale table) or a learned token (Z-Image's pad tokens).
 _FREE = ("scale_shift_table", "x_pad_token", "cap_pad_token", "siglip_pad_token")
@@ -21,7 +23,7 @@ def fill_random_weights(model, seed):
     """Fill every parameter of ``model`` in place from a generator seeded with ``seed``.
 
     The distributions are PyTorch's defaults: Linear/Conv weight and bias ~ U(-b, b) with
-    b = 1/sqrt(fan_in); norms (incl. RMSNorm) weight 1, bias 0; Embedding ~ N(0, 1); the free
+    b = 1/sqrt(fan_in); norms (incl. RMSNorm, the video VAEs' and T5's) weight 1, bias 0; Embedding ~ N(0, 1); the free
     tables/tokens of ``_FREE`` ~ N(0, 1) / sqrt(last dim). Same seed, same
     architecture -> identical weights. Raises TypeError on a module type it does not know.
     """
@@ -35,9 +37,9 @@ def fill_random_weights(model, seed):
                 bound = module.weight[0].numel() ** -0.5
                 for p in params.values():
                     p.uniform_(-bound, bound, generator=gen)
-            elif isinstance(module, _NORMS):
+            elif isinstance(module, _NORMS) or type(module).__name__ in _NORM_NAMES:
                 for key, p in params.items():
-                    p.fill_(1.0 if key == "weight" else 0.0)
+                    p.fill_(1.0 if key in ("weight", "gamma") else 0.0)
             elif isinstance(module, nn.Embedding):
                 module.weight.normal_(generator=gen)
             elif set(params) <= set(_FREE):

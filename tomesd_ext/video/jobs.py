@@ -24,8 +24,9 @@ from typing import Any, Dict, List, Optional
 
 from ..core.options import OptionError, check_int
 from .editor import EditSettings, VideoEditor
+from .flow_editor import DEFAULT_TOME, FlowEditSettings, FlowVideoEditor
 from .io import fit_size, read_frames, write_frames, write_mp4
-from .models import model_id, resolve_sharpen
+from .models import backend_of, model_id, resolve_sharpen
 from .warp import warp_error
 
 REQUIRED = ("input", "output", "edit_prompt")
@@ -35,15 +36,20 @@ FIELDS = {
     "output": "output folder (gets output.mp4, frames/, job.json)",
     "source_prompt": "prompt describing the input (needed by mode invert)",
     "edit_prompt": "prompt of the edit",
-    "mode": "invert (DDIM inversion) or sdedit (partial strength)",
+    "mode": "SD models: invert (DDIM inversion) or sdedit (partial strength); video transformers: sdedit or flowedit",
     "strength": "sdedit strength in (0, 1]",
+    "n_max": "flowedit: steps edited (the last n_max of `steps`; default round(0.66 * steps))",
+    "n_min": "flowedit: last steps run as plain sampling with the edit prompt (default 0)",
+    "n_avg": "flowedit: noise draws averaged per step (default 1)",
+    "source_guidance": "flowedit: CFG scale of the source prompt (default 1.5)",
+    "tome": "video transformers: false (unmerged) or apply_tome options {ratio, dit_mode, st, frame_reach, keep_first_frame, min_tokens, skip_ends, seed}",
     "frames": "{start, end, stride, max}",
-    "size": "short side (int) or [width, height]; rounded to a multiple of 8",
+    "size": "short side (int) or [width, height]; rounded to a multiple of 8 (video transformers: of 2)",
     "steps": "DDIM steps",
-    "guidance": "CFG scale",
+    "guidance": "CFG scale (of the edit prompt; default 7.5, Wan 5.0, LTX-Video 3.0)",
     "negative_prompt": "negative prompt",
     "seed": "seed of merging and noise",
-    "model": "built-in name (tiny, sd15, sd21) or local checkpoint path",
+    "model": "built-in name (tiny, sd15, sd21; wan-tiny, ltx-tiny, wan-1.3b-depth4) or local checkpoint / diffusers folder",
     "sharpen": "self-attention sharpening of the model: auto (2.0 for built-in random weights, off for checkpoints) or a scale (0 = off)",
     "control": "none or canny",
     "controlnet": "local ControlNet folder (default: built-in random one for built-in models)",
@@ -65,7 +71,7 @@ class Job:
     index: int
     name: str
     spec: Dict[str, Any]
-    settings: EditSettings
+    settings: Any  # EditSettings (SD models) or FlowEditSettings (video transformers)
     output: Path
 
 
@@ -172,6 +178,68 @@ def _check_replaceable(out: Path, name: str, label: str) -> None:
         )
 
 
+FLOW_ONLY = ("tome", "n_max", "n_min", "n_avg", "source_guidance")
+SD_ONLY = ("vidtome", "control", "controlnet", "control_scale", "chunk_size")
+
+
+def _sd_settings(raw: dict, mode: str, negative) -> EditSettings:
+    """EditSettings of a job on a Stable Diffusion model (OptionError naming the field)."""
+    given = [k for k in FLOW_ONLY if raw.get(k) is not None]
+    if given:
+        raise OptionError(f"field(s) {given} apply to video-transformer models (wan-tiny, a Wan / LTX-Video folder); "
+                          f"model {raw.get('model', 'tiny')!r} is a Stable Diffusion model (it merges with `vidtome`)")
+    vt = raw.get("vidtome", {})
+    if vt is True or vt is None:
+        vt = {}
+    if vt is False:
+        vt = None
+    if vt is not None and not isinstance(vt, dict):
+        raise OptionError(f"vidtome must be false or a mapping of options, got {vt!r}")
+    if vt and "chunk_size" in vt:
+        raise OptionError("set chunk_size on the job, not inside vidtome")
+    control = raw.get("control")
+    control = None if control in (None, False, "none") else control
+    return EditSettings(
+        mode=mode,
+        steps=raw.get("steps", 8),
+        guidance=raw.get("guidance", 7.5),
+        strength=raw.get("strength", 0.8),
+        seed=raw.get("seed", 0),
+        negative_prompt="" if negative is None else negative,  # `negative_prompt:` left empty = ""
+        chunk_size=raw.get("chunk_size", 4),
+        vidtome=vt,
+        control=control,
+        control_scale=raw.get("control_scale", 1.0),
+    ).check()
+
+
+def _flow_settings(raw: dict, mode: str, negative) -> FlowEditSettings:
+    """FlowEditSettings of a job on a video transformer (OptionError naming the field). The SD
+    fields are refused unless they say "off" (vidtome: false, control: none), so a `defaults:`
+    block can serve a mixed batch."""
+    given = [k for k in SD_ONLY if raw.get(k) not in (None, False, "none") and not (k == "control_scale" and raw[k] == 1.0)]
+    if given:
+        raise OptionError(f"field(s) {given} apply to Stable Diffusion models; model {raw.get('model')!r} is a video "
+                          "transformer (it merges with `tome`, edits the whole clip in one call, has no ControlNet)")
+    tome = raw.get("tome", True)
+    tome = dict(DEFAULT_TOME) if tome is True or tome is None else (None if tome is False else tome)
+    if isinstance(tome, dict):
+        tome = {**DEFAULT_TOME, **tome}
+    return FlowEditSettings(
+        mode=mode,
+        steps=raw.get("steps", 8),
+        guidance=raw.get("guidance"),
+        source_guidance=raw.get("source_guidance", 1.5),
+        strength=raw.get("strength", 0.8),
+        n_max=raw.get("n_max"),
+        n_min=raw.get("n_min", 0),
+        n_avg=raw.get("n_avg", 1),
+        seed=raw.get("seed", 0),
+        negative_prompt="" if negative is None else negative,
+        tome=tome,
+    ).check()
+
+
 def parse_job(index: int, raw, base: Path, jobs_file: Optional[Path] = None) -> Job:
     """Validate one job mapping; raises JobError naming the job and the problem."""
     label = f"job {index + 1}"
@@ -182,38 +250,17 @@ def parse_job(index: int, raw, base: Path, jobs_file: Optional[Path] = None) -> 
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise JobError(f"{label}: unknown field(s) {unknown}; allowed: {', '.join(FIELDS)}")
+    flow = backend_of(str(raw.get("model", "tiny"))) == "flow"
     missing = [k for k in REQUIRED if not raw.get(k)]
-    mode = raw.get("mode", "invert")
-    if mode == "invert" and not raw.get("source_prompt"):
+    mode = raw.get("mode", "sdedit" if flow else "invert")
+    if mode in ("invert", "flowedit") and not raw.get("source_prompt"):
         missing.append("source_prompt")
     if missing:
         raise JobError(f"{label}: missing required field(s) {missing}")
-    vt = raw.get("vidtome", {})
-    if vt is True or vt is None:
-        vt = {}
-    if vt is False:
-        vt = None
-    if vt is not None and not isinstance(vt, dict):
-        raise JobError(f"{label}: vidtome must be false or a mapping of options, got {vt!r}")
-    if vt and "chunk_size" in vt:
-        raise JobError(f"{label}: set chunk_size on the job, not inside vidtome")
-    control = raw.get("control")
-    control = None if control in (None, False, "none") else control
     negative = raw.get("negative_prompt", "ugly, blurry, low res")
     try:
         _check_fields(raw)
-        s = EditSettings(
-            mode=mode,
-            steps=raw.get("steps", 8),
-            guidance=raw.get("guidance", 7.5),
-            strength=raw.get("strength", 0.8),
-            seed=raw.get("seed", 0),
-            negative_prompt="" if negative is None else negative,  # `negative_prompt:` left empty = ""
-            chunk_size=raw.get("chunk_size", 4),
-            vidtome=vt,
-            control=control,
-            control_scale=raw.get("control_scale", 1.0),
-        ).check()
+        s = _flow_settings(raw, mode, negative) if flow else _sd_settings(raw, mode, negative)
     except (OptionError, TypeError) as e:
         raise JobError(f"{label}: {e}") from e
     try:
@@ -398,32 +445,47 @@ def run_job(job: Job, pipes: PipelineCache, progress_factory=None) -> JobResult:
         tmp = _prepare_output(job.output)
         sel = job.spec.get("frames") or {}
         clip = read_frames(job.spec["input"], sel.get("start", 0), sel.get("end"), sel.get("stride", 1), sel.get("max"))
-        frames, note = fit_size(clip.frames, job.spec.get("size"))
+        flow = isinstance(job.settings, FlowEditSettings)  # runs at its own multiple, resized back: keep the size
+        frames, note = fit_size(clip.frames, job.spec.get("size"), multiple=2 if flow else 8)
         res.frames, res.size = len(frames), f"{frames[0].shape[1]}x{frames[0].shape[0]}"
         model = str(job.spec.get("model", "tiny"))
         sharpen = job.spec.get("sharpen", 0.0)
-        pipe, cn = pipes.get(model, job.spec.get("controlnet"), job.settings.control is not None, sharpen)
-        cache_dir = job.spec.get("cache_dir", DEFAULT_CACHE)
-        editor = VideoEditor(pipe, cn, cache_dir=cache_dir, model_id=model_id(model, sharpen))
-        key = json.dumps([_input_identity(job.spec["input"]), sel, res.size, len(frames)])
+        pipe, cn = pipes.get(model, job.spec.get("controlnet"), getattr(job.settings, "control", None) is not None, sharpen)
         s = job.settings
-        total = s.steps + (s.steps if s.mode == "invert" else 0)
-        bar = progress_factory(total, job.name) if progress_factory else None
-        try:
-            out = editor.edit(
-                frames, job.spec.get("source_prompt", ""), job.spec["edit_prompt"], s, cache_key=key,
-                progress=bar.update if bar is not None else None, timings=res.timings,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
-        res.warp_error = warp_error(out, frames)
         fps = float(job.spec.get("fps") or clip.fps)
+        notes = [note]
+        if flow:
+            editor = FlowVideoEditor(pipe)
+            bar = progress_factory(editor.steps_of(s), job.name) if progress_factory else None
+            try:
+                out = editor.edit(frames, job.spec.get("source_prompt", ""), job.spec["edit_prompt"], s, fps=fps,
+                                  progress=bar.update if bar is not None else None, timings=res.timings)
+            finally:
+                if bar is not None:
+                    bar.close()
+            merged = "merged" if editor.last_merged else "not merged" + (" (under min_tokens)" if s.tome is not None else "")
+            notes.append(f"{s.mode}: no inversion cache needed; {merged}")
+        else:
+            cache_dir = job.spec.get("cache_dir", DEFAULT_CACHE)
+            editor = VideoEditor(pipe, cn, cache_dir=cache_dir, model_id=model_id(model, sharpen))
+            key = json.dumps([_input_identity(job.spec["input"]), sel, res.size, len(frames)])
+            total = s.steps + (s.steps if s.mode == "invert" else 0)
+            bar = progress_factory(total, job.name) if progress_factory else None
+            try:
+                out = editor.edit(
+                    frames, job.spec.get("source_prompt", ""), job.spec["edit_prompt"], s, cache_key=key,
+                    progress=bar.update if bar is not None else None, timings=res.timings,
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
+            notes.append("inversion from cache" if editor.last_cache_hit else "")
+        res.warp_error = warp_error(out, frames)
         write_mp4(out, tmp / "output.mp4", fps)
         write_frames(out, tmp / "frames")
         res.seconds = time.perf_counter() - t0
         res.status = "done"
-        res.message = "; ".join(x for x in (note, "inversion from cache" if editor.last_cache_hit else "") if x)
+        res.message = "; ".join(x for x in notes if x)
         meta = {
             "name": job.name, "spec": job.spec, "frames": res.frames, "size": res.size, "fps": fps,
             "warp_error": res.warp_error, "seconds": res.seconds, "timings": res.timings, "note": note,

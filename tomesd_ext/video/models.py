@@ -1,8 +1,12 @@
 """Loading the diffusion pipeline and ControlNet of a video job.
 
-model: a built-in random-weight name ("tiny", "sd15", "sd21"; tomesd_ext.models) or a path to a
-local diffusers folder / single-file checkpoint (.safetensors, .ckpt). ControlNet: a local
-ControlNetModel folder, or for built-in models a random-weight one shaped like the UNet.
+model: a built-in random-weight name ("tiny", "sd15", "sd21"; tomesd_ext.models; the video
+transformers "wan-tiny", "ltx-tiny", "wan-1.3b-depth4": models.video_pipeline) or a path to a
+local diffusers folder (Stable Diffusion 1.x/2.x, or a Wan 2.1 / 2.2 or LTX-Video pipeline, told
+apart by its model_index.json) / SD single-file checkpoint (.safetensors, .ckpt). The backend of
+a model ("sd": VidToMe editing with DDIM; "flow": the flow methods of video.flow_editor) is
+known before anything loads (``backend_of``). ControlNet: a local ControlNetModel folder, or for
+built-in SD models a random-weight one shaped like the UNet.
 
 sharpen: random weights give almost uniform self-attention (normalised entropy ~0.99,
 docs/video.md "Random weights"), so which tokens attention sees barely matters and token merging
@@ -18,6 +22,29 @@ from typing import Optional
 
 
 DEFAULT_SHARPEN = 2.0
+# model_index.json class names of the video-transformer pipelines edit-video loads
+FLOW_PIPELINES = ("WanPipeline", "WanVideoToVideoPipeline", "LTXPipeline", "LTXVideoToVideoPipeline",
+                  "LTXConditionPipeline")
+
+
+def _pipeline_class(path: Path) -> Optional[str]:
+    """The _class_name of a diffusers folder's model_index.json, or None."""
+    import json
+
+    try:
+        return json.loads((path / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def backend_of(model: str) -> str:
+    """"flow" for a built-in video transformer or a local Wan / LTX-Video diffusers folder, else "sd"."""
+    from ..models.video_pipeline import VIDEO_PIPELINE_NAMES
+
+    p = Path(str(model)).expanduser()
+    if not p.exists():
+        return "flow" if model in VIDEO_PIPELINE_NAMES else "sd"
+    return "flow" if p.is_dir() and _pipeline_class(p) in FLOW_PIPELINES else "sd"
 
 
 def is_builtin(model: str) -> bool:
@@ -27,11 +54,13 @@ def is_builtin(model: str) -> bool:
 
 def resolve_sharpen(model: str, sharpen="auto") -> float:
     """The self-attention sharpening scale to apply: "auto"/None -> DEFAULT_SHARPEN for built-in
-    random-weight models and 0 (off) for local checkpoints; a number >= 0 as given (0 = off)."""
+    random-weight SD models and 0 (off) for local checkpoints and video transformers; a number
+    >= 0 as given (0 = off; SD models only)."""
     from ..core.options import OptionError
 
+    flow = backend_of(model) == "flow"
     if sharpen is None or sharpen == "auto":
-        return DEFAULT_SHARPEN if is_builtin(model) else 0.0
+        return DEFAULT_SHARPEN if is_builtin(model) and not flow else 0.0
     if isinstance(sharpen, str):
         try:
             sharpen = float(sharpen)
@@ -39,6 +68,8 @@ def resolve_sharpen(model: str, sharpen="auto") -> float:
             sharpen = None
     if isinstance(sharpen, bool) or not isinstance(sharpen, (int, float)) or not 0 <= sharpen <= 64:
         raise OptionError(f"sharpen={sharpen!r} is out of range: allowed 'auto' or a number in [0, 64] (0 = off)")
+    if flow and sharpen:
+        raise OptionError(f"sharpen={sharpen!r}: sharpening applies to Stable Diffusion UNets; use 'auto' or 0 with {model!r}")
     return float(sharpen)
 
 
@@ -48,20 +79,27 @@ def model_id(model: str, sharpen: float = 0.0) -> str:
 
 
 def load_pipeline(model: str, seed: int = 0, dtype=None, sharpen: float = 0.0):
-    """A StableDiffusionPipeline with a DDIM scheduler (progress bar off). sharpen > 0 applies
+    """A StableDiffusionPipeline with a DDIM scheduler (progress bar off), or for a video
+    transformer (backend "flow") its WanPipeline / LTXPipeline. sharpen > 0 applies
     `sharpen_self_attention(pipe.unet, sharpen)` (see resolve_sharpen for the "auto" rule)."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     dtype = dtype or torch.float32
     p = Path(model).expanduser()
+    if backend_of(model) == "flow":
+        return _load_flow_pipeline(model, p, seed, dtype)
     if p.exists():
         if p.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
         else:
             from ..models.single_file import load_single_file
 
-            pipe = load_single_file(str(p), dtype)
+            try:
+                pipe = load_single_file(str(p), dtype)
+            except ValueError as e:  # e.g. a Wan / LTX-Video transformer file
+                raise ValueError(f"{e}; single files are read as SD 1.x/2.x checkpoints: give a Wan or LTX-Video "
+                                 "model as a diffusers folder (with model_index.json)") from e
             if not isinstance(pipe, StableDiffusionPipeline):
                 raise ValueError(f"model {model!r} is an SDXL checkpoint; video editing supports SD1.x/2.x")
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -70,13 +108,31 @@ def load_pipeline(model: str, seed: int = 0, dtype=None, sharpen: float = 0.0):
 
         if model not in UNET_NAMES or model.endswith("sdxl"):
             names = [n for n in UNET_NAMES if not n.endswith("sdxl")]
-            raise ValueError(f"model {model!r} is neither a local path nor a built-in SD1.x/2.x model {names}")
+            from ..models.video_pipeline import VIDEO_PIPELINE_NAMES
+
+            raise ValueError(f"model {model!r} is neither a local path nor a built-in model: SD1.x/2.x {names}, "
+                             f"video transformers {list(VIDEO_PIPELINE_NAMES)}")
         pipe = build_pipeline(model, "txt2img", seed=seed, dtype=dtype, scheduler="ddim")
     pipe.set_progress_bar_config(disable=True)
     if sharpen:
         from ..models import sharpen_self_attention
 
         sharpen_self_attention(pipe.unet, sharpen)
+    return pipe
+
+
+def _load_flow_pipeline(model: str, p: Path, seed: int, dtype):
+    if not p.exists():
+        from ..models.video_pipeline import build_video_pipeline
+
+        return build_video_pipeline(model, seed=seed, dtype=dtype)
+    import diffusers
+
+    from .flow_editor import family_of
+
+    pipe = getattr(diffusers, _pipeline_class(p)).from_pretrained(str(p), torch_dtype=dtype)
+    family_of(pipe)  # a Wan / LTX-Video transformer, else a clear error
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
