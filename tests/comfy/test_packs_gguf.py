@@ -103,11 +103,11 @@ def test_kv_mode_on_gguf_model(qf, family, quant):
     assert torch.isfinite(merged).all() and 1e-4 < _rel(merged, plain) < 0.8
 
 
-@pytest.mark.parametrize("family", SMALL + BIG)
-def test_importance_node_passes_gguf_transformer_through(qf, family, caplog):
-    """The importance node merges UNets (SD 1.5 / SDXL) only: a GGUF transformer passes through
-    unchanged, with one warning that points to the ToMe node."""
-    model = qf.load(family, "gguf-Q4_K")
+@pytest.mark.parametrize("family,loader", CELLS)
+def test_importance_node_passes_transformer_through(qf, family, loader, caplog):
+    """The importance node merges UNets (SD 1.5 / SDXL) only: a transformer passes through
+    unchanged, however it was loaded, with one warning that points to the ToMe node."""
+    model = qf.load(family, loader)
     with caplog.at_level(logging.WARNING, logger="tomesd_ext"):
         assert importance_node(model, ratio=0.5) is model
     warnings = [r.getMessage() for r in caplog.records if r.name == "tomesd_ext"]
