@@ -67,18 +67,24 @@ def _meta_state(module_fn):
         return dict(module_fn().state_dict())
 
 
-def _sd35_state():
+def mmdit_meta(depth: int, qk_norm=None):
+    """{name: meta tensor} of ComfyUI's MMDiT at ``depth`` (ComfyUI reads the width as 64 x depth,
+    depth heads of 64), SD3.5's context (4096) and pooled (2048) widths; qk_norm="rms": SD3.5 Large's
+    per-head query/key norms."""
     import_comfy()
     import comfy.ldm.modules.diffusionmodules.mmdit
     import comfy.ops
 
-    hidden = 64 * SD3_DEPTH
-    mmdit = _meta_state(lambda: comfy.ldm.modules.diffusionmodules.mmdit.MMDiT(
-        input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=SD3_DEPTH, num_patches=SD3_POS_EMBED ** 2,
-        pos_embed_max_size=SD3_POS_EMBED, adm_in_channels=2048, pos_embed_scaling_factor=None,
+    hidden = 64 * depth
+    return _meta_state(lambda: comfy.ldm.modules.diffusionmodules.mmdit.MMDiT(
+        input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=depth, num_patches=SD3_POS_EMBED ** 2,
+        pos_embed_max_size=SD3_POS_EMBED, adm_in_channels=2048, pos_embed_scaling_factor=None, qk_norm=qk_norm,
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": hidden}},
         operations=comfy.ops.disable_weight_init))
-    state = {f"model.diffusion_model.{k}": v for k, v in mmdit.items()}
+
+
+def _sd35_state():
+    state = {f"model.diffusion_model.{k}": v for k, v in mmdit_meta(SD3_DEPTH).items()}
     state.update({f"first_stage_model.{k}": v for k, v in _vae_meta().items()})
     return _random_like(state, seed=0)
 
@@ -121,22 +127,33 @@ def clip_file(which: str) -> str:
     return _write(f"clip_{which}", build)
 
 
+def flux_meta(depth: int = 1, depth_single_blocks: int = 1):
+    """{name: meta tensor} of ComfyUI's Flux.1-dev class at the real width (ComfyUI detects Flux.1
+    only at 3072 = 24 heads x 128) with ``depth`` double and ``depth_single_blocks`` single blocks."""
+    import_comfy()
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    return _meta_state(lambda: comfy.ldm.flux.model.Flux(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+        mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=depth_single_blocks, axes_dim=[16, 56, 56],
+        theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[],
+        operations=comfy.ops.disable_weight_init))
+
+
+def flux_model_file() -> str:
+    """The Flux.1-dev diffusion model of flux_files (1 double + 1 single block, bf16, ~0.5B parameters)."""
+    return _write("flux_1double_1single", lambda: _random_like(flux_meta(), seed=3, dtype=torch.bfloat16))
+
+
 def flux_files() -> list:
     """[(models folder, file name, path)] of the Flux.1-dev workflow's files: a 1 double + 1 single block
     Flux (ComfyUI detects Flux.1 only at width 3072 = 24 heads x 128; bf16, ~0.5B parameters) as
     flux1-dev.safetensors, T5-XXL at its full size in fp8 (ComfyUI keeps a T5 file's dtype;
     4.7B parameters, ~4.8 GB), CLIP-L, and the 16-channel VAE as ae.safetensors."""
     import_comfy()
-    import comfy.ldm.flux.model
     import comfy.ops
     import comfy.text_encoders.t5
-
-    def flux():
-        state = _meta_state(lambda: comfy.ldm.flux.model.Flux(
-            image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
-            mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
-            patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[], operations=comfy.ops.disable_weight_init))
-        return _random_like(state, seed=3, dtype=torch.bfloat16)
 
     def t5xxl():
         with open(os.path.join(os.path.dirname(comfy.text_encoders.t5.__file__), "t5_config_xxl.json")) as f:
@@ -147,7 +164,7 @@ def flux_files() -> list:
         return _random_like(state, seed=4, dtype=torch.float8_e4m3fn, matrices="zeros")
 
     return [
-        ("diffusion_models", "flux1-dev.safetensors", _write("flux_1double_1single", flux)),
+        ("diffusion_models", "flux1-dev.safetensors", flux_model_file()),
         ("text_encoders", "t5xxl_fp16.safetensors", _write("t5xxl_fp8_zeros", t5xxl)),
         ("text_encoders", "clip_l.safetensors", clip_file("l")),
         ("vae", "ae.safetensors", _write("vae16", lambda: _random_like(_vae_meta(), seed=5))),

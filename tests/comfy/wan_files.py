@@ -44,12 +44,14 @@ def _fill(meta: torch.nn.Module, dtype, seed: int) -> dict:
     return out
 
 
-def _wan_model():
+def wan_model(dim=1536, ffn_dim=8960, num_layers=2):
+    """ComfyUI's Wan 2.1 text-to-video model on the meta device (default: the 1.3B model's width with
+    2 blocks; ComfyUI reads the width, depth and feed-forward width from a file, heads = dim / 128)."""
     import comfy.ops
     from comfy.ldm.wan.model import WanModel
 
-    return WanModel(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=2, text_dim=4096,
-                    device="meta", operations=comfy.ops.disable_weight_init)
+    return WanModel(model_type="t2v", dim=dim, ffn_dim=ffn_dim, num_heads=dim // 128, num_layers=num_layers,
+                    text_dim=4096, device="meta", operations=comfy.ops.disable_weight_init)
 
 
 def _umt5(comfy_path):
@@ -77,7 +79,7 @@ def wan_files(cache: str, comfy_path: str) -> dict:
     os.makedirs(cache, exist_ok=True)
     paths = {sub: os.path.join(cache, name) for sub, name in FILES.items()}
     builders = {
-        "diffusion_models": lambda: _fill(_wan_model(), torch.float16, 0),
+        "diffusion_models": lambda: _fill(wan_model(), torch.float16, 0),
         "text_encoders": lambda: _umt5_state(comfy_path),
         "vae": lambda: _fill(_vae(), torch.float16, 2),
     }

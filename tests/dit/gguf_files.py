@@ -35,8 +35,13 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         sc = np.where(d32 > 0, np.rint(scale / d32), 0).clip(0, 63).astype(np.uint8)
         mn = np.where(dmin32 > 0, np.rint(-lo / dmin32), 0).clip(0, 63).astype(np.uint8)
-        step = (d32 * sc)[:, :, None]
-        q = np.where(step > 0, np.rint((sub + (dmin32 * mn)[:, :, None]) / step), 0).clip(0, 15).astype(np.uint8)
+        step = d32 * sc
+        inv = np.where(step > 0, 1.0 / step, 0).astype(np.float32)  # per sub-block: one pass over the values
+    q = sub + (dmin32 * mn)[:, :, None]
+    q *= inv[:, :, None]
+    np.rint(q, out=q)
+    np.clip(q, 0, 15, out=q)
+    q = q.astype(np.uint8)
     scales = np.zeros((sub.shape[0], 12), dtype=np.uint8)
     scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
     scales[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
@@ -47,12 +52,15 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
 
 
 def write_gguf(path: str, tensors: dict, arch: str) -> None:
-    """Write ``{name: (float array, qtype name)}`` as a GGUF file (qtype "Q8_0", "Q4_K", "F16", "F32")."""
+    """Write ``{name: (float array or tensor, qtype name)}`` as a GGUF file (qtype "Q8_0", "Q4_K",
+    "F16", "F32")."""
     import gguf
 
     writer = gguf.GGUFWriter(path, arch=arch)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for name, (x, qtype) in tensors.items():
+        if isinstance(x, torch.Tensor):
+            x = x.float().numpy()
         t = gguf.GGMLQuantizationType[qtype]
         if qtype == "Q4_K":
             data = quantize_q4_k(x)
@@ -78,6 +86,12 @@ def _kind(shape, big: str) -> str:
     if big == "Q4_K" and n % 256 == 0:
         return "Q4_K"
     return "Q8_0" if n % 32 == 0 else "F16"
+
+
+def quantized(state: dict, big: str) -> dict:
+    """``{name: (tensor, qtype)}`` of a float state dict as a GGUF conversion stores it (see _kind),
+    ``big`` ("Q8_0" or "Q4_K") for its large matrices; for write_gguf."""
+    return {name: (t, _kind(tuple(t.shape), big)) for name, t in state.items()}
 
 
 def random_tensors(shapes: dict, seed: int, quant: dict) -> dict:
