@@ -7,7 +7,6 @@ Nothing here imports ComfyUI, so the schema and the option validation are testab
 from __future__ import annotations
 
 from .base import (
-    MODEL_INPUT,
     WINDOW_INPUTS,
     ModelPatchNode,
     SimplePatchNode,
@@ -39,6 +38,12 @@ DIT_INPUTS = {
     "frame_reach": ("INT", {"default": FRAME_REACH_ANY, "min": FRAME_REACH_ANY, "max": OPTIONS["frame_reach"].hi,
                             "tooltip": OPTIONS["frame_reach"].help.replace("None =", "-1 =")}),
 }
+
+
+# the ToMe nodes take transformers too (the shared MODEL_INPUT names the UNets the other nodes take)
+TOME_MODEL_INPUT = ("MODEL", {"tooltip": "The diffusion model to patch: a UNet (SD 1.x, SD 2.x, SDXL) or a "
+                                         "supported transformer (Flux, SD3/SD3.5, Qwen-Image, PixArt, Lumina2, Wan, "
+                                         "HunyuanVideo, LTX-Video)."})
 
 
 def tome_widgets(names=WIDGETS) -> dict:
@@ -82,7 +87,7 @@ class TomesdExtTokenMerging(ModelPatchNode):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": MODEL_INPUT, **tome_widgets(), **WINDOW_INPUTS, **DIT_INPUTS}}
+        return {"required": {"model": TOME_MODEL_INPUT, **tome_widgets(), **WINDOW_INPUTS, **DIT_INPUTS}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2, st=2, frame_reach=FRAME_REACH_ANY):
