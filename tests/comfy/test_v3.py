@@ -1,5 +1,5 @@
 """The V3 layer (nodes/v3.py) in ComfyUI's own comfy_api, in-process: the schemas ComfyUI derives
-equal the node definitions, the entry point lists the three nodes, execution and validation go
+equal the node definitions, the entry point lists the four nodes, execution and validation go
 through the definitions."""
 
 import asyncio
