@@ -6,15 +6,7 @@ Nothing here imports ComfyUI, so the schema and the option validation are testab
 
 from __future__ import annotations
 
-from .base import (
-    WINDOW_INPUTS,
-    ModelPatchNode,
-    SimplePatchNode,
-    combo_value,
-    range_error,
-    widget,
-    window_error,
-)
+from .base import WINDOW_INPUTS, ModelPatchNode, SimplePatchNode, combo_value, range_error, widget, window_error
 from .library import comfy_adapter, core
 
 ToMeOptions = core.ToMeOptions
