@@ -49,6 +49,14 @@ COMFYUI_OLD_PYLIB ?= $(if $(COMFYUI_OLD_PATH),$(abspath $(COMFYUI_OLD_PATH)/..)/
 COMFYUI_PACK_SNAPSHOTS ?= $(sort $(wildcard ../shared/vendor/custom_nodes/*.tar.gz))
 COMFYUI_PACKS_DIR ?= $(abspath $(COMFYUI_CACHE)/packs)
 
+# The newest comfyui-frontend-package (the ComfyUI web app) that the browser test also runs
+# against, besides the one the main ComfyUI pins (its requirements.txt): installed once, without
+# dependencies, into COMFYUI_NEWER_FRONTEND_DIR in COMFYUI_CACHE and served with ComfyUI's
+# --front-end-root. Pinned, so every run tests the same app; raise the pin to test a newer one.
+COMFYUI_NEWER_FRONTEND_VERSION ?= 1.58.1
+COMFYUI_NEWER_FRONTEND_DIR ?= $(abspath $(COMFYUI_CACHE))/comfyui-frontend-package-$(COMFYUI_NEWER_FRONTEND_VERSION)
+COMFYUI_NEWER_FRONTEND ?= $(COMFYUI_NEWER_FRONTEND_DIR)/comfyui_frontend_package/static
+
 comfyui: setup
 ifneq ($(COMFYUI_PACK_SNAPSHOTS),)
 	bash scripts/comfyui_packs_for_tests.sh "$(COMFYUI_PACKS_DIR)" $(COMFYUI_PACK_SNAPSHOTS)
@@ -58,6 +66,7 @@ else ifneq ($(IN_CI),)
 endif
 ifneq ($(COMFYUI_PATH),)
 	bash scripts/comfyui_for_tests.sh $(PY) "$(COMFYUI_PATH)" "$(COMFYUI_UNPACK)"
+	bash scripts/comfyui_for_tests.sh --frontend $(PY) $(COMFYUI_NEWER_FRONTEND_VERSION) "$(COMFYUI_NEWER_FRONTEND_DIR)"
 else ifneq ($(IN_CI),)
 	@echo "error: CI needs ComfyUI for tests/comfy: no COMFYUI_PATH and no snapshot (COMFYUI_SNAPSHOT, default ../shared/vendor/ComfyUI-*.tar.gz)" >&2
 	@exit 1
@@ -76,7 +85,7 @@ endif
 test: setup comfyui
 	COMFYUI_PATH="$(COMFYUI_PATH)" COMFYUI_OLD_PATH="$(COMFYUI_OLD_PATH)" COMFYUI_OLD_PYLIB="$(COMFYUI_OLD_PYLIB)" \
 		COMFYUI_PACKS_DIR="$(if $(COMFYUI_PACK_SNAPSHOTS),$(COMFYUI_PACKS_DIR))" \
-		$(PY) -m pytest -q
+		COMFYUI_NEWER_FRONTEND="$(COMFYUI_NEWER_FRONTEND)" $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info

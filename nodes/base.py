@@ -100,3 +100,50 @@ class ModelPatchNode:
         if reason:
             log.warning(reason)
         return (patched,)
+
+
+class SimplePatchNode(ModelPatchNode):
+    """The simple form of a node beside its full ("advanced") one, as ComfyUI's KSampler stands
+    beside KSamplerAdvanced: the inputs of ``ADVANCED`` whose option the core table marks
+    ``simple``, and the sampling window, in the advanced node's order; every other input runs at
+    the advanced node's default (from the same table). Options, validation of the options and
+    the patch are the advanced node's, so both nodes merge alike at the same values.
+
+    A subclass sets ``ADVANCED`` (the full definition) and ``TABLE`` (its core option table).
+    """
+
+    ADVANCED = None
+    TABLE = None
+
+    @classmethod
+    def shown(cls):
+        """The names of the inputs this node shows (model first)."""
+        full = cls.ADVANCED.INPUT_TYPES()["required"]
+        return [name for name in full
+                if name == "model" or name in WINDOW_INPUTS or (name in cls.TABLE and cls.TABLE[name].simple)]
+
+    @classmethod
+    def hidden_defaults(cls):
+        """The advanced node's default widget values of the inputs this node does not show."""
+        full, shown = cls.ADVANCED.INPUT_TYPES()["required"], set(cls.shown())
+        return {name: spec[1]["default"] for name, spec in full.items() if name not in shown}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        full = cls.ADVANCED.INPUT_TYPES()["required"]
+        return {"required": {name: full[name] for name in cls.shown()}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
+        # named inputs only (no **kwargs): ComfyUI range-checks every other input itself
+        error = range_error(cls, start_percent=start_percent, end_percent=end_percent)
+        return error or window_error(start_percent, end_percent) or True
+
+    @classmethod
+    def options(cls, **widgets):
+        """The advanced node's options at its defaults, with the shown inputs' values."""
+        return cls.ADVANCED.options(**{**cls.hidden_defaults(), **widgets})
+
+    @classmethod
+    def apply(cls, model, opts, start_percent, end_percent):
+        return cls.ADVANCED.apply(model, opts, start_percent, end_percent)

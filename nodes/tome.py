@@ -6,7 +6,7 @@ Nothing here imports ComfyUI, so the schema and the option validation are testab
 
 from __future__ import annotations
 
-from .base import MODEL_INPUT, WINDOW_INPUTS, ModelPatchNode, combo_value, range_error, widget, window_error
+from .base import WINDOW_INPUTS, ModelPatchNode, SimplePatchNode, combo_value, range_error, widget, window_error
 from .library import comfy_adapter, core
 
 ToMeOptions = core.ToMeOptions
@@ -32,6 +32,12 @@ DIT_INPUTS = {
 }
 
 
+# the ToMe nodes take transformers too (the shared MODEL_INPUT names the UNets the other nodes take)
+TOME_MODEL_INPUT = ("MODEL", {"tooltip": "The diffusion model to patch: a UNet (SD 1.x, SD 2.x, SDXL) or a "
+                                         "supported transformer (Flux, SD3/SD3.5, Qwen-Image, PixArt, Lumina2, Wan, "
+                                         "HunyuanVideo, LTX-Video)."})
+
+
 def tome_widgets(names=WIDGETS) -> dict:
     """The widget inputs of the named ToMe options, in order (min_tokens shows its default)."""
     return {
@@ -52,7 +58,9 @@ def window_inputs_error(cls, start_percent, end_percent, sx, sy):
 
 
 class TomesdExtTokenMerging(ModelPatchNode):
-    """Token Merging for Stable Diffusion (Bolya & Hoffman 2023) with Q, K and V merged."""
+    """Token Merging for Stable Diffusion (Bolya & Hoffman 2023) with Q, K and V merged: the full
+    node, every option of the table that applies in ComfyUI (shown as "Token Merging (ToMe,
+    Advanced)"; its id predates the simple node and stays, so saved workflows keep loading)."""
 
     DESCRIPTION = (
         "Token Merging (ToMe) for UNet models (SD 1.x, SD 2.x, SDXL): merges similar tokens before "
@@ -63,13 +71,15 @@ class TomesdExtTokenMerging(ModelPatchNode):
         "runs on fewer tokens and its update is copied back; kv: keys and values only); text tokens "
         "are never merged, and max_downsample and merge_* apply to UNets only. Put it between the "
         "model loader (and LoRA) and the sampler. Another model type passes through unchanged with "
-        "a warning. A second ToMe node on the same model replaces this one."
+        "a warning. A second ToMe node on the same model replaces this one. The simple node "
+        "\"Token Merging (ToMe)\" shows only ratio and the sampling window and merges exactly like "
+        "this one at its defaults."
     )
     OUTPUT_TOOLTIPS = ("The model with token merging (a patched clone; the input is unchanged).",)
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": MODEL_INPUT, **tome_widgets(), **WINDOW_INPUTS, **DIT_INPUTS}}
+        return {"required": {"model": TOME_MODEL_INPUT, **tome_widgets(), **WINDOW_INPUTS, **DIT_INPUTS}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0, sx=2, sy=2, st=2, frame_reach=FRAME_REACH_ANY):
@@ -102,5 +112,27 @@ class TomesdExtTokenMerging(ModelPatchNode):
         return comfy_adapter.apply_tome_patch(model, opts, start_percent, end_percent)
 
 
-NODE_DEFINITIONS = {"TomesdExtTokenMerging": TomesdExtTokenMerging}
-DISPLAY_NAMES = {"TomesdExtTokenMerging": "Token Merging (ToMe, tomesd-ext)"}
+class TomesdExtTokenMergingSimple(SimplePatchNode):
+    """The ToMe node as most users need it: ratio and the sampling window (the options the core
+    table marks simple); everything else at the full node's defaults, which are the family's
+    measured ones on transformers (dit_mode auto, skip_ends auto, st 2)."""
+
+    ADVANCED = TomesdExtTokenMerging
+    TABLE = OPTIONS
+    DESCRIPTION = (
+        "Token Merging (ToMe): merges similar image tokens inside the model so sampling is faster, "
+        "at a small cost in detail. Works on SD 1.x/2.x, SDXL, Flux.1/Flux.2, SD3/SD3.5, Qwen-Image, "
+        "PixArt, Lumina2/Z-Image and the video models Wan 2.1/2.2, HunyuanVideo and LTX-Video, each with "
+        "its tested defaults; text tokens are never merged. ratio: how many tokens are merged away "
+        "(0 = the model unchanged); start/end_percent: the part of sampling that merges. Put it "
+        "between the model loader (and LoRA) and the sampler. Every other setting (window, levels, "
+        "seed, transformer and video settings) is on \"Token Merging (ToMe, Advanced)\"."
+    )
+    OUTPUT_TOOLTIPS = TomesdExtTokenMerging.OUTPUT_TOOLTIPS
+
+
+# the simple node first: the node menu lists it before the advanced one
+NODE_DEFINITIONS = {"TomesdExtTokenMergingSimple": TomesdExtTokenMergingSimple,
+                    "TomesdExtTokenMerging": TomesdExtTokenMerging}
+DISPLAY_NAMES = {"TomesdExtTokenMergingSimple": "Token Merging (ToMe)",
+                 "TomesdExtTokenMerging": "Token Merging (ToMe, Advanced)"}

@@ -14,6 +14,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from . import DISPLAY_NAMES
 from .importance import TomesdExtImportanceMerging as ImportanceDefinition
 from .tome import TomesdExtTokenMerging as ToMeDefinition
+from .tome import TomesdExtTokenMergingSimple as ToMeSimpleDefinition
 from .vidtome import TomesdExtVidToMe as VidToMeDefinition
 
 
@@ -79,6 +80,14 @@ class TomesdExtTokenMerging(_Execute, io.ComfyNode):
                                               st=st, frame_reach=frame_reach)
 
 
+class TomesdExtTokenMergingSimple(_Execute, io.ComfyNode):
+    NODE_ID, DEFINITION = "TomesdExtTokenMergingSimple", ToMeSimpleDefinition
+
+    @classmethod
+    def validate_inputs(cls, start_percent=0.0, end_percent=1.0):
+        return cls.DEFINITION.VALIDATE_INPUTS(start_percent=start_percent, end_percent=end_percent)
+
+
 class TomesdExtImportanceMerging(_Execute, io.ComfyNode):
     NODE_ID, DEFINITION = "TomesdExtImportanceMerging", ImportanceDefinition
 
@@ -95,7 +104,7 @@ class TomesdExtVidToMe(_Execute, io.ComfyNode):
         return cls.DEFINITION.VALIDATE_INPUTS(start_percent=start_percent, end_percent=end_percent)
 
 
-V3_NODES = [TomesdExtTokenMerging, TomesdExtImportanceMerging, TomesdExtVidToMe]
+V3_NODES = [TomesdExtTokenMergingSimple, TomesdExtTokenMerging, TomesdExtImportanceMerging, TomesdExtVidToMe]
 
 
 class TomesdExtExtension(ComfyExtension):

@@ -16,7 +16,32 @@
 # as the main ComfyUI set it; only this release's own `comfyui-*` packages (frontend, workflow
 # templates, embedded docs, pinned in its requirements.txt) are installed, without dependencies,
 # into the folder PYLIB, which the tests put first on that ComfyUI's PYTHONPATH.
+#
+#   scripts/comfyui_for_tests.sh --frontend PYTHON VERSION DIR
+#
+# installs comfyui-frontend-package==VERSION (the ComfyUI web app) without dependencies into DIR
+# (through a temporary folder beside it; kept when DIR already holds that version): the browser
+# test serves DIR/comfyui_frontend_package/static with ComfyUI's --front-end-root.
 set -euo pipefail
+
+if [[ "${1:-}" == --frontend ]]; then
+    py=${2:?python}
+    version=${3:?frontend version}
+    dir=${4:?target folder}
+    if [[ -d "$dir/comfyui_frontend_package-$version.dist-info" && -d "$dir/comfyui_frontend_package/static" ]]; then
+        exit 0
+    fi
+    echo "installing comfyui-frontend-package==$version into $dir"
+    mkdir -p "$(dirname "$dir")"
+    fresh=$(mktemp -d "$dir.new.XXXXXX")
+    trap 'rm -rf "$fresh"' EXIT
+    "$py" -m pip install -q --no-deps --target "$fresh" "comfyui-frontend-package==$version"
+    chmod 755 "$fresh"
+    rm -rf "$dir"
+    mv "$fresh" "$dir"
+    trap - EXIT
+    exit 0
+fi
 
 py=${1:?python}
 comfy=${2:?COMFYUI_PATH}

@@ -24,7 +24,8 @@ BLOCK = re.compile(r"(<!-- options:(\w+) -->\n)(.*?)(<!-- /options -->)", re.S)
 
 
 def markdown_table(table: dict) -> str:
-    """The README table of an option table: | option | default | allowed | meaning |."""
+    """The README table of an option table: | option | default | allowed | meaning |; the
+    options a simple front end shows (Option.simple) in bold, with a line saying so."""
 
     def show(value):
         return f'`"{value}"`' if isinstance(value, str) else str(value)
@@ -32,7 +33,12 @@ def markdown_table(table: dict) -> str:
     rows = ["| option | default | allowed | meaning |", "|---|---|---|---|"]
     for o in table.values():
         help_text = o.help.replace("|", "\\|")
-        rows.append(f"| `{o.name}` | {show(o.default)} | {o.allowed} | {help_text} |")
+        name = f"**`{o.name}`**" if o.simple else f"`{o.name}`"
+        rows.append(f"| {name} | {show(o.default)} | {o.allowed} | {help_text} |")
+    if any(o.simple for o in table.values()):
+        rows += ["", "In bold: the options of the simple ComfyUI node **Token Merging (ToMe)** (with the sampling "
+                 "window); it runs every other one at its default (seed 0 instead of a drawn one). **Token Merging (ToMe, Advanced)** shows "
+                 "all that apply in ComfyUI ([docs/comfyui.md](docs/comfyui.md))."]
     return "\n".join(rows)
 
 

@@ -83,7 +83,8 @@ def test_library_without_diffusers_and_transformers():
     code = BLOCK + """
 import tomesd_ext, tomesd_ext.core, tomesd_ext.comfy
 import nodes
-assert sorted(nodes.NODE_DEFINITIONS) == ["TomesdExtImportanceMerging", "TomesdExtTokenMerging", "TomesdExtVidToMe"]
+assert sorted(nodes.NODE_DEFINITIONS) == ["TomesdExtImportanceMerging", "TomesdExtTokenMerging",
+                                         "TomesdExtTokenMergingSimple", "TomesdExtVidToMe"]
 for entry in ("from tomesd_ext import apply_tome", "import tomesd_ext.diffusers"):
     try:
         exec(entry)

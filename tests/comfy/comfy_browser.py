@@ -59,6 +59,38 @@ NOTES = {
 }
 
 
+# The browser test runs on two frontends: the one the ComfyUI under test pins (its requirements.txt,
+# installed in the environment) and a newer comfyui-frontend-package served with --front-end-root
+# from COMFYUI_NEWER_FRONTEND (its static folder; `make comfyui` installs the pinned newest version
+# into the cache and `make test` sets it).
+NEWER_FRONTEND_ENV = "COMFYUI_NEWER_FRONTEND"
+
+
+def newer_frontend_root() -> str | None:
+    path = os.environ.get(NEWER_FRONTEND_ENV)
+    return path if path and os.path.isfile(os.path.join(path, "index.html")) else None
+
+
+def newer_frontend_missing() -> str:
+    path = os.environ.get(NEWER_FRONTEND_ENV)
+    what = f"{NEWER_FRONTEND_ENV}={path} has no index.html" if path else f"{NEWER_FRONTEND_ENV} is not set"
+    return (f"{what}: point it at the static folder of a newer comfyui-frontend-package (`make comfyui` "
+            "installs the pinned one into the cache; docs/development.md)")
+
+
+def frontend_version(root=None) -> str:
+    """The version of the frontend that a server serves: the comfyui-frontend-package installed
+    in this environment (root None), else the one whose static folder ``root`` is (its dist-info
+    lies beside the package folder)."""
+    if root is None:
+        from importlib.metadata import version
+
+        return version("comfyui-frontend-package")
+    site = os.path.dirname(os.path.dirname(os.path.abspath(root)))
+    (info,) = [d for d in os.listdir(site) if d.startswith("comfyui_frontend_package-") and d.endswith(".dist-info")]
+    return info[len("comfyui_frontend_package-"): -len(".dist-info")]
+
+
 def workflow_names():
     return sorted(f[: -len(".api.json")] for f in os.listdir(API_COPIES) if f.endswith(".api.json"))
 
@@ -81,12 +113,31 @@ NODE_BOXES = """() => window.app.graph.nodes.map(n => ({
   size: Array.from(n.size), needed: Array.from(n.computeSize()),
 }))"""
 
+# The width a node needs to show its title and its one-line widgets (label and value) whole, in
+# the frontend's node fonts; longer texts (prompts) are left to the frontend's own sizing.
+NEEDED_WIDTH = """const neededWidth = (() => {
+  const ctx = document.createElement('canvas').getContext('2d');
+  const text = (s, size) => { ctx.font = size + 'px ' + (LiteGraph.NODE_FONT || 'Arial'); return ctx.measureText(s).width; };
+  const title = LiteGraph.NODE_TITLE_HEIGHT, small = LiteGraph.NODE_SUBTEXT_SIZE || 12;
+  return n => {
+    const widgets = (n.widgets || []).filter(w => ['number', 'string', 'boolean'].includes(typeof w.value)
+      && String(w.value).length <= 48 && !String(w.value).includes('\\n'));
+    return Math.ceil(Math.max(text(n.title || '', LiteGraph.NODE_TEXT_SIZE || 14) + 2 * title,
+      ...widgets.map(w => text(w.label || w.name, small) + text(String(w.value), small) + 3 * title)));
+  };
+})();"""
+
 # Lay the nodes out in columns by depth (longest path from a source; a source sits just before
-# its first consumer), in id order within a column, at the sizes the frontend gave them; a Note
-# goes below the first column. Then set the KSampler seeds to "fixed" (same image every run).
+# its first consumer), in id order within a column, each node as wide as its title and one-line
+# widgets need and as wide as the widest node of its column (so every output sits on the
+# column's right edge and no link runs behind a wider neighbour), at the heights the frontend
+# gave them; a Note goes below the first column. Then set the KSampler seeds to "fixed" (same
+# image every run).
 LAYOUT = """([note, gap]) => {
+  """ + NEEDED_WIDTH + """
   const g = window.app.graph, title = LiteGraph.NODE_TITLE_HEIGHT;
   const nodes = g.nodes.slice().sort((a, b) => a.id - b.id);
+  for (const n of nodes) if (n.title === n.type) n.title = LiteGraph.registered_node_types[n.type].title || n.title;
   const depth = new Map();
   const inputsOf = n => (n.inputs || []).filter(i => i.link != null).map(i => g.links[i.link].origin_id);
   const d = n => {
@@ -103,20 +154,19 @@ LAYOUT = """([note, gap]) => {
   for (const n of nodes) (columns[depth.get(n.id)] ||= []).push(n);
   let x = 0;
   columns.forEach((col, c) => {
-    let y = title;
-    for (const n of col) { n.pos = [x, y]; y += n.size[1] + title + gap; }
     if (c === 0 && note) {
       const w = LiteGraph.createNode('Note');
       w.title = 'Note: what this workflow needs';
       w.widgets[0].value = note;
-      w.size = [Math.max(...col.map(n => n.size[0])), 140];
       g.add(w);
-      w.pos = [x, y];
+      w.size = [0, 140];
       col.push(w);
     }
-    x += Math.max(...col.map(n => n.size[0])) + gap;
+    const width = Math.max(...col.map(n => Math.max(n.size[0], neededWidth(n))));
+    let y = title;
+    for (const n of col) { n.size[0] = width; n.pos = [x, y]; y += n.size[1] + title + gap; }
+    x += width + gap;
   });
-  for (const n of nodes) if (n.title === n.type) n.title = LiteGraph.registered_node_types[n.type].title || n.title;
   for (const n of nodes) for (const w of n.widgets || [])
     if (w.name === 'control_after_generate') w.value = 'fixed';
   g.setDirtyCanvas(true, true);
@@ -144,37 +194,59 @@ class App:
 
     def __init__(self, server, playwright, viewport=VIEWPORT):
         self.server = server
+        self.viewport = viewport
+        # --disable-dev-shm-usage: the renderer's shared memory in /tmp, not a container's small /dev/shm
         self.browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                                  args=["--no-sandbox", "--disable-gpu"])
-        self.page = self.browser.new_page(viewport=viewport)
+                                                  args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        self.page = None
         self.page_errors = []
         self.console_errors = []
-        self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
-        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
         # a first visit opens the template browser by itself; a user who has been here has it closed
-        # (and the minimap, which would cover a corner of the screenshots, is off)
-        for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
+        # (and the minimap, which would cover a corner of the screenshots, is off); a new page
+        # restores no workflow of an earlier one
+        for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False),
+                               ("Comfy.Workflow.Persist", False)):
             status, _ = server.post(f"/settings/{setting}", value)
             assert status == 200, (setting, status)
-        self.page.goto(server.url)
+        self.new_page()
+
+    def new_page(self):
+        """Load the app in a new page (the earlier page closed): nothing left over from it."""
+        if self.page is not None:
+            self.page.close()
+        self.page = self.browser.new_page(viewport=self.viewport)
+        self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        self.page.goto(self.server.url)
         self.page.wait_for_function(
             "() => window.app && window.app.graph && window.LiteGraph"
             " && LiteGraph.registered_node_types['TomesdExtTokenMerging'] && window.app.extensionManager",
-            timeout=90_000)
+            timeout=300_000)  # a deadline for a hung load, not a timing: a loaded machine is slow
 
     def close(self):
         self.browser.close()
 
+    def frontend_version(self):
+        """The version the loaded app states of itself."""
+        return self.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+
     def evaluate(self, script, arg=None):
         return self.page.evaluate(script, arg)
 
-    def open_template(self, name, timeout=30_000):
-        """Open example workflow ``name`` through the template browser (click its card)."""
+    def open_template(self, name, timeout=30_000, fresh=True):
+        """Open example workflow ``name`` through the template browser (click its card); fresh:
+        in a new page (a page that opened many workflows grows, and its renderer was seen to
+        crash on a loaded machine)."""
+        if fresh:
+            self.new_page()
         self.page.keyboard.press("Escape")
         self.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
         # the pack's own category in the browser's sidebar (Extensions > <pack folder>)
-        self.page.locator(".p-dialog").get_by_text(PACK, exact=True).first.click(timeout=timeout)
-        card = self.page.locator(f'[data-testid="template-workflow-{name}"]')
+        # (a visible one: a template browser closed a moment ago may still be in the page)
+        self.page.locator(f'[role="dialog"] :text-is("{PACK}"):visible').first.click(timeout=timeout)
+        # the card: "template-workflow-<name>" (1.35), "template-workflow-<source>-<name>" (1.58)
+        card = self.page.locator(f'[data-testid="template-workflow-{name}"], '
+                                 f'[data-testid^="template-workflow-"][data-testid$="-{name}"]')
         card.first.wait_for(state="visible", timeout=timeout)
         tabs = "window.app.extensionManager.workflow"
         opened = self.evaluate(f"() => {tabs}.openWorkflows.length")
@@ -192,10 +264,12 @@ class App:
         self.evaluate("([p, name]) => window.app.loadApiJson(p, name)", [prompt, name])
 
     def shown_problems(self):
-        """Error/warning toasts and open dialogs, as their texts."""
+        """Error/warning toasts, the error overlay of newer frontends (missing nodes or models,
+        bad values) and open dialogs, as their texts."""
         return self.evaluate("""() => [
           ...Array.from(document.querySelectorAll('.p-toast-message-error, .p-toast-message-warn')).map(e => 'toast: ' + e.innerText),
-          ...Array.from(document.querySelectorAll('.p-dialog')).filter(e => e.offsetParent !== null).map(e => 'dialog: ' + e.innerText.slice(0, 300)),
+          ...Array.from(document.querySelectorAll('[data-testid="error-overlay"]')).filter(e => e.offsetParent !== null).map(e => 'overlay: ' + e.innerText.slice(0, 300)),
+          ...Array.from(document.querySelectorAll('.p-dialog, [role="dialog"]')).filter(e => e.offsetParent !== null).map(e => 'dialog: ' + e.innerText.slice(0, 300)),
         ]""")
 
     def queued_prompt(self):
@@ -205,10 +279,22 @@ class App:
     def node_boxes(self):
         return self.evaluate(NODE_BOXES)
 
+    def cut_texts(self):
+        """Nodes narrower than their title or a one-line widget's label and value need (the
+        frontend would cut them short with an ellipsis)."""
+        return self.evaluate(CUT_TITLES)
+
     def screenshot(self, path, **kw):
         self.evaluate(FIT_VIEW, [110, 70])
         self.page.wait_for_timeout(300)
         self.page.screenshot(path=path, **kw)
+
+
+CUT_TITLES = """() => {
+  """ + NEEDED_WIDTH + """
+  return window.app.graph.nodes.filter(n => n.size[0] + 0.5 < neededWidth(n))
+    .map(n => n.id + ' ' + n.title + ': width ' + n.size[0] + ' < ' + neededWidth(n));
+}"""
 
 
 def overlaps(boxes):
@@ -246,13 +332,11 @@ def write_examples(server, names=None):
                 with open(os.path.join(EXAMPLES, f"{name}.json"), "w") as f:
                     json.dump(graph, f, indent=1)
                     f.write("\n")
-                problems = overlaps(app.node_boxes()) + cramped(app.node_boxes())
+                problems = overlaps(app.node_boxes()) + cramped(app.node_boxes()) + app.cut_texts()
                 assert not problems, problems
                 print("wrote", name)
             # the pictures: each written file opened from the template browser, as a user sees it
-            # (in a fresh page: no tabs left over from the building)
-            app.close()
-            app = App(server, pw)
+            # (each in a new page: no tabs left over from the building or the other pictures)
             for name in names or workflow_names():
                 app.open_template(name)
                 assert not app.shown_problems(), app.shown_problems()

@@ -21,6 +21,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLES = os.path.join(REPO, "example_workflows")  # the shipped UI workflows (+ thumbnails)
 API_COPIES = os.path.join(REPO, "tests", "comfy", "workflows")  # their API-format copies
 FRONTEND_ONLY = ("Note", "MarkdownNote")  # node types the frontend never queues
+TOME_SIMPLE, TOME_ADVANCED = "TomesdExtTokenMergingSimple", "TomesdExtTokenMerging"
+
+
+def tome_key(prompt):
+    """The key of the ToMe node (simple or advanced) in an API prompt."""
+    return next(k for k, v in prompt.items() if v["class_type"] in (TOME_SIMPLE, TOME_ADVANCED))
+
+
+def as_advanced_tome(node, **inputs):
+    """An API prompt's ToMe node as the advanced node, in place: a simple node's values, the
+    advanced node's defaults for the inputs it does not show (what it runs with), then
+    ``inputs``. For a test run that needs an input the simple node does not show, such as
+    min_tokens 0 (a 64 px latent is below the auto-skip). Returns the node."""
+    if node["class_type"] == TOME_SIMPLE:
+        from nodes.tome import TomesdExtTokenMergingSimple
+
+        node["class_type"] = TOME_ADVANCED
+        node["inputs"] = {**TomesdExtTokenMergingSimple.hidden_defaults(), **node["inputs"]}
+    assert node["class_type"] == TOME_ADVANCED, node["class_type"]
+    node["inputs"].update(inputs)
+    return node
 
 
 def workflow_file(name):
@@ -82,17 +103,19 @@ def release_of(comfy_path) -> str:
 
 
 def check_pack_probe(report, comfy_path):
-    """The probe's report from the ComfyUI at ``comfy_path``: our three nodes registered, loaded
+    """The probe's report from the ComfyUI at ``comfy_path``: our four nodes registered, loaded
     with diffusers and transformers blocked, each merging in ComfyUI's sampler without touching
-    its input model, ToMe exact at ratio 0, and no file of ours importing the blocked libraries."""
+    its input model, both ToMe nodes exact at ratio 0, and no file of ours importing the blocked
+    libraries."""
     assert report["comfyui"] == release_of(comfy_path)
-    assert report["nodes"] == ["TomesdExtImportanceMerging", "TomesdExtTokenMerging", "TomesdExtVidToMe"]
+    assert report["nodes"] == ["TomesdExtImportanceMerging", "TomesdExtTokenMerging", "TomesdExtTokenMergingSimple",
+                               "TomesdExtVidToMe"]
     assert report["loaded_without"] == ["diffusers", "transformers"]
     assert report["refused_imports"] == [], report["refused_imports"]
     assert report["foreign_modules"] == [], report["foreign_modules"]
     for node_id, run in report["runs"].items():
         assert run["finite"] and run["changed"] and run["input_untouched"], (node_id, run)
-    assert report["runs"]["TomesdExtTokenMerging"]["ratio0_exact"]
+    assert report["runs"][TOME_ADVANCED]["ratio0_exact"] and report["runs"][TOME_SIMPLE]["ratio0_exact"]
 
 
 def node_pack(name):
@@ -162,10 +185,11 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, base_dir: str, checkpoints=None, python=sys.executable, comfy_path=None, pythonpath=None,
-                 packs=()):
+                 packs=(), front_end_root=None):
         """comfy_path: the ComfyUI to start (default COMFYUI_PATH); pythonpath: put first on its
         path (an older release's own frontend packages); packs: folders of other node packs
-        (node_pack) linked into its custom_nodes beside ours."""
+        (node_pack) linked into its custom_nodes beside ours; front_end_root: the folder of another
+        frontend's static files to serve (ComfyUI's --front-end-root)."""
         self.base = base_dir
         checkpoints = checkpoints or {}
         for sub in ("models/checkpoints", "models/diffusion_models", "models/text_encoders", "models/vae",
@@ -187,7 +211,7 @@ class ComfyServer:
             python, "main.py", "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1",
             "--port", str(self.port), "--base-directory", base_dir, "--database-url", "sqlite:///:memory:",
             "--disable-auto-launch", "--disable-api-nodes",
-        ]
+        ] + (["--front-end-root", front_end_root] if front_end_root else [])
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)  # the pack must load from custom_nodes, not from the test's path
         if pythonpath:

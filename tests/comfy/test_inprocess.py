@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from comfy_env import comfy_model_from_diffusers, fake_dit_model, import_comfy, run_unet, tome_node
+from comfy_env import comfy_model_from_diffusers, fake_dit_model, import_comfy, node_defaults, run_unet, tome_node
 
 pytestmark = pytest.mark.comfyui
 
@@ -52,6 +52,24 @@ def _inputs(hw=16, ctx=32, batch=2, seed=1):
 def _ours(patcher):
     patches = patcher.model_options.get("transformer_options", {}).get("patches", {})
     return {k: len(v) for k, v in patches.items()}
+
+
+def test_simple_node_merges_as_the_advanced_node_at_its_defaults(tiny):
+    """The simple ToMe node (ratio and the sampling window) runs the advanced node at its
+    defaults, auto-skip included: at 48x48 (2304 tokens >= 2048) both give the same merged UNet
+    output; at ratio 0 the simple node is bit-identical to the model."""
+    from nodes.tome import TomesdExtTokenMerging, TomesdExtTokenMergingSimple
+
+    _, base = tiny
+    x, ctx = _inputs(hw=48)
+    ref = run_unet(base, x, 500, ctx)
+    simple = TomesdExtTokenMergingSimple().patch(base, ratio=0.6, start_percent=0.0, end_percent=1.0)[0]
+    advanced = TomesdExtTokenMerging().patch(base, **node_defaults(TomesdExtTokenMerging, ratio=0.6))[0]
+    out = run_unet(simple, x, 500, ctx)
+    assert torch.equal(out, run_unet(advanced, x, 500, ctx))
+    assert not torch.allclose(out, ref, atol=1e-4)
+    assert torch.equal(run_unet(TomesdExtTokenMergingSimple().patch(base, ratio=0.0)[0], x, 500, ctx), ref)
+    assert torch.equal(run_unet(base, x, 500, ctx), ref)  # the input model untouched
 
 
 def test_discovery_auto_levels(tiny, tiny_xl):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nodes
-from nodes.tome import TomesdExtTokenMerging
+from nodes.tome import TomesdExtTokenMerging, TomesdExtTokenMergingSimple
 from comfy_env import API_COPIES, EXAMPLES, FRONTEND_ONLY, load_workflow, patch_state, runtime_plan
 from tomesd_ext.comfy.patching import DiffusionModelWrapper
 from tomesd_ext.comfy.tome import Attn1OutputPatch, Attn1Patch, Attn2OutputPatch, Attn2Patch, MergedFeedForward
@@ -39,6 +39,40 @@ def test_schema_inputs_have_tooltips_defaults_and_limits():
             assert spec["min"] <= spec["default"] <= spec["max"], name
     assert required["max_downsample"][0] == ["auto", "1", "2", "4", "8", "16", "32", "64"]  # core.TOME_OPTIONS
     assert required["ratio"][1]["max"] < 1.0
+
+
+def test_simple_node_shows_ratio_and_the_window_and_runs_the_advanced_defaults():
+    """"Token Merging (ToMe)" beside "Token Merging (ToMe, Advanced)" (KSampler beside
+    KSamplerAdvanced): the options the core table marks simple (ratio) and the sampling window,
+    with the advanced node's specs; every other input at the advanced node's default."""
+    from tomesd_ext.core import TOME_OPTIONS
+
+    simple = TomesdExtTokenMergingSimple.INPUT_TYPES()["required"]
+    full = TomesdExtTokenMerging.INPUT_TYPES()["required"]
+    assert [name for name, o in TOME_OPTIONS.items() if o.simple] == ["ratio"]
+    assert list(simple) == ["model", "ratio", "start_percent", "end_percent"]
+    assert all(simple[name] == full[name] for name in simple)
+    hidden = TomesdExtTokenMergingSimple.hidden_defaults()
+    assert list(hidden) == [name for name in full if name not in simple]
+    assert hidden == {name: full[name][1]["default"] for name in hidden}
+    assert hidden["seed"] == 0 and hidden["min_tokens"] == 2048  # fixed seed, the measured auto-skip
+    assert TomesdExtTokenMergingSimple.options(ratio=0.3) == TomesdExtTokenMerging.options(**dict(hidden, ratio=0.3))
+    assert TomesdExtTokenMergingSimple.options(ratio=0.3) == ToMeOptions.create(ratio=0.3, seed=0)
+    with pytest.raises(OptionError, match="ratio"):
+        TomesdExtTokenMergingSimple.options(ratio=1.5)
+    assert TomesdExtTokenMergingSimple.VALIDATE_INPUTS(start_percent=0.2, end_percent=0.8) is True
+    assert "must not exceed" in TomesdExtTokenMergingSimple.VALIDATE_INPUTS(start_percent=0.9, end_percent=0.1)
+    assert "end_percent=1.5 is out of range" in TomesdExtTokenMergingSimple.VALIDATE_INPUTS(end_percent=1.5)
+    assert nodes.DISPLAY_NAMES["TomesdExtTokenMergingSimple"] == "Token Merging (ToMe)"
+    assert nodes.DISPLAY_NAMES["TomesdExtTokenMerging"] == "Token Merging (ToMe, Advanced)"
+    assert list(nodes.NODE_DEFINITIONS)[:2] == ["TomesdExtTokenMergingSimple", "TomesdExtTokenMerging"]
+
+
+def test_shipped_tome_workflows_use_the_simple_node():
+    """Every shipped ToMe workflow sets nothing beyond ratio and the window, so it uses the simple node."""
+    for name in sorted(os.listdir(API_COPIES)):
+        prompt = load_workflow(name)
+        assert "TomesdExtTokenMerging" not in {v["class_type"] for v in prompt.values()}, name
 
 
 def _widgets(**over):
@@ -221,7 +255,7 @@ def test_comfy_runtime_honours_plan_reuse():
 
 
 @pytest.mark.parametrize("node_name, inputs", [
-    ("TomesdExtTokenMerging", {"ratio": "abc"}), ("TomesdExtTokenMerging", {"use_rand": "false"}),
+    ("TomesdExtTokenMergingSimple", {"ratio": "abc"}), ("TomesdExtTokenMerging", {"ratio": "abc"}), ("TomesdExtTokenMerging", {"use_rand": "false"}),
     ("TomesdExtTokenMerging", {"sx": 2.5}), ("TomesdExtTokenMerging", {"max_downsample": "x"}),
     ("TomesdExtImportanceMerging", {"pool_factor": "big"}), ("TomesdExtVidToMe", {"align_batch": "false"}),
     ("TomesdExtVidToMe", {"chunk_size": "4"}),

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from comfy_env import API_COPIES, EXAMPLES, load_workflow, ui_to_api
+from comfy_env import TOME_SIMPLE, API_COPIES, EXAMPLES, as_advanced_tome, load_workflow, tome_key, ui_to_api
 from conftest import CKPT_NAME
 
 import nodes
@@ -62,8 +62,10 @@ def _small(prompt, prefix):
             inputs["filename_prefix"] = prefix
         if node["class_type"] == "LoadVideo":
             inputs["file"] = CLIP_NAME
-        if node["class_type"] in nodes.NODE_DEFINITIONS and "min_tokens" in inputs:
-            inputs["min_tokens"] = 0  # merge at test size too (64 px = an 8x8 latent)
+        if node["class_type"] == TOME_SIMPLE:  # it has no min_tokens: as the advanced node at its defaults
+            as_advanced_tome(node)
+        if node["class_type"] in nodes.NODE_DEFINITIONS and "min_tokens" in node["inputs"]:
+            node["inputs"]["min_tokens"] = 0  # merge at test size too (64 px = an 8x8 latent)
     return prompt
 
 
@@ -214,7 +216,7 @@ def test_dit_workflow_runs_on_random_files(comfy_server, name):
     for folder, file_name, path in (dit_files.sd35_files() if name.startswith("sd35") else dit_files.flux_files()):
         comfy_server.add_model(folder, file_name, path)
     base = load_workflow(f"{name}.api.json")
-    tome = next(k for k, v in base.items() if v["class_type"] == "TomesdExtTokenMerging")
+    tome = tome_key(base)
     sampler = next(k for k, v in base.items() if v["class_type"] == "KSampler")
 
     def run(ratio, prefix):
@@ -230,7 +232,7 @@ def test_dit_workflow_runs_on_random_files(comfy_server, name):
             prompt[sampler]["inputs"]["model"] = prompt[tome]["inputs"]["model"]
             del prompt[tome]
         else:
-            prompt[tome]["inputs"].update(ratio=ratio, min_tokens=0)
+            as_advanced_tome(prompt[tome], ratio=ratio, min_tokens=0)
         prompt["tomesd_ext_save_latent"] = {"class_type": "SaveLatent",
                                             "inputs": {"samples": [sampler, 0], "filename_prefix": prefix}}
         entry = comfy_server.run_prompt(prompt)

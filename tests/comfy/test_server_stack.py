@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 
-from comfy_env import load_workflow
+from comfy_env import TOME_SIMPLE, as_advanced_tome, load_workflow, tome_key
 from conftest import CKPT_1LEVEL_NAME
 
 pytestmark = pytest.mark.comfyui
@@ -35,12 +35,12 @@ def _run(server, compiled=True, ratio=None, prefix="tests/stack"):
     from safetensors.torch import load_file
 
     prompt = load_workflow(f"{NAME}.api.json")
-    tome, sampler = _node(prompt, "TomesdExtTokenMerging"), _node(prompt, "KSampler")
+    tome, sampler = tome_key(prompt), _node(prompt, "KSampler")
     prompt[_node(prompt, "CheckpointLoaderSimple")]["inputs"]["ckpt_name"] = CKPT_1LEVEL_NAME
     prompt[_node(prompt, "EmptyLatentImage")]["inputs"].update(width=SIZE, height=SIZE)
     prompt[_node(prompt, "SaveImage")]["inputs"]["filename_prefix"] = prefix
     prompt[sampler]["inputs"]["steps"] = STEPS
-    prompt[tome]["inputs"]["min_tokens"] = 0
+    as_advanced_tome(prompt[tome], min_tokens=0)  # the shipped simple node has no min_tokens
     if ratio is not None:
         prompt[tome]["inputs"]["ratio"] = ratio
     if not compiled:
@@ -72,7 +72,7 @@ def test_tome_easycache_and_compile_in_one_graph(sd15_1level_server):
     server = sd15_1level_server
     shipped = load_workflow(f"{NAME}.api.json")
     assert [shipped[k]["class_type"] for k in sorted(shipped, key=int)][:4] == [
-        "CheckpointLoaderSimple", "TorchCompileModel", "TomesdExtTokenMerging", "EasyCache"]
+        "CheckpointLoaderSimple", "TorchCompileModel", TOME_SIMPLE, "EasyCache"]
     assert shipped[_node(shipped, "TorchCompileModel")]["inputs"]["backend"] == "inductor"
 
     compiled, log = _run(server, prefix="tests/stack_compiled")

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from comfy_env import ComfyServer, comfyui_path, load_workflow
+from comfy_env import ComfyServer, as_advanced_tome, comfyui_path, load_workflow, tome_key
 from wan_files import wan_files
 
 pytestmark = pytest.mark.comfyui
@@ -35,7 +35,7 @@ def wan_server(tmp_path_factory):
 def _prompt(tome, prefix):
     """The API copy at test size; tome: the ToMe node's changed inputs, or None for no node."""
     prompt = load_workflow("wan21_t2v_tome.api.json")
-    node = next(k for k, v in prompt.items() if v["class_type"] == "TomesdExtTokenMerging")
+    node = tome_key(prompt)
     sampler = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
     for v in prompt.values():
         if v["class_type"] == "EmptyHunyuanLatentVideo":
@@ -47,7 +47,7 @@ def _prompt(tome, prefix):
         prompt[sampler]["inputs"]["model"] = prompt[node]["inputs"]["model"]
         del prompt[node]
     else:
-        prompt[node]["inputs"].update(tome)
+        as_advanced_tome(prompt[node], **tome)
     prompt["save_latent"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": prefix}}
     return prompt
 

@@ -10,7 +10,7 @@ import pytest
 
 from nodes.base import INT_MAX, NODE_SEED_DEFAULT
 from nodes.importance import TomesdExtImportanceMerging
-from nodes.tome import TomesdExtTokenMerging
+from nodes.tome import TomesdExtTokenMerging, TomesdExtTokenMergingSimple
 from nodes.vidtome import TomesdExtVidToMe
 from tomesd_ext.core import TODO_OPTIONS, TOME_OPTIONS, VIDTOME_OPTIONS, OptionError, ToDoOptions, ToMeOptions, VidToMeOptions
 from tomesd_ext.core.options import MIN_TOKENS_DEFAULT
@@ -90,7 +90,8 @@ def _check_widget(option, spec, node_default=None):
 
 
 @pytest.mark.parametrize("node, table", [
-    (TomesdExtTokenMerging, TOME_OPTIONS), (TomesdExtImportanceMerging, TOME_OPTIONS), (TomesdExtVidToMe, VIDTOME_OPTIONS),
+    (TomesdExtTokenMergingSimple, TOME_OPTIONS), (TomesdExtTokenMerging, TOME_OPTIONS),
+    (TomesdExtImportanceMerging, TOME_OPTIONS), (TomesdExtVidToMe, VIDTOME_OPTIONS),
 ])
 def test_node_widgets_are_the_table(node, table):
     required = node.INPUT_TYPES()["required"]

@@ -120,7 +120,9 @@ class Option:
     kind: "float" (lo <= x <= hi, or lo <= x < hi when hi_open), "int" (lo..hi, hi None =
     unbounded), "bool", "choice" (one of choices) or "seed" (None or an int >= 0).
     allowed: the allowed values as the README states them; help: one line, the README's meaning
-    column and the ComfyUI tooltip.
+    column and the ComfyUI tooltip. simple: one of the few options most users set, the ones a
+    simple front end shows (ComfyUI's "Token Merging (ToMe)" node); the others keep their
+    defaults there.
     """
 
     name: str
@@ -133,6 +135,7 @@ class Option:
     hi_open: bool = False
     choices: tuple = ()
     step: Optional[float] = None  # ComfyUI widget step of a float
+    simple: bool = False
 
 
 def _table(*options: Option) -> dict:
@@ -146,7 +149,7 @@ TOME_OPTIONS = _table(
            "Fraction of a merged level's tokens merged away; 0 = bit-identical to the unpatched model. At most "
            "1 - 1/(sx*sy) (0.75 for 2x2 windows; importance mode: also 1 - 1/(sx*sy*pool_factor)); larger values "
            "are clamped with a warning.",
-           lo=0.0, hi=1.0, hi_open=True, step=0.01),
+           lo=0.0, hi=1.0, hi_open=True, step=0.01, simple=True),
     Option("max_downsample", "choice", "auto", f"`\"auto\"`, {_MD}",
            "Merge levels with downsample factor <= this; auto = the highest-resolution level that has "
            "attention (SD1.x/2.x: 1, SDXL: 2).", choices=("auto",) + MAX_DOWNSAMPLE_CHOICES),
