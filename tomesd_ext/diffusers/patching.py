@@ -24,6 +24,11 @@ from .discovery import denoiser_of
 from .processors import wrapped_chain
 
 
+def _step_key(sample, timestep) -> float:
+    """The step key of a call: its timestep's (a module-level function: a patch stays picklable)."""
+    return timestep_key(timestep)
+
+
 class CallStart:
     """Forward pre-hook of the denoiser: ``runtime.begin_call(latent (H, W), timestep key)``, the
     policy's own per-call step ``before(sample, timestep)`` if any, and re-wrapping of processors
@@ -33,7 +38,7 @@ class CallStart:
     def __init__(self, patch: "ModelPatch", before=None, read=None):
         self.patch = patch
         self.before = before
-        self.read = read or (lambda sample, timestep: timestep_key(timestep))  # -> the call's step key
+        self.read = read or _step_key  # (sample, timestep) -> the call's step key
 
     @torch.compiler.disable  # per-call Python state (step key, random draws): outside a compiled graph
     def __call__(self, module, args, kwargs):
