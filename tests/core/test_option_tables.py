@@ -53,8 +53,8 @@ def _edge_values(option):
 @pytest.mark.parametrize("table, options, _apply, extra", CASES)
 def test_validation_follows_the_table_ranges(table, options, _apply, extra):
     for name, option in table.items():
-        if name in ("sx", "sy", "ratio", "local_ratio", "global_ratio", "frame_reach"):
-            continue  # coupled or clamped limits: tested in test_options_and_grid, test_video_dit
+        if name in ("sx", "sy", "ratio", "local_ratio", "global_ratio", "frame_reach", "block_ratios", "max_error"):
+            continue  # coupled or clamped limits: tested in test_options_and_grid, test_video_dit, test_schedule
         ok, bad = _edge_values(option)
         kw = dict(extra) if name in ("pool_factor", "prune_steps", "cfg_layout") else {}
         if name == "merge_attn":

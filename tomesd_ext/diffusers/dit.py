@@ -72,7 +72,8 @@ class DitCallStart:
             state.lead += held * frames_grid[1] * frames_grid[2]
         sample = info.sample[0] if isinstance(info.sample, (list, tuple)) and info.sample else info.sample
         device = sample.device if isinstance(sample, torch.Tensor) else None
-        self.patch.runtime.begin_call(grid, timestep_key(info.timestep), device=device)
+        key = timestep_key(info.timestep)
+        self.patch.runtime.begin_call(grid, key, device=device, progress=sampling_progress(self.family.name, key))
         if info.reason is not None:
             say_once(self.patch.runtime, self.family, info.reason)
         if self.before is not None:
@@ -132,6 +133,23 @@ class BlockMerge:
                 )
             return True
         return False
+
+
+# How a family's call timestep runs over sampling (its pipeline's convention): 1000 .. 0 (most),
+# 1 .. 0 (the pipeline passes timestep / 1000) or 0 .. 1 (Z-Image passes (1000 - t) / 1000).
+UNIT_TIMESTEP = ("flux", "flux2", "qwen-image")
+RISING_TIMESTEP = ("z-image",)
+
+
+def sampling_progress(family: str, key: float) -> float:
+    """The fraction of sampling done at a call of ``family`` with timestep key ``key``."""
+    if family in RISING_TIMESTEP:
+        done = key
+    elif family in UNIT_TIMESTEP:
+        done = 1.0 - key
+    else:
+        done = 1.0 - key / 1000.0
+    return min(max(done, 0.0), 1.0)
 
 
 def say_once(runtime, family: Family, reason: str) -> None:
@@ -279,6 +297,7 @@ def attach_dit(patch, family: Family) -> None:
     state = CallState()
     runtime.context = state  # kept with each call's plans for checkpoint recomputations
     patch.dit_mode, patch.skip_ends = mode, skip
+    runtime.cost_kind = mode  # the budget search's cost model
     before = None
     if isinstance(runtime.policy, ImportancePolicy) and family.predicts:
         patch.importance = track_dit_importance(patch)
