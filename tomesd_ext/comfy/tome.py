@@ -147,6 +147,9 @@ def apply_tome_patch(
     """
     if opts.mode != "tome":
         raise ValueError(f"opts.mode={opts.mode!r}: use apply_importance_patch for mode='importance'")
+    if opts.block_ratios is not None or opts.auto:
+        raise ValueError("block_ratios and ratio='auto' are not supported by the ComfyUI adapter yet: use the "
+                         "diffusers apply_tome (docs/schedules.md)")
     if unet_of(model) is None:
         dm = getattr(getattr(model, "model", None), "diffusion_model", None)
         video = video_family_of(dm)
