@@ -22,8 +22,8 @@ policy with ``on_call(step_key)`` hears of every denoiser call (importance: the 
 
 Per-block settings (core/schedule.py): ``settings`` (from ``opts.block_ratios``, or chosen by the
 error-budget search of ``ratio="auto"``) gives each block group its ratio and sampling window.
-Slots are numbered in the order the adapter creates them (execution order), counting only those
-at a merged level (``new_slot(downsample=...)``); ``begin_call(progress=...)`` tells the runtime
+Slots are numbered (``block_of``: scope -> number) in the order the adapter creates them
+(execution order), counting only those at a merged level (``new_slot(downsample=...)``); ``begin_call(progress=...)`` tells the runtime
 how far sampling is, for the windows. Every block call's token count and width are kept in
 ``block_shapes`` (the search's cost model).
 
@@ -91,6 +91,7 @@ class MergeRuntime:
         self._snapshot = None
         self.settings = getattr(self.opts, "block_ratios", None)  # per-group BlockSettings, or None: opts.ratio
         self.n_blocks = 0  # slots at a merged level (numbered 0..n_blocks-1 in creation order)
+        self.block_of = {}  # slot scope -> its block number
         self.block_shapes = {}  # block number -> (tokens, channels) of its last merged-level call
         self.progress: Optional[float] = None  # fraction of sampling done (None: unknown)
 
@@ -208,7 +209,7 @@ class MergeRuntime:
         group = 0 if block is None else group_of(block, self.n_blocks, len(settings))
         return settings[group].at(self.progress)
 
-    def plan_for(self, metric: torch.Tensor, scope: Hashable = None, block: Optional[int] = None) -> Optional[MergePlan]:
+    def plan_for(self, metric: torch.Tensor, scope: Hashable = None) -> Optional[MergePlan]:
         """The plan for metric (B, N, C) of one block call, or None when its level is not merged.
 
         One partition per (seed, step, level): every block of a level draws the same destinations
@@ -230,6 +231,7 @@ class MergeRuntime:
             return None
         video = {"frames": f} if f > 1 else {}
         ratio = None
+        block = self.block_of.get(scope)
         if block is not None:
             self.block_shapes[block] = (metric.shape[1], metric.shape[2])
         if self.settings is not None:
@@ -290,10 +292,10 @@ class MergeRuntime:
         if scope is None:
             self._slots += 1
             scope = self._slots
-        block = None
         if downsample <= self.max_downsample:
-            block, self.n_blocks = self.n_blocks, self.n_blocks + 1
-        return BlockSlot(self, scope, block)
+            self.block_of[scope] = self.n_blocks
+            self.n_blocks += 1
+        return BlockSlot(self, scope)
 
 
 class BlockSlot:
@@ -306,21 +308,20 @@ class BlockSlot:
     unmerged. ``records``: the kept plans of this block's calls (module docstring).
     """
 
-    __slots__ = ("runtime", "scope", "block", "plan", "ready", "merged", "records", "record", "replaying")
+    __slots__ = ("runtime", "scope", "plan", "ready", "merged", "records", "record", "replaying")
 
-    def __init__(self, runtime: MergeRuntime, scope: Hashable = None, block: Optional[int] = None):
+    def __init__(self, runtime: MergeRuntime, scope: Hashable = None):
         self.runtime = runtime
         self.scope = scope
-        self.block = block  # its number among the runtime's merged-level blocks (per-block settings)
         self.records = WeakTensorKeyDictionary()  # block input -> [call snapshot, plan]
         self.replaying = False
         self.reset()
 
     def __getstate__(self):  # copies and pickles keep no plans of calls of the original
-        return {k: getattr(self, k) for k in ("runtime", "scope", "block")}
+        return {k: getattr(self, k) for k in ("runtime", "scope")}
 
     def __setstate__(self, state):
-        self.__init__(state["runtime"], state["scope"], state.get("block"))
+        self.__init__(state["runtime"], state["scope"])
 
     def reset(self, scope: Hashable = None) -> None:
         if scope is not None:
@@ -370,7 +371,7 @@ class BlockSlot:
             self.ready = True
             if self.runtime.active:
                 with torch.no_grad():  # a plan is indices and counts: no gradient flows through it
-                    self.plan = self.runtime.plan_for(metric, self.scope, self.block)
+                    self.plan = self.runtime.plan_for(metric, self.scope)
                 if self.record is not None:
                     self.record[1] = self.plan
         plan = self.plan
