@@ -31,14 +31,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .options import OptionError
+
+log = logging.getLogger("tomesd_ext")
 
 SCHEDULE_FORMAT = "tomesd-ext-schedule/1"
 AUTO_GROUPS = 3  # block groups the budget search sets independently
@@ -314,3 +318,84 @@ def search_runtime(runtime, forward: Callable[[], torch.Tensor], max_error: floa
     result = search(measure, lambda r: runtime_cost(runtime, r), groups, runtime.opts.ratio, max_error, verify)
     runtime.settings = settings_of(result.ratios)
     return result
+
+
+def options_key(opts) -> tuple:
+    """The options that change what the search measures (all but the seed)."""
+    return tuple((f.name, getattr(opts, f.name)) for f in fields(opts) if f.name != "seed")
+
+
+class AutoChooser:
+    """The ratio="auto" state of one patch: the schedule chosen per call key, from the patch's
+    memory, the ``ScheduleCache`` or a search (``search_runtime``) on the call's own input.
+
+    An adapter calls ``choose(model, shape, forward)`` before a denoiser call begins: shape, a
+    hashable description of the call's input (shape and dtype); forward(), the call run again
+    (its prediction). The key adds the model's fingerprint, the family and the options but the
+    seed. The chosen settings are left on the runtime; ``searching`` is True while the search's
+    own forwards run (the adapter lets them through)."""
+
+    def __init__(self, runtime, family: str, cache_folder: Optional[str] = None):
+        self.runtime, self.family = runtime, family
+        self.cache = ScheduleCache(cache_folder)
+        self.searching = False
+        self.fingerprint: Optional[str] = None
+        self.chosen = {}  # key -> Schedule
+        self.extra_forwards = 0  # forwards the searches of this patch spent (references included)
+        self.last: Optional[Schedule] = None  # the schedule of the latest call
+
+    def choose(self, model, shape, forward: Callable[[], torch.Tensor]) -> Schedule:
+        if self.fingerprint is None:
+            self.fingerprint = model_fingerprint(model)
+        key = (self.fingerprint, self.family, shape, options_key(self.runtime.opts))
+        schedule = self.chosen.get(key)
+        if schedule is None:
+            schedule = self.cache.get(key)
+            if schedule is not None:
+                log.warning("tomesd-ext: ratio='auto' reuses the cached choice for this model and input %s: block "
+                            "ratios %s (error %.4g), no extra forward", shape,
+                            tuple(round(s.ratio, 4) for s in schedule.settings), schedule.info.get("error", math.nan))
+            else:
+                schedule = self._search(model, shape, forward)
+                self.cache.put(key, schedule)
+            self.chosen[key] = schedule
+        self.runtime.settings = schedule.settings
+        self.last = schedule
+        return schedule
+
+    def _search(self, model, shape, forward) -> Schedule:
+        rt, opts = self.runtime, self.runtime.opts
+        spent = 0
+
+        def counted():
+            nonlocal spent
+            spent += 1
+            return forward()
+
+        start = time.perf_counter()
+        self.searching = True
+        try:
+            result = search_runtime(rt, counted, opts.max_error)
+        finally:
+            self.searching = False
+        self.extra_forwards += spent
+        seconds = time.perf_counter() - start
+        if result is None:
+            raise OptionError(f"ratio='auto': {type(model).__name__} has no block that merges at input {shape} "
+                              "(grid below min_tokens?)")
+        full = result.full_cost
+        info = {
+            "max_error": opts.max_error, "error": result.error, "cost": result.cost / full, "extra_forwards": spent,
+            "search_seconds": round(seconds, 3), "family": self.family, "input": repr(shape),
+            "points": [[list(r), e, c / full] for r, e, c in result.points],
+        }
+        if not any(result.ratios):
+            log.warning("tomesd-ext: ratio='auto': no candidate kept the error within max_error=%.4g (the smallest "
+                        "measured was %.4g), so this input is not merged; raise max_error to merge",
+                        opts.max_error, min(e for r, e, _c in result.points if any(r)))
+        log.warning(
+            "tomesd-ext: ratio='auto' (max_error=%.4g) measured %d forwards in %.1f s on this call's input %s and "
+            "chose block ratios %s: error %.4g, merged-operator cost %.3f of unmerged (said once per model and input)",
+            opts.max_error, spent, seconds, shape, tuple(round(r, 4) for r in result.ratios), result.error, result.cost / full,
+        )
+        return Schedule(rt.settings, self.fingerprint, info)

@@ -13,17 +13,12 @@ extra forward. One log line per search or cache hit gives the choice, its error 
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import fields
 from typing import Optional
 
 import torch
 
 from ..core.options import OptionError
-from ..core.schedule import Schedule, ScheduleCache, model_fingerprint, search_runtime
-
-log = logging.getLogger("tomesd_ext")
+from ..core.schedule import AutoChooser, Schedule, model_fingerprint
 
 
 def first_tensor(output):
@@ -50,89 +45,35 @@ def call_shape(args, kwargs) -> Optional[tuple]:
     return None
 
 
-def options_key(opts) -> tuple:
-    """The options that change what the search measures (all but the seed)."""
-    return tuple((f.name, getattr(opts, f.name)) for f in fields(opts) if f.name != "seed")
-
-
 class AutoRatio:
-    """Forward pre-hook of a denoiser patched with ratio="auto" (module docstring)."""
+    """Forward pre-hook of a denoiser patched with ratio="auto" (module docstring); ``chooser``:
+    the patch's ``core.schedule.AutoChooser``."""
 
     def __init__(self, patch, family: str, cache_folder: Optional[str] = None):
-        self.patch, self.family = patch, family
-        self.cache = ScheduleCache(cache_folder)
-        self.searching = False
-        self.fingerprint: Optional[str] = None
-        self.chosen = {}  # key -> Schedule
-        self.extra_forwards = 0  # forwards the searches of this patch spent (references included)
-        self.last: Optional[Schedule] = None  # the schedule of the latest call
+        self.chooser = AutoChooser(patch.runtime, family, cache_folder)
+
+    @property
+    def extra_forwards(self) -> int:
+        return self.chooser.extra_forwards
+
+    @property
+    def last(self):
+        return self.chooser.last
 
     @torch.compiler.disable  # Python control flow and extra forwards: outside a compiled graph
     def __call__(self, module, args, kwargs):
-        if self.searching:
+        if self.chooser.searching:
             return None
         shape = call_shape(args, kwargs)
         if shape is None:
             return None
-        if self.fingerprint is None:
-            self.fingerprint = model_fingerprint(module)
-        key = (self.fingerprint, self.family, *shape, options_key(self.patch.opts))
-        schedule = self.chosen.get(key)
-        if schedule is None:
-            schedule = self.cache.get(key)
-            if schedule is not None:
-                log.warning("tomesd-ext: ratio='auto' reuses the cached choice for this model and input %s: block "
-                            "ratios %s (error %.4g), no extra forward", shape[0],
-                            _ratios(schedule), schedule.info.get("error", float("nan")))
-            else:
-                schedule = self._search(module, args, kwargs, shape[0])
-                self.cache.put(key, schedule)
-            self.chosen[key] = schedule
-        self.patch.runtime.settings = schedule.settings
-        self.last = schedule
-        return None
-
-    def _search(self, module, args, kwargs, shape) -> Schedule:
-        rt, opts = self.patch.runtime, self.patch.opts
-        spent = 0
 
         def forward():
-            nonlocal spent
-            spent += 1
             with torch.no_grad():
                 return first_tensor(module(*args, **kwargs))
 
-        start = time.perf_counter()
-        self.searching = True
-        try:
-            result = search_runtime(rt, forward, opts.max_error)
-        finally:
-            self.searching = False
-        self.extra_forwards += spent
-        seconds = time.perf_counter() - start
-        if result is None:
-            raise OptionError(f"ratio='auto': {type(module).__name__} has no block that merges at input "
-                              f"{shape} (grid below min_tokens?)")
-        info = {
-            "max_error": opts.max_error, "error": result.error, "cost": result.cost / result.full_cost,
-            "extra_forwards": spent, "search_seconds": round(seconds, 3), "family": self.family,
-            "input": list(shape), "points": [[list(r), e, c / result.full_cost] for r, e, c in result.points],
-        }
-        if not any(result.ratios):
-            log.warning("tomesd-ext: ratio='auto': no candidate kept the error within max_error=%.4g (the smallest "
-                        "measured was %.4g), so this input is not merged; raise max_error to merge",
-                        opts.max_error, min(e for r, e, _c in result.points if any(r)))
-        log.warning(
-            "tomesd-ext: ratio='auto' (max_error=%.4g) measured %d forwards in %.1f s on this call's input %s and "
-            "chose block ratios %s: error %.4g, merged-operator cost %.3f of unmerged (said once per model and input)",
-            opts.max_error, spent, seconds, shape, tuple(round(r, 4) for r in result.ratios),
-            result.error, result.cost / result.full_cost,
-        )
-        return Schedule(rt.settings, self.fingerprint, info)
-
-
-def _ratios(schedule: Schedule) -> tuple:
-    return tuple(round(s.ratio, 4) for s in schedule.settings)
+        self.chooser.choose(module, shape, forward)
+        return None
 
 
 def load_schedule(schedule, model) -> Schedule:
