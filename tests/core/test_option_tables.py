@@ -97,7 +97,8 @@ def test_node_widgets_are_the_table(node, table):
     widgets = [n for n in required if n not in ("model", "start_percent", "end_percent")]
     assert widgets and set(widgets) <= set(table)
     for name in widgets:
-        _check_widget(table[name], required[name], MIN_TOKENS_DEFAULT if name == "min_tokens" else None)
+        node_default = {"min_tokens": MIN_TOKENS_DEFAULT, "max_error": 0.0}.get(name)  # max_error 0 = off
+        _check_widget(table[name], required[name], node_default)
 
 
 def test_readme_and_video_doc_tables_are_current():
