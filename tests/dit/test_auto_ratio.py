@@ -137,3 +137,12 @@ def test_unet_block_ratios_number_the_merged_blocks_in_execution_order():
     assert rt.n_blocks == len(rt.block_shapes) == 5 and sorted(rt.block_shapes) == list(range(5))
     assert {shape[0] for shape in rt.block_shapes.values()} == {16 * 16}
     remove_tome(unet)
+
+
+def test_auto_on_a_grid_below_min_tokens_merges_nothing_without_error():
+    m, kw, sample = make("flux", batch=1, h=8, w=8)
+    ref = run(m, kw, sample)
+    apply_tome(m, ratio="auto", max_error=0.1, seed=3)  # 64 tokens < min_tokens 2048
+    assert torch.equal(run(m, kw, sample), ref)
+    assert installed_patch(m, PATCH_ATTR).auto.extra_forwards == 1  # the reference only
+    remove_tome(m)

@@ -380,9 +380,12 @@ class AutoChooser:
             self.searching = False
         self.extra_forwards += spent
         seconds = time.perf_counter() - start
-        if result is None:
-            raise OptionError(f"ratio='auto': {type(model).__name__} has no block that merges at input {shape} "
-                              "(grid below min_tokens?)")
+        if result is None:  # no block merges at this input (e.g. its grid is below min_tokens)
+            log.warning("tomesd-ext: ratio='auto': %s has no block that merges at input %s, so it is not merged "
+                        "(said once per model and input)", type(model).__name__, shape)
+            rt.settings = settings_of((0.0,))
+            return Schedule(rt.settings, self.fingerprint, {"max_error": opts.max_error, "error": 0.0, "cost": 1.0,
+                                                            "extra_forwards": spent, "input": repr(shape)})
         full = result.full_cost
         info = {
             "max_error": opts.max_error, "error": result.error, "cost": result.cost / full, "extra_forwards": spent,
