@@ -92,3 +92,12 @@ def test_schedule_file_round_trips_and_refuses_another_model(tmp_path):
         Schedule.load(str(tmp_path / "bad.json"))
     with pytest.raises(OptionError, match="cannot be read"):
         Schedule.load(str(tmp_path / "missing.json"))
+
+
+def test_a_known_point_is_a_candidate_and_costs_no_forward():
+    weights = (0.4, 0.05, 0.2)
+    uniform = (0.5,) * 3
+    budget = fake_model(weights)[0](uniform)
+    measure, calls = fake_model(weights)
+    r = search(measure, cost, 3, 0.75, budget, known={uniform: budget})
+    assert uniform not in calls and r.error <= budget and r.cost <= cost(uniform)

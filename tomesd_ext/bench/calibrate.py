@@ -2,7 +2,8 @@
 short sampling runs, written as a schedule file that ``apply_tome(schedule=PATH)`` loads.
 
 The search is the one ``ratio="auto"`` runs at a call (core.schedule.search: a reference, two
-probes per block group, at most three verifications), with one measurement = one sampling run of
+probes per block group, at most five verifications; the uniform setting measured first is a
+candidate too), with one measurement = one sampling run of
 ``steps`` steps (0: one denoiser forward) and the error = the relative L2 error of its output
 (the final latents; one forward: the noise prediction) against the unmerged run on the same
 input and seed. The budget is a number, or the error of a uniform ratio measured first
@@ -92,12 +93,13 @@ def calibrate(subject, resolution, steps: int = 0, budget: Optional[float] = Non
         return error
 
     maximum = ToMeOptions.create(ratio="auto", max_error=1.0, seed=seed).ratio  # what ratio="auto" searches up to
-    result = search(measure, lambda r: runtime_cost(runtime, r), groups, maximum, cal.budget, AUTO_VERIFY)
+    result = search(measure, lambda r: runtime_cost(runtime, r), groups, maximum, cal.budget, AUTO_VERIFY,
+                    known={uniform_ratios: cal.uniform["error"]})
     for ratios, error, cost in result.points:
         if any(ratios):
             cal.rows.append({"setting": f"blocks {_fmt(ratios)}", "ratios": ratios, "error": error,
                              "seconds": seconds[ratios], "cost": cost / full})
-    cal.chosen = next((r for r in cal.rows[1:] if r["ratios"] == result.ratios), None)
+    cal.chosen = next((r for r in cal.rows if r["ratios"] == result.ratios), None)
     if cal.chosen is None:  # nothing within the budget: nothing merged
         cal.chosen = {"setting": "nothing merged", "ratios": result.ratios, "error": 0.0, "seconds": base_s, "cost": 1.0}
 

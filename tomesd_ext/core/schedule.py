@@ -20,7 +20,8 @@ The error budget (``ratio="auto"``, ``max_error``). ``search`` chooses one ratio
 
 The choice is the cheapest *measured* setting whose error is within the budget (the probes
 count; the reference, nothing merged, error 0, is the fallback), so the budget is never exceeded
-on the input that was measured. Forwards: at most 1 + 2G + verify (G = 3, verify = 3: 10).
+on the input that was measured. Forwards: at most 1 + 2G + verify (G = 3, verify = 5: 12).
+Points measured already (``known``: e.g. a uniform ratio the caller ran) join the candidates.
 Deterministic: the grid, the fits and the ties (cheaper, then lower error, then the ratios in
 order) depend on the measured errors only. "Cheapest" is ``block_cost``: the multiply-adds of a
 block's merged operators at its merged token count (measured time is not deterministic).
@@ -46,7 +47,7 @@ log = logging.getLogger("tomesd_ext")
 
 SCHEDULE_FORMAT = "tomesd-ext-schedule/1"
 AUTO_GROUPS = 3  # block groups the budget search sets independently
-AUTO_VERIFY = 3  # verification forwards of the search, after the probes
+AUTO_VERIFY = 5  # verification forwards of the search, after the probes
 GRID_STEPS = 6  # ratios searched: maximum * k / GRID_STEPS, k = 0..GRID_STEPS
 
 
@@ -130,11 +131,13 @@ class SearchResult:
 
 
 def search(measure: Callable[[Tuple[float, ...]], float], cost: Callable[[Tuple[float, ...]], float],
-           groups: int, maximum: float, max_error: float, verify: int = AUTO_VERIFY) -> SearchResult:
+           groups: int, maximum: float, max_error: float, verify: int = AUTO_VERIFY,
+           known: Optional[Dict[Tuple[float, ...], float]] = None) -> SearchResult:
     """The budget search of the module docstring. measure(ratios) -> relative error of the output
-    with those group ratios (against the reference the caller measured: 1 forward); cost(ratios)."""
+    with those group ratios (against the reference the caller measured: 1 forward); cost(ratios);
+    known: errors the caller measured already (not measured again, not counted as forwards)."""
     zero = (0.0,) * groups
-    points = {zero: 0.0}
+    points = {zero: 0.0, **(known or {})}
     order = [zero]
 
     def run(ratios):
@@ -174,7 +177,7 @@ def search(measure: Callable[[Tuple[float, ...]], float], cost: Callable[[Tuple[
             k = error / guess
     c, e, s = best_measured()
     listed = [(r, points[r], cost(r)) for r in order]
-    return SearchResult(s, e, c, cost(zero), listed, len(order))
+    return SearchResult(s, e, c, cost(zero), listed, len(order))  # forwards: the reference and `order`
 
 
 @dataclass(frozen=True)
