@@ -40,3 +40,9 @@ def test_calibrate_writes_a_schedule_table_and_plot_that_apply_tome_loads(tmp_pa
 def test_bad_input_fails_before_work(argv, message, capsys):
     assert cli.main(["calibrate", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_nothing_to_merge_is_a_clear_error(tmp_path, capsys):
+    argv = ["calibrate", "tiny", "--resolution", "64", "--batch", "1", "--out", str(tmp_path / "s.json")]
+    assert cli.main(argv) == 1  # 8x8 latent: below min_tokens 2048
+    assert "--min-tokens 0" in capsys.readouterr().err and not (tmp_path / "s.json").exists()

@@ -70,6 +70,10 @@ def calibrate(subject, resolution, steps: int = 0, budget: Optional[float] = Non
     uniform_out, uniform_s = run()
     forwards += 1
     runtime = installed_patch(model, PATCH_ATTR).runtime
+    if not runtime.block_shapes:
+        remove_tome(model)
+        raise ValueError(f"no block of {subject.name} merges at {resolution} px (its token grids are below "
+                         f"min_tokens={runtime.opts.min_tokens}): use a larger --resolution or --min-tokens 0")
     groups = min(groups, runtime.n_blocks)
     full = runtime_cost(runtime, (0.0,) * groups)
     uniform_ratios = (float(installed_patch(model, PATCH_ATTR).opts.ratio),) * groups

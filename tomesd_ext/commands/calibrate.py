@@ -83,9 +83,13 @@ def run(args) -> int:
     from ..bench.subject import load_subject
 
     subject = load_subject(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
-    cal = calibrate(subject, res, steps=args.steps, budget=args.max_error, uniform_ratio=args.match_ratio,
-                    batch=args.batch, seed=args.seed, timestep=args.timestep, repeats=args.repeats,
-                    min_tokens=args.min_tokens)
+    try:
+        cal = calibrate(subject, res, steps=args.steps, budget=args.max_error, uniform_ratio=args.match_ratio,
+                        batch=args.batch, seed=args.seed, timestep=args.timestep, repeats=args.repeats,
+                        min_tokens=args.min_tokens)
+    except ValueError as e:  # nothing merges at this size: said after the baseline run
+        print(f"tomesd-ext calibrate: error: {e}", file=sys.stderr)
+        return 1
     print()
     print(table(cal))
     info = cal.schedule.info
