@@ -44,7 +44,18 @@ COMFYUI_OLD_UNPACK := $(if $(COMFYUI_OLD_PATH),,$(COMFYUI_OLD_SNAPSHOT))
 COMFYUI_OLD_PATH := $(or $(COMFYUI_OLD_PATH),$(if $(COMFYUI_OLD_UNPACK),$(call unpacked,$(COMFYUI_OLD_UNPACK))))
 COMFYUI_OLD_PYLIB ?= $(if $(COMFYUI_OLD_PATH),$(abspath $(COMFYUI_OLD_PATH)/..)/pylib)
 
+# Node packs users combine with ours (tests/comfy/test_packs_*.py), from source snapshots unpacked
+# once into COMFYUI_PACKS_DIR; the tests link the ones they need into the ComfyUI they start.
+COMFYUI_PACK_SNAPSHOTS ?= $(sort $(wildcard ../shared/vendor/custom_nodes/*.tar.gz))
+COMFYUI_PACKS_DIR ?= $(abspath $(COMFYUI_CACHE)/packs)
+
 comfyui: setup
+ifneq ($(COMFYUI_PACK_SNAPSHOTS),)
+	bash scripts/comfyui_packs_for_tests.sh "$(COMFYUI_PACKS_DIR)" $(COMFYUI_PACK_SNAPSHOTS)
+else ifneq ($(IN_CI),)
+	@echo "error: CI needs the node-pack snapshots for tests/comfy (COMFYUI_PACK_SNAPSHOTS, default ../shared/vendor/custom_nodes/*.tar.gz)" >&2
+	@exit 1
+endif
 ifneq ($(COMFYUI_PATH),)
 	bash scripts/comfyui_for_tests.sh $(PY) "$(COMFYUI_PATH)" "$(COMFYUI_UNPACK)"
 else ifneq ($(IN_CI),)
@@ -64,6 +75,7 @@ endif
 
 test: setup comfyui
 	COMFYUI_PATH="$(COMFYUI_PATH)" COMFYUI_OLD_PATH="$(COMFYUI_OLD_PATH)" COMFYUI_OLD_PYLIB="$(COMFYUI_OLD_PYLIB)" \
+		COMFYUI_PACKS_DIR="$(if $(COMFYUI_PACK_SNAPSHOTS),$(COMFYUI_PACKS_DIR))" \
 		$(PY) -m pytest -q
 
 clean:

@@ -95,6 +95,32 @@ def check_pack_probe(report, comfy_path):
     assert report["runs"]["TomesdExtTokenMerging"]["ratio0_exact"]
 
 
+def node_pack(name):
+    """The folder of the node pack ``name`` (e.g. "ComfyUI-GGUF") unpacked under COMFYUI_PACKS_DIR
+    (scripts/comfyui_packs_for_tests.sh: PACKS_DIR/<snapshot>/<name>), or None."""
+    root = os.environ.get("COMFYUI_PACKS_DIR")
+    if not root or not os.path.isdir(root):
+        return None
+    found = sorted(os.path.join(root, snap, name) for snap in os.listdir(root)
+                   if os.path.isfile(os.path.join(root, snap, name, "__init__.py")))
+    return found[-1] if found else None
+
+
+def require_node_pack(name):
+    """node_pack(name), or skip the test saying how to get it (in CI, CI=true: fail)."""
+    import pytest
+
+    path = node_pack(name)
+    if path is None:
+        root = os.environ.get("COMFYUI_PACKS_DIR")
+        reason = (f"no node pack {name} under COMFYUI_PACKS_DIR={root or '(not set)'} (`make test` unpacks the "
+                  "snapshots of COMFYUI_PACK_SNAPSHOTS there; docs/development.md)")
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI: {reason}")
+        pytest.skip(reason)
+    return path
+
+
 def missing_reason() -> str:
     """Why there is no ComfyUI to test against (when comfyui_path() is None)."""
     path = os.environ.get("COMFYUI_PATH")
@@ -135,9 +161,11 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: str, checkpoints=None, python=sys.executable, comfy_path=None, pythonpath=None):
+    def __init__(self, base_dir: str, checkpoints=None, python=sys.executable, comfy_path=None, pythonpath=None,
+                 packs=()):
         """comfy_path: the ComfyUI to start (default COMFYUI_PATH); pythonpath: put first on its
-        path (an older release's own frontend packages)."""
+        path (an older release's own frontend packages); packs: folders of other node packs
+        (node_pack) linked into its custom_nodes beside ours."""
         self.base = base_dir
         checkpoints = checkpoints or {}
         for sub in ("models/checkpoints", "models/diffusion_models", "models/text_encoders", "models/vae",
@@ -148,6 +176,10 @@ class ComfyServer:
         pack = os.path.join(base_dir, "custom_nodes", "tomesd-ext")
         if not os.path.lexists(pack):
             os.symlink(REPO, pack)
+        for other in packs:
+            link = os.path.join(base_dir, "custom_nodes", os.path.basename(other.rstrip("/")))
+            if not os.path.lexists(link):
+                os.symlink(other, link)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(base_dir, "comfyui.log")

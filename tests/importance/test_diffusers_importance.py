@@ -178,6 +178,7 @@ def test_tracker_slices_learned_sigma_output():
     tr = ImportancePolicy(opts)
     hooks = ImportanceHooks(tr)
     sample = torch.randn(1, 3, 4, 4).repeat(2, 1, 1, 1)
+    hooks.read(sample, 500)
     hooks.before(sample, 500)
     out = torch.randn(2, 6, 4, 4)  # (prediction, variance) channels
     hooks.post_hook(None, (sample,), out)

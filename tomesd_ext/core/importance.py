@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .matching import bipartite_plan
-from .partition import derive_seed, window_partition
+from .partition import derive_seed, timestep_key, window_partition
 from .plan import MergePlan
 from .tome import tome_plan
 
@@ -214,9 +214,9 @@ def image_rows(batch: int, layout: str, images: Optional[int] = None, frames: in
         clips = image_rows(batch // frames, layout, images)
         return [c * frames + f for c in clips for f in range(frames)]
     b0 = images or batch // 2
-    rows = torch.arange(batch)
-    image = rows % b0 if layout == "halves" else rows // 2
-    return [rows[image == i] for i in range(b0)]
+    if layout == "halves":
+        return [torch.arange(i, batch, b0) for i in range(b0)]
+    return [torch.arange(2 * i, 2 * i + 2) for i in range(b0)]
 
 
 def importance_plan(metric: torch.Tensor, parts: list, rows: list, grid, frame_reach: Optional[int] = None) -> Optional[MergePlan]:
@@ -285,6 +285,25 @@ def detect_cfg_layout(sample: torch.Tensor, setting: str = "auto") -> Optional[s
     if torch.equal(sample[0::2], sample[1::2]):
         return "interleaved"
     return None
+
+
+def read_call(sample: Optional[torch.Tensor], timestep, setting: str = "auto") -> Tuple[float, Optional[str]]:
+    """(timestep key, CFG layout) of a denoiser call: ``timestep_key(timestep)`` and
+    ``detect_cfg_layout(sample, setting)`` with their values read from the device in one go, so an
+    importance-mode call waits for the device once (the key alone: timestep_key)."""
+    if setting != "auto" or not isinstance(sample, torch.Tensor) or sample.ndim not in (4, 5):
+        return timestep_key(timestep), detect_cfg_layout(sample, setting)
+    if sample.shape[0] < 2 or sample.shape[0] % 2:
+        return timestep_key(timestep), None
+    a, b = sample.chunk(2)
+    values = [(a == b).all(), (sample[0::2] == sample[1::2]).all()]
+    read_t = isinstance(timestep, torch.Tensor) and timestep.numel() > 0
+    if read_t:
+        values.append(timestep.detach().flatten()[0].to(sample.device))
+    exact = torch.float32 if sample.device.type == "mps" else torch.float64  # MPS has no float64
+    got = torch.stack([v.to(exact) for v in values]).tolist()
+    layout = "halves" if got[0] else "interleaved" if got[1] else None
+    return timestep_key(got[2] if read_t else timestep), layout
 
 
 def importance_map_from_x0(cond: torch.Tensor, uncond: torch.Tensor, sigma) -> torch.Tensor:

@@ -67,8 +67,10 @@ def window_partition(
     rows = torch.arange(hsy).view(1, -1, 1) * sy + plane // sx
     cols = torch.arange(wsx).view(1, 1, -1) * sx + plane % sx
     dst = ((frame * h + rows) * w + cols).flatten()
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[dst] = False
-    src = mask.nonzero().flatten()
+    # the sources: every index that is no destination, ascending; by a stable sort of the
+    # destination flags (their count is known), with no data-dependent shape (nonzero)
+    is_dst = torch.zeros(n, dtype=torch.uint8)
+    is_dst[dst] = 1
+    src = torch.sort(is_dst, stable=True).indices[: n - dst.numel()]
     dst = dst.sort().values
     return dst.to(device), src.to(device)

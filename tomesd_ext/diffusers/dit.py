@@ -57,8 +57,8 @@ class CallState:
 class DitCallStart:
     """Forward pre-hook of the transformer: read grid, text length and timestep; begin the call."""
 
-    def __init__(self, patch, family: Family, state: CallState, before=None):
-        self.patch, self.family, self.state, self.before = patch, family, state, before
+    def __init__(self, patch, family: Family, state: CallState, importance=None):
+        self.patch, self.family, self.state, self.importance = patch, family, state, importance
 
     @torch.compiler.disable  # reads Python state of the call (signature, step key): outside a compiled graph
     def __call__(self, module, args, kwargs):
@@ -72,12 +72,15 @@ class DitCallStart:
             state.lead += held * frames_grid[1] * frames_grid[2]
         sample = info.sample[0] if isinstance(info.sample, (list, tuple)) and info.sample else info.sample
         device = sample.device if isinstance(sample, torch.Tensor) else None
-        key = timestep_key(info.timestep)
+        if self.importance is not None:  # the CFG layout and the step key in one host read
+            key = self.importance.read(info.sample, info.grid, info.lead, info.timestep)
+        else:
+            key = timestep_key(info.timestep)
         self.patch.runtime.begin_call(grid, key, device=device, progress=sampling_progress(self.family.name, key))
         if info.reason is not None:
             say_once(self.patch.runtime, self.family, info.reason)
-        if self.before is not None:
-            self.before(info.sample, info.grid, info.lead)
+        if self.importance is not None:
+            self.importance.before()
 
 
 class BlockMerge:
@@ -298,11 +301,10 @@ def attach_dit(patch, family: Family) -> None:
     runtime.context = state  # kept with each call's plans for checkpoint recomputations
     patch.dit_mode, patch.skip_ends = mode, skip
     runtime.cost_kind = mode  # the budget search's cost model
-    before = None
+    importance = None
     if isinstance(runtime.policy, ImportancePolicy) and family.predicts:
-        patch.importance = track_dit_importance(patch)
-        before = patch.importance.before
-    patch.track_calls(start=DitCallStart(patch, family, state, before))
+        importance = patch.importance = track_dit_importance(patch)
+    patch.track_calls(start=DitCallStart(patch, family, state, importance))
     order = [(spec, block) for spec in family.lists for block in getattr(model, spec.name, None) or []]
     for i in merged_blocks(len(order), skip):
         spec, block = order[i]

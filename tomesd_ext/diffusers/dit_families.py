@@ -8,6 +8,7 @@ and which positional inputs of a block must follow merged tokens (``gather_span`
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Tuple
 
@@ -64,20 +65,36 @@ class Family:
     predicts: bool = True
 
 
+_ids_seen: list = []  # [(weakref to the ids tensor, its version, axes, grid)]: the last ids read
+
+
 def _grid_from_ids(ids, axes=(1, 2)):
     """(h, w) of the first image in position ids (N, k) or (B, N, k), when its tokens come first
-    and fill a full h x w raster; else None."""
+    and fill a full h x w raster; else None.
+
+    One host read per new ids tensor: pipelines pass the same ids at every step, so a sampling
+    run reads them once (on a GPU each read waits for the device)."""
     if ids is None:
         return None
-    if ids.ndim == 3:
-        ids = ids[0]
-    first = ids[:, 0] == ids[0, 0]
-    n = int(first.sum())
-    if not bool(first[:n].all()):
-        return None
-    rows, cols = ids[:n, axes[0]], ids[:n, axes[1]]
-    h, w = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
-    return (h, w) if h * w == n else None
+    if _ids_seen:
+        ref, version, seen_axes, grid = _ids_seen[0]
+        if ref() is ids and version == ids._version and seen_axes == axes:
+            return grid
+    flat = ids[0] if ids.ndim == 3 else ids
+    first = flat[:, 0] == flat[0, 0]
+    lead = first.long().cumprod(0).bool()  # the leading run of the first image's tokens
+    rows, cols = flat[:, axes[0]].float(), flat[:, axes[1]].float()
+    big = torch.finfo(torch.float32).max
+    stats = torch.stack([
+        first.sum().float(), lead.sum().float(),
+        torch.where(lead, rows, -big).max(), torch.where(lead, rows, big).min(),
+        torch.where(lead, cols, -big).max(), torch.where(lead, cols, big).min(),
+    ])
+    n, n_lead, r_max, r_min, c_max, c_min = (int(v) for v in stats.tolist())
+    h, w = r_max - r_min + 1, c_max - c_min + 1
+    grid = (h, w) if n == n_lead and h * w == n else None
+    _ids_seen[:] = [(weakref.ref(ids), ids._version, axes, grid)]
+    return grid
 
 
 def _n_txt(a) -> int:

@@ -3,7 +3,7 @@
 As for UNets (importance.py), the map of step t drives step t+1. Two CFG shapes occur:
 
 - one batched call on the latents twice over (SD3, PixArt, Z-Image): rows pair up as "halves" or
-  "interleaved" (``detect_cfg_layout``);
+  "interleaved" (``core.read_call``: with the timestep, in one host read);
 - two calls per step on the same latent and timestep (Qwen-Image runs cond, then uncond): the
   second call's output minus the first's.
 
@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..core import detect_cfg_layout, importance_map, pool_to_video_grid
+from ..core import importance_map, pool_to_video_grid, read_call
 from ..core.dit import merged_video_grid
 
 
@@ -59,11 +59,16 @@ class DitImportance:
         self.lead = 0
         self.sample = None
 
-    def before(self, sample, grid, lead=0) -> None:
-        policy = self.policy
+    def read(self, sample, grid, lead, timestep) -> float:
+        """The call's timestep key; its latent and CFG layout (found in the same host read) are kept
+        for ``before``."""
         self.grid, self.lead = grid, lead
         self.sample = _latent(sample, grid, lead)
-        self.layout = detect_cfg_layout(self.sample, policy.opts.cfg_layout) if self.sample is not None else None
+        key, self.layout = read_call(self.sample, timestep, self.policy.opts.cfg_layout)
+        return key
+
+    def before(self) -> None:
+        policy = self.policy
         x = self.sample
         if x is not None:
             shape = self._merged_grid() if x.ndim == 5 else tuple(x.shape[-2:])

@@ -1,7 +1,8 @@
 """Importance mode for diffusers: the CFG importance map from the denoiser's own output.
 
-The denoiser's forward pre-hook detects the CFG layout of its input (``core.detect_cfg_layout``:
-standard pipelines call it on ``torch.cat([latents] * 2)``) and hands the policy the rows of each
+The denoiser's forward pre-hook detects the CFG layout of its input (``core.read_call``, which
+reads it with the step's timestep in one host read: standard pipelines call the denoiser on
+``torch.cat([latents] * 2)``) and hands the policy the rows of each
 image; a forward hook takes ``core.importance_map`` of the output, which drives the next call's
 destinations (``core.ImportancePolicy``). A UNetMotionModel's clip batch (B, C, F, H, W) gives one
 map per clip frame, cond and uncond of the same frame paired (``ImportancePolicy.use_clip_map``). No CFG pair (guidance <= 1, a guidance-distilled model,
@@ -14,7 +15,7 @@ import warnings
 
 import torch
 
-from ..core import detect_cfg_layout, importance_map
+from ..core import importance_map, read_call
 
 
 class ImportanceHooks:
@@ -28,9 +29,13 @@ class ImportanceHooks:
         self.channels = 0
         self.shape = None  # (batch, ndim) of the call's sample: its output must match
 
+    def read(self, sample, timestep) -> float:
+        """The call's timestep key; the CFG layout found in the same host read is kept for ``before``."""
+        key, self.layout = read_call(sample, timestep, self.policy.opts.cfg_layout)
+        return key
+
     def before(self, sample, timestep) -> None:
         policy = self.policy
-        self.layout = detect_cfg_layout(sample, policy.opts.cfg_layout)
         if self.layout is None:
             if policy.opts.cfg_layout == "off":
                 policy.set_map(None)
@@ -62,6 +67,6 @@ class ImportanceHooks:
 def track_importance(patch) -> ImportanceHooks:
     """Add the hooks that feed ``patch.policy`` (an ImportancePolicy); returns them."""
     hooks = ImportanceHooks(patch.policy)
-    patch.track_calls(before=hooks.before)
+    patch.track_calls(before=hooks.before, read=hooks.read)
     patch.hook(patch.model.register_forward_hook(hooks.post_hook))
     return hooks

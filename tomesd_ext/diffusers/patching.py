@@ -30,9 +30,10 @@ class CallStart:
     that were swapped since the last call. A clip sample (B, C, F, H, W) of a UNet with motion
     modules also tells the runtime F, the frames per clip of the rows its spatial blocks see."""
 
-    def __init__(self, patch: "ModelPatch", before=None):
+    def __init__(self, patch: "ModelPatch", before=None, read=None):
         self.patch = patch
         self.before = before
+        self.read = read or (lambda sample, timestep: timestep_key(timestep))  # -> the call's step key
 
     @torch.compiler.disable  # per-call Python state (step key, random draws): outside a compiled graph
     def __call__(self, module, args, kwargs):
@@ -41,7 +42,7 @@ class CallStart:
         self.patch.rewrap()
         latent_hw = tuple(sample.shape[-2:]) if sample is not None else None
         clip_frames = sample.shape[2] if sample is not None and sample.ndim == 5 else 1
-        key = timestep_key(timestep)
+        key = self.read(sample, timestep)
         self.patch.runtime.begin_call(
             latent_hw, key, device=getattr(sample, "device", None), clip_frames=clip_frames,
             progress=min(max(1.0 - key / 1000.0, 0.0), 1.0),  # UNets: timesteps 999 .. 0 over sampling
@@ -98,9 +99,9 @@ class ModelPatch:
     def hook(self, handle) -> None:
         self.handles.append(handle)
 
-    def track_calls(self, before=None, start=None) -> None:
+    def track_calls(self, before=None, start=None, read=None) -> None:
         """The denoiser's pre-hook (``start``, default ``CallStart``) and end-of-call hook (``CallEnd``)."""
-        start = start if start is not None else CallStart(self, before)
+        start = start if start is not None else CallStart(self, before, read)
         self.hook(self.model.register_forward_pre_hook(start, with_kwargs=True))
         self.hook(self.model.register_forward_hook(CallEnd(self.runtime), always_call=True))
 
