@@ -12,6 +12,7 @@ COMMANDS = {
     "kernels": "kernels",
     "edit-video": "edit_video",
     "bench-video": "bench_video",
+    "calibrate": "calibrate",
 }
 
 

@@ -53,8 +53,8 @@ def _edge_values(option):
 @pytest.mark.parametrize("table, options, _apply, extra", CASES)
 def test_validation_follows_the_table_ranges(table, options, _apply, extra):
     for name, option in table.items():
-        if name in ("sx", "sy", "ratio", "local_ratio", "global_ratio", "frame_reach"):
-            continue  # coupled or clamped limits: tested in test_options_and_grid, test_video_dit
+        if name in ("sx", "sy", "ratio", "local_ratio", "global_ratio", "frame_reach", "block_ratios", "max_error"):
+            continue  # coupled or clamped limits: tested in test_options_and_grid, test_video_dit, test_schedule
         ok, bad = _edge_values(option)
         kw = dict(extra) if name in ("pool_factor", "prune_steps", "cfg_layout") else {}
         if name == "merge_attn":
@@ -98,7 +98,8 @@ def test_node_widgets_are_the_table(node, table):
     widgets = [n for n in required if n not in ("model", "start_percent", "end_percent")]
     assert widgets and set(widgets) <= set(table)
     for name in widgets:
-        _check_widget(table[name], required[name], MIN_TOKENS_DEFAULT if name == "min_tokens" else None)
+        node_default = {"min_tokens": MIN_TOKENS_DEFAULT, "max_error": 0.0}.get(name)  # max_error 0 = off
+        _check_widget(table[name], required[name], node_default)
 
 
 def test_readme_and_video_doc_tables_are_current():

@@ -5,7 +5,10 @@ algorithm is core/dit.py. Everything attaches through ComfyUI's extension points
 
 - ``ApplyModelWrapper`` (``WrappersMP.APPLY_MODEL``, run by every model, unlike the
   DIFFUSION_MODEL wrapper that MMDiT and PixArt skip): the latent (B, C, [T,] H, W) gives the
-  image-token grid, ``model_sampling.timestep(sigma)`` the step key, sigma the sampling window.
+  image-token grid, ``model_sampling.timestep(sigma)`` the step key, sigma the sampling window
+  and the sampling progress (the windows of per-block settings). With ratio="auto", before the
+  first call in the window of each latent shape it runs the call again for the error-budget
+  search (core.schedule.AutoChooser; memory cache only).
 - block mode, ``BlockMerge`` in ``patches_replace["dit"][(kind, i)]``: the image span of
   ``args["img"]`` is merged (``merge_span``), ``args["pe"]`` gathered at the groups' anchors
   (``gather_span``), the original block runs on the shorter sequence and its update is unmerged
@@ -24,9 +27,10 @@ from typing import Optional, Tuple
 import torch
 
 from ..core import MergeRuntime, OptionError, TomePolicy, ToMeOptions, timestep_key
+from ..core.schedule import AutoChooser
 from ..core.dit import dit_settings, gather_span, merge_keys_values, merge_span, merged_blocks, span_plan, unmerge_update
 from .dit_families import SUPPORTED_DITS, Family, family_of, token_grid
-from .patching import ATTENTION_OVERRIDE, PatchState, SharedPatch, patched_clone, sigma_range, unsupported_reason
+from .patching import ATTENTION_OVERRIDE, PatchState, SharedPatch, patched_clone, sigma_progress, sigma_range, unsupported_reason
 
 
 class DitState(PatchState):
@@ -38,11 +42,13 @@ class DitState(PatchState):
         self.family, self.patch_size = family, patch_size
         self.n_txt = 0
         self.kv = None  # (plan, n_txt) while a kv-mode block runs
+        self.auto: Optional[AutoChooser] = None  # ratio="auto"
 
     @torch.compiler.disable  # Python call state (step key, random draws): outside a compiled graph
-    def begin_dit_call(self, latent: torch.Tensor, timestep, sigma) -> None:
+    def begin_dit_call(self, latent: torch.Tensor, timestep, sigma, progress=None) -> None:
         grid = token_grid(tuple(latent.shape), self.patch_size) if isinstance(latent, torch.Tensor) else None
-        self.runtime.begin_call(grid, timestep_key(timestep), sigma, device=getattr(latent, "device", None))
+        self.runtime.begin_call(grid, timestep_key(timestep), sigma, device=getattr(latent, "device", None),
+                                progress=progress)
         self.n_txt, self.kv = 0, None
 
     def end_call(self) -> None:
@@ -56,11 +62,25 @@ class ApplyModelWrapper(SharedPatch):
 
     def __call__(self, executor, x, t, *args, **kwargs):
         sampling = executor.class_obj.model_sampling
-        self.state.begin_dit_call(x, sampling.timestep(t), t)
+        state = self.state
+        auto = getattr(state, "auto", None)
+        if auto is not None and not auto.searching and isinstance(x, torch.Tensor) and self.in_window(t):
+            def forward():  # the call again, as a call of its own
+                out = self(executor, x, t, *args, **kwargs)
+                return out[0] if isinstance(out, (tuple, list)) else out
+
+            auto.choose(executor.class_obj.diffusion_model, (tuple(x.shape), str(x.dtype)), forward)
+        state.begin_dit_call(x, sampling.timestep(t), t, sigma_progress(sampling, t))
         try:
             return executor(x, t, *args, **kwargs)
         finally:
             self.state.end_call()
+
+
+    def in_window(self, sigma) -> bool:
+        rt = self.state.runtime
+        s = float(sigma.flatten()[0].item()) if hasattr(sigma, "flatten") else float(sigma)
+        return rt.sigma_end <= s <= rt.sigma_start
 
 
 class _Block(SharedPatch):
@@ -179,7 +199,10 @@ def apply_dit_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_pe
     mode, skip = dit_settings(family.key(dm), opts.dit_mode, opts.skip_ends)
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
     runtime = MergeRuntime(TomePolicy(opts), 1, sigma_start, sigma_end)
+    runtime.cost_kind = mode  # the budget search's cost model
     state = DitState(runtime, family, int(getattr(dm, "patch_size", 2)))
+    if opts.auto:
+        state.auto = AutoChooser(runtime, family.key(dm))
     return install_blocks(model, state, mode, family.blocks(dm), skip, (BlockMerge, KeysValuesPlan)), None
 
 

@@ -191,6 +191,23 @@ def window_error(start_percent: float, end_percent: float) -> Optional[str]:
     return None
 
 
+def sigma_progress(sampling, sigma) -> Optional[float]:
+    """The fraction of sampling done at noise level ``sigma`` (a number or a tensor whose first
+    entry is used): ``percent_to_sigma`` inverted by bisection (it falls as the percentage rises);
+    None when sigma is None. The windows of per-block settings read it."""
+    if sigma is None:
+        return None
+    s = float(sigma.flatten()[0].item()) if hasattr(sigma, "flatten") else float(sigma)
+    lo, hi = 0.0, 1.0
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        if float(sampling.percent_to_sigma(mid)) > s:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 def sigma_range(model, start_percent: float, end_percent: float) -> Tuple[float, float]:
     """(sigma_start, sigma_end) of the sampling part [start_percent, end_percent]."""
     error = window_error(start_percent, end_percent)

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import MergeRuntime, TomePolicy, ToMeOptions, merge, unmerge
+from ..core import MergeRuntime, OptionError, TomePolicy, ToMeOptions, merge, unmerge
 from .discovery import auto_max_downsample, transformer_blocks, unet_of
 from .dit import apply_dit_patch
 from .dit_families import family_of
@@ -147,12 +147,24 @@ def apply_tome_patch(
     """
     if opts.mode != "tome":
         raise ValueError(f"opts.mode={opts.mode!r}: use apply_importance_patch for mode='importance'")
+    per_block = opts.block_ratios is not None or opts.auto
     if unet_of(model) is None:
         dm = getattr(getattr(model, "model", None), "diffusion_model", None)
         video = video_family_of(dm)
         if video is not None:
+            _refuse_per_block(per_block, "video transformers")
             return apply_video_patch(model, dm, video, opts, start_percent, end_percent), None
+        if per_block and family_of(dm) is None:
+            _refuse_per_block(True, "PixArt and Lumina2 / Z-Image")
         m, reason = apply_dit_patch(model, opts, start_percent, end_percent)
         return m, reason and f"{reason}, and the video transformers {SUPPORTED_VIDEO_DITS}"
+    _refuse_per_block(per_block, "UNets")
     m, _state, reason = install_merge_patch(model, opts, start_percent, end_percent)
     return m, reason
+
+
+def _refuse_per_block(per_block: bool, what: str) -> None:
+    """block_ratios / ratio="auto" run on ComfyUI's image transformers only (for now)."""
+    if per_block:
+        raise OptionError(f"ratio='auto' (max_error) and block_ratios are not supported on ComfyUI's {what} yet: "
+                          "only on its image transformers Flux.1, Flux.2, SD3 and Qwen-Image (docs/schedules.md)")

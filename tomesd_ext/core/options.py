@@ -145,10 +145,11 @@ def _table(*options: Option) -> dict:
 _MD = ", ".join(str(d) for d in MAX_DOWNSAMPLE_CHOICES)
 
 TOME_OPTIONS = _table(
-    Option("ratio", "float", 0.5, "[0, 1)",
+    Option("ratio", "float", 0.5, "[0, 1) or `\"auto\"`",
            "Fraction of a merged level's tokens merged away; 0 = bit-identical to the unpatched model. At most "
            "1 - 1/(sx*sy) (0.75 for 2x2 windows; importance mode: also 1 - 1/(sx*sy*pool_factor)); larger values "
-           "are clamped with a warning.",
+           "are clamped with a warning. \"auto\" (diffusers, with max_error): chosen per block group on the "
+           "first call (docs/schedules.md).",
            lo=0.0, hi=1.0, hi_open=True, step=0.01, simple=True),
     Option("max_downsample", "choice", "auto", f"`\"auto\"`, {_MD}",
            "Merge levels with downsample factor <= this; auto = the highest-resolution level that has "
@@ -206,6 +207,14 @@ TOME_OPTIONS = _table(
            "Transformers: this many blocks at each end of the network stay unmerged; None = the family's "
            "measured default. A value that leaves no block to merge (2 * skip_ends >= the model's blocks) is an "
            "OptionError when the model is patched. UNets ignore it.", lo=0, hi=64),
+    Option("block_ratios", "schedule", None, "None or a list of ratios / `{ratio, start, end}`",
+           "Per-block settings (mode tome): the merging blocks, in execution order, split into one consecutive "
+           "group per entry; each entry is its group's ratio, and may limit it to a part of sampling [start, end] "
+           "(fractions done). Replaces ratio (docs/schedules.md)."),
+    Option("max_error", "float", None, "None or (0, 1]",
+           "With ratio=\"auto\": the largest relative error of the denoiser output allowed; the first merged call "
+           "measures the output unmerged and for candidate block ratios, and keeps the cheapest within it "
+           "(docs/schedules.md).", lo=0.0, hi=1.0, step=0.001),
 )
 
 
@@ -268,6 +277,8 @@ class ToMeOptions:
     keep_first_frame: bool = False
     frame_reach: Optional[int] = None
     frame_plan: str = "shared"
+    block_ratios: Optional[tuple] = None
+    max_error: Optional[float] = None
 
     @classmethod
     def create(cls, **kwargs) -> "ToMeOptions":
@@ -298,7 +309,10 @@ class ToMeOptions:
             check_option(table["cfg_layout"], o.cfg_layout)
         elif o.prune_steps != 0:
             raise OptionError(f"prune_steps={o.prune_steps!r} applies to mode='importance' only (mode={o.mode!r})")
-        ratio = check_ratio("ratio", o.ratio, maximum, why)
+        block_ratios, ratio = None, o.ratio
+        if ratio == "auto" or o.max_error is not None or o.block_ratios is not None:
+            block_ratios, ratio = _schedule_options(o, maximum)
+        ratio = check_ratio("ratio", ratio, maximum, why)
         min_tokens = MIN_TOKENS_DEFAULT if o.min_tokens is None else check_option(table["min_tokens"], o.min_tokens)
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             check_option(table[name], getattr(o, name))
@@ -318,10 +332,39 @@ class ToMeOptions:
         if o.skip_ends is not None:
             check_option(table["skip_ends"], o.skip_ends)
         seed = resolve_seed(o.seed)
-        return replace(o, ratio=ratio, seed=seed, pool_factor=pool_factor, min_tokens=min_tokens)
+        return replace(o, ratio=ratio, seed=seed, pool_factor=pool_factor, min_tokens=min_tokens,
+                       block_ratios=block_ratios, max_error=None if o.max_error is None else float(o.max_error))
+
+    @property
+    def auto(self) -> bool:
+        """ratio="auto": the block ratios are chosen at the first merged call (max_error set)."""
+        return self.max_error is not None
 
     @property
     def reuses_plans(self) -> bool:
         """Whether plans are kept beyond one block call (reuse="level" or reuse_steps > 1)."""
         return self.reuse == "level" or self.reuse_steps > 1
 
+
+
+def _schedule_options(o, maximum: float):
+    """(block_ratios, ratio) of options with ratio="auto", max_error or block_ratios: validated,
+    exclusive of each other as the table says. An auto ratio is stored as ``maximum``, the largest
+    ratio the search tries."""
+    from .schedule import block_settings
+
+    if o.mode != "tome":
+        raise OptionError(f"ratio='auto', max_error and block_ratios apply to mode='tome' only (mode={o.mode!r})")
+    if o.block_ratios is not None:
+        if o.ratio == "auto" or o.max_error is not None:
+            raise OptionError("block_ratios sets the ratios by hand: do not combine it with ratio='auto' / max_error")
+        settings = block_settings(o.block_ratios, maximum)
+        return settings, max(s.ratio for s in settings)
+    if o.ratio != "auto":
+        raise OptionError(f"max_error={o.max_error!r} needs ratio='auto' (ratio={o.ratio!r} is fixed)")
+    e = o.max_error
+    if e is None:
+        raise OptionError("ratio='auto' needs max_error, the largest relative output error allowed, in (0, 1]")
+    if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0.0 < e <= 1.0:
+        raise OptionError(f"max_error={e!r} is out of range: allowed (0, 1]")
+    return None, maximum

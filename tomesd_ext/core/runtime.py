@@ -20,6 +20,13 @@ call whose batch holds clips of frames (AnimateDiff), the plan shared by a clip'
 (``opts.frame_plan``: the policy plans on ``clip_metric`` and every frame gets its clip's plan). A
 policy with ``on_call(step_key)`` hears of every denoiser call (importance: the step count).
 
+Per-block settings (core/schedule.py): ``settings`` (from ``opts.block_ratios``, or chosen by the
+error-budget search of ``ratio="auto"``) gives each block group its ratio and sampling window.
+Slots are numbered (``block_of``: scope -> number) in the order the adapter creates them
+(execution order), counting only those at a merged level (``new_slot(downsample=...)``); ``begin_call(progress=...)`` tells the runtime
+how far sampling is, for the windows. Every block call's token count and width are kept in
+``block_shapes`` (the search's cost model).
+
 torch.compile: a policy with ``draw_partition(h, w, seed, device, frames)`` (ToMe) has the random
 partitions of every grid the call merges drawn in ``begin_call`` (which adapters run outside the
 compiled graph), into tensors that are kept and refilled in place. The blocks then only read
@@ -45,6 +52,7 @@ from .grid import level_grid, level_sizes
 from .matching import clip_metric
 from .plan import MergePlan
 from .plan_cache import PlanCache
+from .schedule import group_of
 from .tome import partition_seed
 
 log = logging.getLogger("tomesd_ext")
@@ -81,14 +89,21 @@ class MergeRuntime:
         self.recorded = False  # some call kept plans (a recomputation may look them up)
         self.replaying = False  # a block recomputation replays a kept call
         self._snapshot = None
+        self.settings = getattr(self.opts, "block_ratios", None)  # per-group BlockSettings, or None: opts.ratio
+        self.n_blocks = 0  # slots at a merged level (numbered 0..n_blocks-1 in creation order)
+        self.block_of = {}  # slot scope -> its block number
+        self.block_shapes = {}  # block number -> (tokens, channels) of its last merged-level call
+        self.progress: Optional[float] = None  # fraction of sampling done (None: unknown)
 
-    def begin_call(self, latent_hw, step_key: float, sigma=None, device=None, clip_frames: int = 1) -> None:
+    def begin_call(self, latent_hw, step_key: float, sigma=None, device=None, clip_frames: int = 1,
+                   progress: Optional[float] = None) -> None:
         """A denoiser call starts: latent (H, W) (or, for a video transformer, the token grid
         (frames, h, w)), its step key (``timestep_key``), its sigma (a number, a tensor whose
         first entry is used, or None: no window), the device of its tensors (given: partitions
         are drawn now, see the module docstring; None: by the first block that needs one).
         clip_frames: a UNet with motion modules runs its spatial blocks on batch x frames rows,
-        the F = clip_frames frames of each clip consecutive; 1 otherwise.
+        the F = clip_frames frames of each clip consecutive; 1 otherwise. progress: the fraction
+        of sampling done (the windows of per-block settings), None when unknown.
 
         The call state lives on the patched model, so one model must not run in two threads at
         once: a call that starts while another thread's call is in progress raises RuntimeError.
@@ -106,6 +121,7 @@ class MergeRuntime:
             self.frames, latent_hw = int(latent_hw[0]), tuple(latent_hw[1:])
         self.latent_hw = latent_hw
         self.step_key = step_key
+        self.progress = progress
         if sigma is not None and hasattr(sigma, "flatten"):
             sigma = float(sigma.flatten()[0].item())
         in_window = sigma is None or self.sigma_end <= float(sigma) <= self.sigma_start
@@ -186,6 +202,13 @@ class MergeRuntime:
             return None
         return found[1], found[2]
 
+    def block_ratio(self, block: Optional[int]) -> float:
+        """The ratio of block number ``block`` in this call (its group's setting at ``progress``;
+        a slot without a number takes the first group's)."""
+        settings = self.settings
+        group = 0 if block is None else group_of(block, self.n_blocks, len(settings))
+        return settings[group].at(self.progress)
+
     def plan_for(self, metric: torch.Tensor, scope: Hashable = None) -> Optional[MergePlan]:
         """The plan for metric (B, N, C) of one block call, or None when its level is not merged.
 
@@ -207,6 +230,15 @@ class MergeRuntime:
         if self.below_min_tokens((f,) * (f > 1) + (h, w)):
             return None
         video = {"frames": f} if f > 1 else {}
+        ratio = None
+        block = self.block_of.get(scope)
+        if block is not None:
+            self.block_shapes[block] = (metric.shape[1], metric.shape[2])
+        if self.settings is not None:
+            ratio = self.block_ratio(block)
+            if ratio == 0.0:
+                return None
+            video["ratio"] = ratio
         if self.drawn_on is not None and self.drawn_on == metric.device and (f, h, w) in self.drawn:
             # drawn in begin_call: no seed (a Python number) is touched here
             video["partition"] = self.drawn[(f, h, w)]
@@ -223,7 +255,7 @@ class MergeRuntime:
                 return self.policy.plan(metric, h, w, seed, **video)
         if self.cache is None:
             return compute()
-        key = (None if opts.reuse == "level" else scope, f, h, w, metric.shape[0], metric.device)
+        key = (None if opts.reuse == "level" else scope, f, h, w, metric.shape[0], metric.device, ratio)
         return self.cache.get(key, compute)
 
     def below_min_tokens(self, shape) -> bool:
@@ -253,11 +285,16 @@ class MergeRuntime:
         """The call's full-resolution grid: (h, w), or (frames, h, w) for a video."""
         return ((self.frames,) if self.frames > 1 else ()) + tuple(self.latent_hw or ())
 
-    def new_slot(self, scope: Hashable = None) -> "BlockSlot":
-        """A slot for one block (scope: its cache key; default a fresh number)."""
+    def new_slot(self, scope: Hashable = None, downsample: int = 1) -> "BlockSlot":
+        """A slot for one block (scope: its cache key; default a fresh number), created in
+        execution order; downsample: the level the block runs at (a block at a level deeper than
+        max_downsample gets no block number)."""
         if scope is None:
             self._slots += 1
             scope = self._slots
+        if downsample <= self.max_downsample:
+            self.block_of[scope] = self.n_blocks
+            self.n_blocks += 1
         return BlockSlot(self, scope)
 
 

@@ -29,7 +29,8 @@ def partition_seed(opts: ToMeOptions, *keys) -> Optional[int]:
 
 
 def tome_plan(
-    metric: torch.Tensor, h: int, w: int, opts: ToMeOptions, seed: Optional[int], frames: int = 1, partition=None
+    metric: torch.Tensor, h: int, w: int, opts: ToMeOptions, seed: Optional[int], frames: int = 1, partition=None,
+    ratio: Optional[float] = None,
 ) -> Optional[MergePlan]:
     """Plan for a (B, frames*h*w, C) metric on a frames x h x w grid, or None when nothing would
     be merged.
@@ -38,7 +39,8 @@ def tome_plan(
     several images) uses the same destinations; matching is per sample and global, so in a video
     a source merges into the most similar destination of any frame (of the frames within
     opts.frame_reach when set). Video windows span opts.st frames (images and st = 1: one frame). partition: (dst, src) drawn already for this seed
-    (``TomePolicy.draw_partition``); seed is then unused.
+    (``TomePolicy.draw_partition``); seed is then unused. ratio: this block's (per-block settings),
+    None: opts.ratio.
     """
     n = frames * h * w
     if metric.shape[1] != n:
@@ -47,7 +49,7 @@ def tome_plan(
     if partition is None:
         partition = _cached_partition(h, w, opts.sx, opts.sy, seed, metric.device, frames, st)
     dst, src = partition
-    r = tokens_to_remove(opts.ratio, n, src.numel())
+    r = tokens_to_remove(opts.ratio if ratio is None else ratio, n, src.numel())
     if r == 0 or dst.numel() == 0:
         return None
     if frames == 1:
@@ -71,5 +73,6 @@ class TomePolicy:
         st = self.opts.st if frames > 1 else 1
         return _cached_partition(h, w, self.opts.sx, self.opts.sy, seed, device, frames, st)
 
-    def plan(self, metric: torch.Tensor, h: int, w: int, seed: Optional[int], frames: int = 1, partition=None) -> Optional[MergePlan]:
-        return tome_plan(metric, h, w, self.opts, seed, frames, partition)
+    def plan(self, metric: torch.Tensor, h: int, w: int, seed: Optional[int], frames: int = 1, partition=None,
+             ratio: Optional[float] = None) -> Optional[MergePlan]:
+        return tome_plan(metric, h, w, self.opts, seed, frames, partition, ratio)

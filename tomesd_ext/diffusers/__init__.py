@@ -14,7 +14,7 @@ except ImportError as e:  # the core and the ComfyUI nodes need only torch: diff
         f"(ComfyUI users need nothing more; the import failed with: {e})"
     ) from e
 
-from .tome import apply_query_merge, apply_tome, remove_tome, tome_options
+from .tome import apply_query_merge, apply_tome, remove_tome, tome_options, tome_schedule
 from .todo import apply_todo, remove_todo
 from .vidtome import apply_vidtome, remove_vidtome, vidtome_state
 
@@ -27,5 +27,6 @@ __all__ = [
     "remove_tome",
     "remove_vidtome",
     "tome_options",
+    "tome_schedule",
     "vidtome_state",
 ]

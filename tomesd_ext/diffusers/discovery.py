@@ -107,6 +107,26 @@ def transformer_blocks(model):
                     yield block
 
 
+def blocks_in_order(model):
+    """(downsample factor, block) of every block of ``transformer_blocks`` in execution order:
+    down blocks (block i at 2**i), the mid block, up blocks (block j at 2**(n - 1 - j));
+    per-block settings number the blocks in this order."""
+    n = len(model.down_blocks)
+    level = {}
+    parts = [(2**i, b) for i, b in enumerate(model.down_blocks)]
+    mid = getattr(model, "mid_block", None)
+    parts += [(2 ** (n - 1), mid)] if mid is not None else []
+    parts += [(2 ** (n - 1 - j), b) for j, b in enumerate(getattr(model, "up_blocks", None) or [])]
+    rank = {}
+    for d, part in parts:
+        for m in part.modules():
+            rank.setdefault(id(m), len(rank))
+            level.setdefault(id(m), d)
+    blocks = list(transformer_blocks(model))
+    blocks.sort(key=lambda b: rank.get(id(b), len(rank)))
+    return [(level.get(id(b), 1), b) for b in blocks]
+
+
 def self_attentions(model):
     """(index, attn1) of every block whose attn1 is self-attention."""
     for i, block in enumerate(transformer_blocks(model)):

@@ -76,7 +76,7 @@ class DitCallStart:
             key = self.importance.read(info.sample, info.grid, info.lead, info.timestep)
         else:
             key = timestep_key(info.timestep)
-        self.patch.runtime.begin_call(grid, key, device=device)
+        self.patch.runtime.begin_call(grid, key, device=device, progress=sampling_progress(self.family.name, key))
         if info.reason is not None:
             say_once(self.patch.runtime, self.family, info.reason)
         if self.importance is not None:
@@ -136,6 +136,23 @@ class BlockMerge:
                 )
             return True
         return False
+
+
+# How a family's call timestep runs over sampling (its pipeline's convention): 1000 .. 0 (most),
+# 1 .. 0 (the pipeline passes timestep / 1000) or 0 .. 1 (Z-Image passes (1000 - t) / 1000).
+UNIT_TIMESTEP = ("flux", "flux2", "qwen-image")
+RISING_TIMESTEP = ("z-image",)
+
+
+def sampling_progress(family: str, key: float) -> float:
+    """The fraction of sampling done at a call of ``family`` with timestep key ``key``."""
+    if family in RISING_TIMESTEP:
+        done = key
+    elif family in UNIT_TIMESTEP:
+        done = 1.0 - key
+    else:
+        done = 1.0 - key / 1000.0
+    return min(max(done, 0.0), 1.0)
 
 
 def say_once(runtime, family: Family, reason: str) -> None:
@@ -283,6 +300,7 @@ def attach_dit(patch, family: Family) -> None:
     state = CallState()
     runtime.context = state  # kept with each call's plans for checkpoint recomputations
     patch.dit_mode, patch.skip_ends = mode, skip
+    runtime.cost_kind = mode  # the budget search's cost model
     importance = None
     if isinstance(runtime.policy, ImportancePolicy) and family.predicts:
         importance = patch.importance = track_dit_importance(patch)

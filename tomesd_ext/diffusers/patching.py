@@ -47,8 +47,10 @@ class CallStart:
         self.patch.rewrap()
         latent_hw = tuple(sample.shape[-2:]) if sample is not None else None
         clip_frames = sample.shape[2] if sample is not None and sample.ndim == 5 else 1
+        key = self.read(sample, timestep)
         self.patch.runtime.begin_call(
-            latent_hw, self.read(sample, timestep), device=getattr(sample, "device", None), clip_frames=clip_frames
+            latent_hw, key, device=getattr(sample, "device", None), clip_frames=clip_frames,
+            progress=min(max(1.0 - key / 1000.0, 0.0), 1.0),  # UNets: timesteps 999 .. 0 over sampling
         )
         if self.before is not None and sample is not None:
             self.before(sample, timestep)
@@ -89,6 +91,7 @@ class ModelPatch:
         self.handles = []
         self.wrapped = []
         self.importance = None  # importance mode: the ImportanceHooks feeding the policy
+        self.auto = None  # ratio="auto": the AutoRatio pre-hook (diffusers/auto.py)
 
     @property
     def opts(self):

@@ -8,8 +8,10 @@ from __future__ import annotations
 from functools import partial
 from typing import Union
 
-from ..core import ImportancePolicy, MergeRuntime, TomePolicy, ToMeOptions, merge, unmerge
-from .discovery import resolve_max_downsample, second_denoisers, transformer_blocks
+from ..core import ImportancePolicy, MergeRuntime, OptionError, TomePolicy, ToMeOptions, merge, unmerge
+from ..core.schedule import Schedule, model_fingerprint
+from .auto import AutoRatio, load_schedule
+from .discovery import blocks_in_order, denoiser_of, resolve_max_downsample, second_denoisers
 from .dit import attach_dit
 from .dit_families import family_of
 from .importance import track_importance
@@ -27,8 +29,9 @@ def _attach(patch: ModelPatch) -> None:
         patch.importance = track_importance(patch)
     else:
         patch.track_calls()
-    for block in transformer_blocks(patch.model):
-        slot = runtime.new_slot()
+    runtime.cost_kind = "attn+mlp" if opts.merge_mlp else "attn"  # the budget search's cost model
+    for downsample, block in blocks_in_order(patch.model):
+        slot = runtime.new_slot(downsample=downsample)
         patch.hook(block.register_forward_pre_hook(EnterSlot(slot), with_kwargs=True))
         patch.hook(block.register_forward_hook(LeaveSlot(slot), always_call=True))
         if opts.merge_attn and getattr(block, "attn1", None) is not None:
@@ -78,21 +81,26 @@ class UnmergeOutput:
             return unmerge(output, self.slot.plan)
 
 
-def _install(pipe_or_model, opts: ToMeOptions, queries_only: bool = False):
+def _install(pipe_or_model, opts: ToMeOptions, queries_only: bool = False, schedule_cache=None):
     def build(model):
         policy = ImportancePolicy(opts) if opts.mode == "importance" else TomePolicy(opts, queries_only)
         family = family_of(model)
         if family is not None:
-            return building(ModelPatch(model, MergeRuntime(policy, 1)), partial(attach_dit, family=family))
-        runtime = MergeRuntime(policy, resolve_max_downsample(model, opts.max_downsample))
-        return building(ModelPatch(model, runtime), _attach)
+            patch = building(ModelPatch(model, MergeRuntime(policy, 1)), partial(attach_dit, family=family))
+        else:
+            runtime = MergeRuntime(policy, resolve_max_downsample(model, opts.max_downsample))
+            patch = building(ModelPatch(model, runtime), _attach)
+        if opts.auto:  # before the call pre-hook: the search runs ahead of the call it measures
+            patch.auto = AutoRatio(patch, family.name if family is not None else "unet", schedule_cache)
+            patch.hook(model.register_forward_pre_hook(patch.auto, with_kwargs=True, prepend=True))
+        return patch
 
     return install_patch(pipe_or_model, PATCH_ATTR, build, transformers=not queries_only, motion=True)
 
 
 def apply_tome(
     pipe_or_model,
-    ratio: float = 0.5,
+    ratio: Union[float, str] = 0.5,
     *,
     max_downsample: Union[int, str] = "auto",
     sx: int = 2,
@@ -115,6 +123,10 @@ def apply_tome(
     keep_first_frame: bool = False,
     frame_reach=None,
     frame_plan: str = "shared",
+    block_ratios=None,
+    max_error=None,
+    schedule=None,
+    schedule_cache=None,
 ):
     """Patch a diffusers pipeline's denoiser in place; returns the argument.
 
@@ -132,20 +144,30 @@ def apply_tome(
 
     mode="importance" draws destinations from the tokens with the largest CFG difference of the
     previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
+    Per-block settings (docs/schedules.md): block_ratios sets one ratio (and sampling window) per
+    group of blocks; ratio="auto" with max_error chooses them at the first call of each input
+    shape (extra forwards on that call's input; cached in memory, and as JSON files in the folder
+    ``schedule_cache`` when given); schedule: a file written by ``tomesd-ext calibrate`` (or a
+    ``core.schedule.Schedule``), refused when it was measured on another model.
     Applying again replaces the earlier settings. Options and ranges: README "Options"
     (``tomesd_ext.core.TOME_OPTIONS``).
     """
+    if schedule is not None:
+        if block_ratios is not None or ratio == "auto" or max_error is not None:
+            raise OptionError("schedule sets the block ratios: do not combine it with block_ratios or ratio='auto'")
+        block_ratios = load_schedule(schedule, denoiser_of(pipe_or_model, transformers=True, motion=True)).settings
     opts = ToMeOptions.create(
         ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, seed=seed,
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, mode=mode,
         pool_factor=pool_factor, cfg_layout=cfg_layout, prune_steps=prune_steps, reuse=reuse,
         reuse_steps=reuse_steps, min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=skip_ends,
         st=st, keep_first_frame=keep_first_frame, frame_reach=frame_reach, frame_plan=frame_plan,
+        block_ratios=block_ratios, max_error=max_error,
     )
     second = second_denoisers(pipe_or_model)
-    _install(pipe_or_model, opts)
+    _install(pipe_or_model, opts, schedule_cache=schedule_cache)
     for model in second:  # two-expert pipelines: both transformers
-        _install(model, opts)
+        _install(model, opts, schedule_cache=schedule_cache)
     return pipe_or_model
 
 
@@ -166,6 +188,21 @@ def remove_tome(pipe_or_model):
     for model in second_denoisers(pipe_or_model):
         uninstall_patch(model, PATCH_ATTR)
     return uninstall_patch(pipe_or_model, PATCH_ATTR)
+
+
+def tome_schedule(pipe_or_model):
+    """The per-block settings in effect on a patched model as a ``core.schedule.Schedule`` (with
+    ratio="auto": the latest call's choice and what its search measured; ``.save(path)`` writes a
+    file ``apply_tome(schedule=path)`` loads), or None (no patch, no per-block settings, or no
+    call yet)."""
+    patch = installed_patch(pipe_or_model, PATCH_ATTR)
+    if patch is None:
+        return None
+    auto = getattr(patch, "auto", None)
+    if auto is not None:
+        return auto.last
+    settings = patch.runtime.settings
+    return None if settings is None else Schedule(settings, model_fingerprint(patch.model))
 
 
 def tome_options(pipe_or_model):
