@@ -21,6 +21,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLES = os.path.join(REPO, "example_workflows")  # the shipped UI workflows (+ thumbnails)
 API_COPIES = os.path.join(REPO, "tests", "comfy", "workflows")  # their API-format copies
 FRONTEND_ONLY = ("Note", "MarkdownNote")  # node types the frontend never queues
+# Shipped workflows that need other node packs (node_pack names) beside ours: the tests that
+# run every workflow on the plain server leave them to a server with those packs.
+WORKFLOW_PACKS = {"sd15_animatediff_tome": ("ComfyUI-AnimateDiff-Evolved",)}
+
+
+def workflow_packs(name) -> tuple:
+    """The node packs workflow ``name`` (``x``, ``x.json`` or ``x.api.json``) needs besides ours."""
+    return WORKFLOW_PACKS.get(name.split(".")[0], ())
 
 
 def workflow_file(name):
@@ -244,7 +252,11 @@ class ComfyServer:
         pid = reply["prompt_id"]
         end = time.time() + timeout
         while time.time() < end:
-            hist = self.get(f"/history/{pid}")
+            try:
+                hist = self.get(f"/history/{pid}")
+            except (TimeoutError, urllib.error.URLError, ConnectionError):  # a server busy sampling may answer late
+                time.sleep(1.0)
+                continue
             if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
                 entry = hist[pid]
                 if entry["status"].get("status_str") != "success":

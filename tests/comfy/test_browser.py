@@ -4,12 +4,13 @@ the app must show no error, queue exactly the values of the workflow's API copy,
 whole and apart from the others; a fresh node's merge seed must not get the frontend's
 randomising control; one workflow is queued and must run to the end."""
 
+import os
 import time
 
 import pytest
 
 from comfy_browser import PACK, App, cramped, overlaps, workflow_names
-from comfy_env import load_workflow
+from comfy_env import ComfyServer, load_workflow, require_node_pack, workflow_packs
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.browser]
 
@@ -18,17 +19,22 @@ OUR_NODES = ("TomesdExtTokenMerging", "TomesdExtImportanceMerging", "TomesdExtVi
 
 
 @pytest.fixture(scope="module")
-def app(sd15_server, sd15_checkpoint):
+def playwright():
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as pw:
+        yield pw
+
+
+@pytest.fixture(scope="module")
+def app(sd15_server, sd15_checkpoint, playwright):
     # the random test checkpoint under the shipped name, so a shipped workflow can be queued as is
     sd15_server.add_checkpoint(SHIPPED_SD15, sd15_checkpoint)
-    with sync_playwright() as pw:
-        opened = App(sd15_server, pw)
-        try:
-            yield opened
-        finally:
-            opened.close()
+    opened = App(sd15_server, playwright)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def _inputs(prompt):
@@ -45,8 +51,39 @@ def test_template_browser_lists_the_examples_with_thumbnails(app):
         assert status == [200, "image/jpeg"], name
 
 
-@pytest.mark.parametrize("name", workflow_names())
+@pytest.fixture(scope="module")
+def pack_app(tmp_path_factory, sd15_checkpoint, playwright):
+    """The app on a second server with the node packs the other workflows need (AnimateDiff-Evolved)
+    and their files under the shipped names."""
+    from animatediff_files import MOTION_MODULE_NAME, cached_motion_module
+
+    packs = sorted({p for name in workflow_names() for p in workflow_packs(name)})
+    server = ComfyServer(str(tmp_path_factory.mktemp("comfyui_packs")), packs=[require_node_pack(p) for p in packs])
+    try:
+        server.add_checkpoint(SHIPPED_SD15, sd15_checkpoint)
+        os.makedirs(os.path.join(server.base, "models", "animatediff_models"), exist_ok=True)
+        server.add_model("animatediff_models", MOTION_MODULE_NAME, cached_motion_module())
+        server.wait_ready()
+        opened = App(server, playwright)
+        try:
+            yield opened
+        finally:
+            opened.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("name", [n for n in workflow_names() if not workflow_packs(n)])
 def test_example_opens_as_shipped(app, name):
+    _opens_as_shipped(app, name)
+
+
+@pytest.mark.parametrize("name", [n for n in workflow_names() if workflow_packs(n)])
+def test_example_with_other_node_packs_opens_as_shipped(pack_app, name):
+    _opens_as_shipped(pack_app, name)
+
+
+def _opens_as_shipped(app, name):
     app.open_template(name)
     assert app.shown_problems() == []
     assert app.page_errors == []
