@@ -170,10 +170,10 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, base_dir: str, checkpoints=None, python=sys.executable, comfy_path=None, pythonpath=None,
-                 packs=()):
+                 packs=(), args=()):
         """comfy_path: the ComfyUI to start (default COMFYUI_PATH); pythonpath: put first on its
         path (an older release's own frontend packages); packs: folders of other node packs
-        (node_pack) linked into its custom_nodes beside ours."""
+        (node_pack) linked into its custom_nodes beside ours; args: more main.py arguments."""
         self.base = base_dir
         checkpoints = checkpoints or {}
         for sub in ("models/checkpoints", "models/diffusion_models", "models/text_encoders", "models/vae",
@@ -194,7 +194,7 @@ class ComfyServer:
         cmd = [
             python, "main.py", "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1",
             "--port", str(self.port), "--base-directory", base_dir, "--database-url", "sqlite:///:memory:",
-            "--disable-auto-launch", "--disable-api-nodes",
+            "--disable-auto-launch", "--disable-api-nodes", *args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)  # the pack must load from custom_nodes, not from the test's path
