@@ -34,7 +34,7 @@ SIZE, STEPS, FRAMES, WINDOW, OVERLAP = 64, 2, 6, 4, 2
 @pytest.fixture(scope="module")
 def ad_server(tmp_path_factory, sd15_checkpoint):
     pack = require_node_pack(PACK)
-    # the UNet (and so the motion module) in bf16: the server holds ~4 GB instead of ~6.6 GB in fp32
+    # UNet and motion module weights in bf16 (computed in fp32): ~4.3 GB resident instead of ~6.6 GB
     server = ComfyServer(str(tmp_path_factory.mktemp("comfyui_ad")), packs=[pack], args=["--bf16-unet"])
     try:
         server.add_checkpoint(CKPT_NAME, sd15_checkpoint)
@@ -168,7 +168,7 @@ def test_importance_node_with_animatediff_context_windows(ad_server, merged, pla
     _e, before = _latents(ad_server, _as_importance(_place_ours(_small("tests/ad_imp_before"), "before")))
     print(f"AD importance latents: vs AnimateDiff alone {_rel(after, plain):.4f}, vs ToMe {_rel(after, tome):.4f}")
     assert torch.equal(before, after)
-    assert _rel(after, plain) > 1e-3 and _rel(after, tome) > 1e-4
+    assert _rel(after, plain) > 1e-3 and _rel(after, tome) > 5e-5  # measured 0.0300 and 0.0003
 
 
 def test_ui_workflow_matches_object_info_and_its_api_twin(ad_server):
