@@ -366,7 +366,10 @@ class ImportancePolicy:
         self.batch = batch
         maps = self._clip_maps(len(self.rows) // (frames if per_frame else 1), frames, hw, frame_idx)
         if maps is not None:
-            self.active = maps.flatten(0, 1) if per_frame else maps.mean(dim=1)
+            if per_frame:  # the stored map itself when the call runs all its frames
+                self.active = self.hmap if frame_idx is None else maps.flatten(0, 1)
+            else:
+                self.active = maps.mean(dim=1)
 
     def _clip_maps(self, clips: int, frames: int, hw, frame_idx) -> Optional[torch.Tensor]:
         """The stored map as (clips, frames, H, W) for this call (frame_idx: its frames of each
