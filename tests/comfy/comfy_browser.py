@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # comfy_env, when run as a script
-from comfy_env import API_COPIES, EXAMPLES, REPO, ComfyServer  # noqa: E402
+from comfy_env import API_COPIES, EXAMPLES, REPO, ComfyServer, node_pack, workflow_packs  # noqa: E402
 
 PACK = "tomesd-ext"  # the pack's folder name in custom_nodes (ComfyServer links it so)
 CHROMIUM = os.environ.get("TOMESD_EXT_CHROMIUM", "/usr/bin/chromium")
@@ -52,6 +52,10 @@ NOTES = {
     "sd15_vid2vid_vidtome": "Needs an SD 1.5 checkpoint in models/checkpoints and an input video "
                             "tomesd_ext_input.mp4 in ComfyUI/input (or choose/upload one in Load Video). "
                             "Keep it short: every frame goes through the sampler in one batch.",
+    "sd15_animatediff_tome": "Needs the ComfyUI-AnimateDiff-Evolved node pack, an SD 1.5 checkpoint in models/checkpoints "
+                             "(v1-5-pruned-emaonly-fp16.safetensors) and the motion module v3_sd15_mm.ckpt in "
+                             "models/animatediff_models. 24 frames (batch_size), run in 16-frame context windows. "
+                             "ToMe sits after Use Evolved Sampling (before it: the same result).",
     "wan21_t2v_tome": "Wan 2.1 text-to-video 1.3B. Needs wan2.1_t2v_1.3B_fp16.safetensors in "
                       "models/diffusion_models, umt5_xxl_fp8_e4m3fn_scaled.safetensors in models/text_encoders "
                       "(Load CLIP, type wan) and wan_2.1_vae.safetensors in models/vae. 832x480, 33 frames "
@@ -348,7 +352,12 @@ def write_examples(server, names=None):
 
 def main():
     base = tempfile.mkdtemp(prefix="tomesd_ext_comfyui_")
-    server = ComfyServer(base)
+    # the node packs the workflows need (COMFYUI_PACKS_DIR), e.g. AnimateDiff-Evolved
+    needed = sorted({p for name in (sys.argv[1:] or workflow_names()) for p in workflow_packs(name)})
+    missing = [p for p in needed if node_pack(p) is None]
+    if missing:
+        sys.exit(f"the workflows need the node packs {missing} under COMFYUI_PACKS_DIR")
+    server = ComfyServer(base, packs=[node_pack(p) for p in needed])
     try:
         server.wait_ready()
         write_examples(server, sys.argv[1:] or None)

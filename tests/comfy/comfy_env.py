@@ -44,6 +44,16 @@ def as_advanced_tome(node, **inputs):
     return node
 
 
+# Shipped workflows that need other node packs (node_pack names) beside ours: the tests that
+# run every workflow on the plain server leave them to a server with those packs.
+WORKFLOW_PACKS = {"sd15_animatediff_tome": ("ComfyUI-AnimateDiff-Evolved",)}
+
+
+def workflow_packs(name) -> tuple:
+    """The node packs workflow ``name`` (``x``, ``x.json`` or ``x.api.json``) needs besides ours."""
+    return WORKFLOW_PACKS.get(name.split(".")[0], ())
+
+
 def workflow_file(name):
     """The path of workflow ``name``: ``x.api.json`` is an API copy, ``x.json`` a shipped UI workflow."""
     return os.path.join(API_COPIES if name.endswith(".api.json") else EXAMPLES, name)
@@ -185,11 +195,11 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, base_dir: str, checkpoints=None, python=sys.executable, comfy_path=None, pythonpath=None,
-                 packs=(), front_end_root=None):
+                 packs=(), front_end_root=None, args=()):
         """comfy_path: the ComfyUI to start (default COMFYUI_PATH); pythonpath: put first on its
         path (an older release's own frontend packages); packs: folders of other node packs
         (node_pack) linked into its custom_nodes beside ours; front_end_root: the folder of another
-        frontend's static files to serve (ComfyUI's --front-end-root)."""
+        frontend's static files to serve (ComfyUI's --front-end-root); args: more main.py arguments."""
         self.base = base_dir
         checkpoints = checkpoints or {}
         for sub in ("models/checkpoints", "models/diffusion_models", "models/text_encoders", "models/vae",
@@ -210,7 +220,7 @@ class ComfyServer:
         cmd = [
             python, "main.py", "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1",
             "--port", str(self.port), "--base-directory", base_dir, "--database-url", "sqlite:///:memory:",
-            "--disable-auto-launch", "--disable-api-nodes",
+            "--disable-auto-launch", "--disable-api-nodes", *args,
         ] + (["--front-end-root", front_end_root] if front_end_root else [])
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)  # the pack must load from custom_nodes, not from the test's path
@@ -268,7 +278,11 @@ class ComfyServer:
         pid = reply["prompt_id"]
         end = time.time() + timeout
         while time.time() < end:
-            hist = self.get(f"/history/{pid}")
+            try:
+                hist = self.get(f"/history/{pid}")
+            except (TimeoutError, urllib.error.URLError, ConnectionError):  # a server busy sampling may answer late
+                time.sleep(1.0)
+                continue
             if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
                 entry = hist[pid]
                 if entry["status"].get("status_str") != "success":

@@ -21,7 +21,7 @@ from comfy_browser import (
     overlaps,
     workflow_names,
 )
-from comfy_env import TOME_SIMPLE, ComfyServer, load_workflow
+from comfy_env import TOME_SIMPLE, ComfyServer, load_workflow, require_node_pack, workflow_packs
 from conftest import _cached
 
 import nodes
@@ -33,6 +33,7 @@ SHIPPED_VIDEO = "tomesd_ext_input.mp4"  # the input video the vid2vid workflow n
 OUR_NODES = tuple(nodes.NODE_DEFINITIONS)
 # the loader inputs of the shipped workflows that name a model file, and the models/ folder it is in
 MODEL_INPUTS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name": "text_encoders",
+                "model_name": "animatediff_models",  # ComfyUI-AnimateDiff-Evolved's Load AnimateDiff Model
                 "clip_name1": "text_encoders", "clip_name2": "text_encoders", "vae_name": "vae"}
 
 
@@ -69,7 +70,11 @@ def app(request, tmp_path_factory):
             if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
                 pytest.fail(f"CI: the newer frontend is missing: {newer_frontend_missing()}")
             pytest.skip(newer_frontend_missing())
-    server = ComfyServer(str(tmp_path_factory.mktemp(f"comfyui_{request.param}_frontend")), front_end_root=root)
+    # with the node packs shipped workflows need besides ours (AnimateDiff-Evolved): all open in one app
+    packs = sorted({p for name in workflow_names() for p in workflow_packs(name)})
+    server = ComfyServer(str(tmp_path_factory.mktemp(f"comfyui_{request.param}_frontend")), front_end_root=root,
+                         packs=[require_node_pack(p) for p in packs])
+    os.makedirs(os.path.join(server.base, "models", "animatediff_models"), exist_ok=True)
     try:
         server.wait_ready(timeout=600)
         _provide_model_files(server, _cached("sd15-1level"), str(tmp_path_factory.mktemp("model_files")))

@@ -7,13 +7,14 @@ import os
 import pytest
 import torch
 
-from comfy_env import TOME_SIMPLE, API_COPIES, EXAMPLES, as_advanced_tome, load_workflow, tome_key, ui_to_api
+from comfy_env import TOME_SIMPLE, API_COPIES, EXAMPLES, as_advanced_tome, load_workflow, tome_key, ui_to_api, workflow_packs
 from conftest import CKPT_NAME
 
 import nodes
 
 pytestmark = pytest.mark.comfyui
-API_FILES = sorted(f for f in os.listdir(API_COPIES) if f.endswith(".api.json"))
+# workflows that need other node packs run on a server with them (test_server_animatediff.py)
+API_FILES = sorted(f for f in os.listdir(API_COPIES) if f.endswith(".api.json") and not workflow_packs(f))
 # the SD workflows run here on the random SD 1.5 checkpoint; the transformer workflows need their own
 # files (test_dit_workflow_runs_on_random_files here, the Wan one in test_server_wan.py); the
 # stacking workflow (EasyCache + TorchCompileModel) runs in test_server_stack.py
@@ -21,7 +22,7 @@ SD_API_FILES = [f for f in API_FILES if "CheckpointLoaderSimple" in open(os.path
                 and f not in ("flux1_txt2img_tome.api.json", "sd35_txt2img_tome.api.json",
                               # compiles the UNet with inductor: run once, in test_server_stack.py
                               "sd15_txt2img_tome_easycache_compile.api.json")]
-UI_FILES = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".json"))
+UI_FILES = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".json") and not workflow_packs(f))
 SIZE = int(os.environ.get("TOMESD_EXT_TEST_SIZE", "64"))
 STEPS = int(os.environ.get("TOMESD_EXT_TEST_STEPS", "2"))
 

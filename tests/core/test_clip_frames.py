@@ -83,3 +83,27 @@ def test_importance_policy_uses_a_clip_batch_map():
         policy.advance(1.0)  # the next call, of another latent size: the map does not fit
         policy.use_clip_map("halves", 4, 3, (H, W + 1), "cpu")
         assert policy.active is None
+
+
+@pytest.mark.parametrize("frame_plan", ["shared", "per-frame"])
+def test_importance_policy_uses_a_window_of_a_longer_clip(frame_plan):
+    """One clip of 7 frames whose map is stored (7, H, W); a call runs frames 2..5 of it as two
+    chunks (cond, uncond) of 4 rows, as ComfyUI runs an AnimateDiff context window (images=1)."""
+    hmap = torch.rand(7, H, W)
+    window = [2, 3, 4, 5]
+    rt = runtime(frame_plan, 4, mode="importance")
+    policy = rt.policy
+    policy.set_map(hmap, 2.0)
+    policy.use_clip_map("halves", 2, 4, (H, W), "cpu", images=1, frame_idx=window)
+    if frame_plan == "per-frame":  # frame f: rows f (first chunk) and 4 + f (second)
+        assert [r.tolist() for r in policy.rows] == [[f, 4 + f] for f in range(4)]
+        assert torch.equal(policy.active, hmap[window])
+    else:  # the two chunk rows of the clip metric, one map: the window's mean
+        assert [r.tolist() for r in policy.rows] == [[0, 1]]
+        assert torch.allclose(policy.active, hmap[window].mean(0, keepdim=True))
+    plan = rt.plan_for(metric(8))
+    assert plan.batch == 8 and policy.counts["importance"] == 1
+    for bad in ([5, 6, 7, 8], [0, 1, 2]):  # beyond the stored frames; not `frames` of them
+        policy.active = None
+        policy.use_clip_map("halves", 2, 4, (H, W), "cpu", images=1, frame_idx=bad)
+        assert policy.active is None

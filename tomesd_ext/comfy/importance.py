@@ -10,6 +10,10 @@ adapter's ``mode="importance"``, docs/importance.md). Only the source of the map
   ``transformer_options["cond_or_uncond"]`` (uncond first, cond first, or one chunk per call when
   memory is short); each chunk holds the B0 images, so image i is rows i, B0 + i, ... whatever
   the order.
+- AnimateDiff-Evolved (animatediff.py): the map has one row per frame of the whole clip; a call
+  of a context window uses its frames' rows (``ImportancePolicy.use_clip_map``: with
+  frame_plan "shared" their mean for the clip's one plan, "per-frame" each frame's own, its
+  cond and uncond rows paired).
 - cfg = 1: ComfyUI skips the uncond pass and hands the post-CFG function an all-zero
   ``uncond_denoised``; detected from ``cond_scale`` (or a missing uncond): no map, ToMe's window
   partition (bit-identical to the ToMe node), one console warning.
@@ -24,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..core import NO_CFG_WARNING, ImportancePolicy, MergeRuntime, ToMeOptions, importance_map_from_x0
+from .animatediff import clip_call
 from .patching import PatchState, SharedPatch
 from .tome import install_merge_patch
 
@@ -42,6 +47,11 @@ def importance_state(opts: ToMeOptions, max_downsample: int, sigma_start: float 
         runtime = state.runtime
         chunks = len(transformer_options.get("cond_or_uncond") or ())
         if runtime.latent_hw is None or chunks == 0 or x.shape[0] % chunks:
+            return
+        clip = clip_call(x, transformer_options)
+        if clip is not None:  # AnimateDiff: the window's frames of the per-frame map of the whole clip
+            policy.use_clip_map("halves", clip.chunks, clip.frames, runtime.latent_hw, x.device, images=1,
+                                frame_idx=clip.frame_idx)
             return
         rows = policy.image_rows(x.shape[0], "halves", x.device, x.shape[0] // chunks)
         policy.use_map(rows, x.shape[0], runtime.latent_hw)

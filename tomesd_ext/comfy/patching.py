@@ -10,13 +10,16 @@ loaded. ComfyUI is imported lazily, so this module imports without it.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Tuple
 
 import torch
 
 from ..core import MergeRuntime, timestep_key
 from ..kernels import check_kernel_setting
+from .animatediff import clip_call
 
+log = logging.getLogger("tomesd_ext")
 WRAPPER_KEY = "tomesd_ext"
 PATCH_NAMES = ("attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch")
 SUPPORTED = "UNet models (SD 1.x, SD 2.x, SDXL and their variants)"
@@ -33,6 +36,7 @@ class PatchState:
         self.opts, self.policy = runtime.opts, runtime.policy
         self.slot = runtime.new_slot()
         self.on_call = on_call
+        self.clip_said = False  # the AnimateDiff line was logged
 
     def __deepcopy__(self, memo):
         return self
@@ -41,9 +45,16 @@ class PatchState:
     def begin_call(self, x: torch.Tensor, timesteps, sigmas, transformer_options=None) -> None:
         """x: (B, C, H, W) latent of this UNet call; timesteps: what the UNet receives (the key of
         every random draw); sigmas: its noise level (the sampling window); transformer_options:
-        the call's (``cond_or_uncond``: the order of its batch chunks)."""
+        the call's (``cond_or_uncond``: the order of its batch chunks; AnimateDiff-Evolved's
+        ``ad_params``: the rows are the frames of a clip, which share plans, animatediff.py)."""
         latent_hw = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else None
-        self.runtime.begin_call(latent_hw, timestep_key(timesteps), sigmas, device=getattr(x, "device", None))
+        clip = clip_call(x, transformer_options)
+        self.runtime.begin_call(latent_hw, timestep_key(timesteps), sigmas, device=getattr(x, "device", None),
+                                clip_frames=clip.frames if clip is not None else 1)
+        if clip is not None and not self.clip_said:
+            self.clip_said = True
+            log.info("tomesd-ext: AnimateDiff frames: %d-frame calls of a %d-frame clip, frame_plan=%s "
+                     "(said once per patch)", clip.frames, clip.full_length, self.opts.frame_plan)
         self.slot.reset()
         if self.on_call is not None:
             self.on_call(x, transformer_options or {})

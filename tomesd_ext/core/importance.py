@@ -367,19 +367,44 @@ class ImportancePolicy:
         if self._map_fits(len(rows), hw):
             self.active = self.hmap
 
-    def use_clip_map(self, layout: str, clips: int, frames: int, hw, device) -> None:
+    def use_clip_map(self, layout: str, clips: int, frames: int, hw, device, images: Optional[int] = None,
+                     frame_idx=None) -> None:
         """``use_map`` for a call of `clips` clips of `frames` frames in CFG `layout` (AnimateDiff;
         the stored map has one map per clip frame, ``importance_map`` of a clip batch).
 
         opts.frame_plan "shared": the runtime plans on clip metrics (one row per clip), so the
         images are the clip pairs and each map is the mean of the clip's frame maps; "per-frame":
-        the images are the clip frames, cond and uncond rows of the same frame paired."""
+        the images are the clip frames, cond and uncond rows of the same frame paired.
+        images: the distinct clips when the call's clips are chunks repeating them (``image_rows``;
+        ComfyUI: one clip, a chunk per cond/uncond entry); None: clips // 2 CFG pairs.
+        frame_idx: the frames of each stored clip map this call runs (a context window of a longer
+        clip: the stored map has every frame of it); None: all of them, `frames` per clip."""
         per_frame = self.opts.frame_plan == "per-frame"
         batch = clips * frames if per_frame else clips
-        self.rows = self.image_rows(batch, layout, device, frames=frames if per_frame else 1)
+        self.rows = self.image_rows(batch, layout, device, images=images, frames=frames if per_frame else 1)
         self.batch = batch
-        if self._map_fits(len(self.rows) * (1 if per_frame else frames), hw):
-            self.active = self.hmap if per_frame else self.hmap.view(-1, frames, *hw).mean(dim=1)
+        maps = self._clip_maps(len(self.rows) // (frames if per_frame else 1), frames, hw, frame_idx)
+        if maps is not None:
+            if per_frame:  # the stored map itself when the call runs all its frames
+                self.active = self.hmap if frame_idx is None else maps.flatten(0, 1)
+            else:
+                self.active = maps.mean(dim=1)
+
+    def _clip_maps(self, clips: int, frames: int, hw, frame_idx) -> Optional[torch.Tensor]:
+        """The stored map as (clips, frames, H, W) for this call (frame_idx: its frames of each
+        stored clip), or None when it does not fit (another size, clip count or run)."""
+        prev = self.hmap
+        if prev is None or prev.ndim != 3 or tuple(prev.shape[1:]) != tuple(hw) or self.step_key > self.hmap_step:
+            return None
+        if clips < 1 or prev.shape[0] % clips:
+            return None
+        maps = prev.view(clips, -1, *hw)
+        if frame_idx is not None:
+            frame_idx = [int(i) for i in frame_idx]
+            if not frame_idx or min(frame_idx) < 0 or max(frame_idx) >= maps.shape[1]:
+                return None
+            maps = maps[:, frame_idx]
+        return maps if maps.shape[1] == frames else None
 
     def _map_fits(self, images: int, hw) -> bool:
         prev = self.hmap
