@@ -159,7 +159,7 @@ class VideoState(PatchState):
         self.said = set()
 
     @torch.compiler.disable  # Python call state (step key, random draws): outside a compiled graph
-    def begin_dit_call(self, latent, timestep, sigma) -> None:
+    def begin_dit_call(self, latent, timestep, sigma, progress=None) -> None:
         grid = video_grid(tuple(latent.shape), self.patch, self.family.padded) if isinstance(latent, torch.Tensor) else None
         self.n_txt = self.lead = 0
         self.kv = None
@@ -167,7 +167,8 @@ class VideoState(PatchState):
             if self.keep_first:
                 self.lead, grid = grid[1] * grid[2], (grid[0] - 1,) + grid[1:]
             grid = grid[1:] if grid[0] == 1 else (None if grid[0] < 1 else grid)
-        self.runtime.begin_call(grid, timestep_key(timestep * self.time_scale), sigma, device=getattr(latent, "device", None))
+        self.runtime.begin_call(grid, timestep_key(timestep * self.time_scale), sigma, device=getattr(latent, "device", None),
+                                progress=progress)
 
     def end_call(self) -> None:
         super().end_call()
