@@ -67,9 +67,11 @@ def calibrate(subject, resolution, steps: int = 0, budget: Optional[float] = Non
     out(f"baseline (nothing merged): {base_s:.2f} s")
 
     apply_tome(model, ratio=uniform_ratio, **common)
-    uniform_out, uniform_s = run()
-    forwards += 1
     runtime = installed_patch(model, PATCH_ATTR).runtime
+    runtime.record_shapes = True  # the blocks' token counts and widths: the cost model's input
+    uniform_out, uniform_s = run()
+    runtime.record_shapes = False
+    forwards += 1
     if not runtime.block_shapes:
         remove_tome(model)
         raise ValueError(f"no block of {subject.name} merges at {resolution} px (its token grids are below "

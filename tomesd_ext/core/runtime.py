@@ -93,6 +93,7 @@ class MergeRuntime:
         self.n_blocks = 0  # slots at a merged level (numbered 0..n_blocks-1 in creation order)
         self.block_of = {}  # slot scope -> its block number
         self.block_shapes = {}  # block number -> (tokens, channels) of its last merged-level call
+        self.record_shapes = False  # fill block_shapes (the budget search and calibrate turn it on)
         self.progress: Optional[float] = None  # fraction of sampling done (None: unknown)
 
     def begin_call(self, latent_hw, step_key: float, sigma=None, device=None, clip_frames: int = 1,
@@ -231,9 +232,13 @@ class MergeRuntime:
             return None
         video = {"frames": f} if f > 1 else {}
         ratio = None
-        block = self.block_of.get(scope)
-        if block is not None:
-            self.block_shapes[block] = (metric.shape[1], metric.shape[2])
+        block = None
+        if self.record_shapes or self.settings is not None:
+            # only then: a compiled block would otherwise guard on its scope and the dict (a
+            # recompile per block); plain merging needs no block number
+            block = self.block_of.get(scope)
+            if block is not None and self.record_shapes:
+                self.block_shapes[block] = (metric.shape[1], metric.shape[2])
         if self.settings is not None:
             ratio = self.block_ratio(block)
             if ratio == 0.0:

@@ -312,7 +312,11 @@ def search_runtime(runtime, forward: Callable[[], torch.Tensor], max_error: floa
     set before each forward. Leaves the chosen settings on the runtime; None (and nothing merged)
     when the model has no block to merge."""
     runtime.settings = settings_of((0.0,) * max(groups, 1))
-    reference = forward()  # nothing merged; fills block_shapes
+    runtime.record_shapes = True
+    try:
+        reference = forward()  # nothing merged; fills block_shapes
+    finally:
+        runtime.record_shapes = False
     groups = min(groups, runtime.n_blocks)
     if groups == 0 or not runtime.block_shapes:
         return None
