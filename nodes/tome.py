@@ -29,6 +29,7 @@ DIT_INPUTS = {
     "keep_first_frame": widget(OPTIONS["keep_first_frame"]),
     "frame_reach": ("INT", {"default": FRAME_REACH_ANY, "min": FRAME_REACH_ANY, "max": OPTIONS["frame_reach"].hi,
                             "tooltip": OPTIONS["frame_reach"].help.replace("None =", "-1 =")}),
+    "unet_mode": widget(OPTIONS["unet_mode"]),  # UNets, added last
 }
 
 
@@ -61,7 +62,8 @@ class TomesdExtTokenMerging(ModelPatchNode):
         "Qwen-Image, PixArt, Lumina2/Z-Image and the video transformers Wan 2.1/2.2, HunyuanVideo and LTX-Video (st: window depth in "
         "latent frames; keep_first_frame: an image-to-video frame stays unmerged; frame_reach: how many latent frames away a token may merge, -1 = any) it merges the image tokens of each block (dit_mode block: the whole block "
         "runs on fewer tokens and its update is copied back; kv: keys and values only); text tokens "
-        "are never merged, and max_downsample and merge_* apply to UNets only. Put it between the "
+        "are never merged, and max_downsample and merge_* apply to UNets only (unet_mode block: each "
+        "UNet transformer block runs whole on merged tokens, merge_* ignored). Put it between the "
         "model loader (and LoRA) and the sampler. Another model type passes through unchanged with "
         "a warning. A second ToMe node on the same model replaces this one."
     )
@@ -86,7 +88,7 @@ class TomesdExtTokenMerging(ModelPatchNode):
     @staticmethod
     def options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
                 min_tokens=None, dit_mode="auto", skip_ends=SKIP_ENDS_AUTO, st=2, keep_first_frame=False,
-                frame_reach=FRAME_REACH_ANY) -> "ToMeOptions":
+                frame_reach=FRAME_REACH_ANY, unet_mode="auto") -> "ToMeOptions":
         """Validated ToMeOptions from the widget values (raises OptionError with the limit)."""
         # values go to the option check as they are: a wrong type is an OptionError naming the input
         return ToMeOptions.create(
@@ -94,6 +96,7 @@ class TomesdExtTokenMerging(ModelPatchNode):
             seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
             min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=None if skip_ends == SKIP_ENDS_AUTO else skip_ends,
             st=st, keep_first_frame=keep_first_frame, frame_reach=None if frame_reach == FRAME_REACH_ANY else frame_reach,
+            unet_mode=unet_mode,
         )
 
     @staticmethod
