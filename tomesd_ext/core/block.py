@@ -26,7 +26,8 @@ import torch
 from .dit import merge_span, unmerge_update
 from .plan import MergePlan
 
-# unet_mode "auto" (docs/benchmarks.md, "UNet block mode"): the measured default of UNets.
+# unet_mode "auto" (docs/benchmarks.md, "UNet block mode"): SD 1.5 at 512², ratio 0.5, block mode
+# was 1.14x against ops' 1.07x but at 1.6x tomesd's error (0.132 vs 0.083), so ops stays the default.
 UNET_DEFAULT_MODE = "ops"
 
 

@@ -191,7 +191,8 @@ TOME_OPTIONS = _table(
            "UNets (SD 1.x/2.x, SDXL, AnimateDiff): ops = ToMe-SD, merged around the operators merge_attn, "
            "merge_crossattn and merge_mlp name, each output copied back; block = a transformer block's tokens merged "
            "once, self-attention, cross-attention and feed-forward run on them, the block's update copied back "
-           "(faster, merge_* ignored); auto = the measured default. Transformers ignore it.", choices=UNET_MODES),
+           "(faster at a higher error, merge_* ignored); auto = the measured default, ops (docs/benchmarks.md). "
+           "Transformers ignore it.", choices=UNET_MODES),
     Option("st", "int", 2, "int in [1, 16]",
            "Video transformers: window depth in latent frames, one destination per st x sy x sx window, so "
            "tokens merge across neighbouring frames; 1 = per-frame windows. Images ignore it.", lo=1, hi=16),
