@@ -32,6 +32,7 @@ DIT_INPUTS = {
                             "tooltip": OPTIONS["frame_reach"].help.replace("None =", "-1 =")}),
     # ratio="auto" (Flux, SD3, Qwen-Image): 0 = off, the ratio widget applies
     "max_error": widget(OPTIONS["max_error"], default=MAX_ERROR_OFF),
+    "unet_mode": widget(OPTIONS["unet_mode"]),  # UNets, added last
 }
 
 
@@ -72,7 +73,8 @@ class TomesdExtTokenMerging(ModelPatchNode):
         "Qwen-Image, PixArt, Lumina2/Z-Image and the video transformers Wan 2.1/2.2, HunyuanVideo and LTX-Video (st: window depth in "
         "latent frames; keep_first_frame: an image-to-video frame stays unmerged; frame_reach: how many latent frames away a token may merge, -1 = any) it merges the image tokens of each block (dit_mode block: the whole block "
         "runs on fewer tokens and its update is copied back; kv: keys and values only); text tokens "
-        "are never merged, and max_downsample and merge_* apply to UNets only. max_error > 0 (Flux, SD3, Qwen-Image): "
+        "are never merged, and max_downsample and merge_* apply to UNets only (unet_mode block: each "
+        "UNet transformer block runs whole on merged tokens, merge_* ignored). max_error > 0 (Flux, SD3, Qwen-Image): "
         "the ratio of each third of the blocks is chosen at the first step, the cheapest whose output error stays "
         "within it (a few extra model calls once per latent size). Put it between the "
         "model loader (and LoRA) and the sampler. Another model type passes through unchanged with "
@@ -101,7 +103,7 @@ class TomesdExtTokenMerging(ModelPatchNode):
     @staticmethod
     def options(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
                 min_tokens=None, dit_mode="auto", skip_ends=SKIP_ENDS_AUTO, st=2, keep_first_frame=False,
-                frame_reach=FRAME_REACH_ANY, max_error=MAX_ERROR_OFF) -> "ToMeOptions":
+                frame_reach=FRAME_REACH_ANY, max_error=MAX_ERROR_OFF, unet_mode="auto") -> "ToMeOptions":
         """Validated ToMeOptions from the widget values (raises OptionError with the limit)."""
         # values go to the option check as they are: a wrong type is an OptionError naming the input
         auto = max_error != MAX_ERROR_OFF
@@ -110,6 +112,7 @@ class TomesdExtTokenMerging(ModelPatchNode):
             seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
             min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=None if skip_ends == SKIP_ENDS_AUTO else skip_ends,
             st=st, keep_first_frame=keep_first_frame, frame_reach=None if frame_reach == FRAME_REACH_ANY else frame_reach,
+            unet_mode=unet_mode,
         )
 
     @staticmethod

@@ -47,3 +47,22 @@ def test_tiny_animatediff_shared_and_per_frame(name, frames, tmp_path, capsys, m
     assert rows[1]["rel_error"] != rows[2]["rel_error"]  # one plan per clip vs one per frame
     text = capsys.readouterr().out
     assert f"{frames} frames ({frames * 64} tokens)" in text and "temporal" in text
+
+
+@pytest.mark.parametrize("model, extra", [("tiny-animatediff", ["--frames", "4"]), ("tiny", [])])
+def test_block_and_ops_methods_on_unets_with_the_cpu_clock(model, extra, tmp_path, monkeypatch):
+    """tome-block (unet_mode="block") and tome-ops side by side on a UNet and an AnimateDiff UNet,
+    timed with --clock cpu (recorded in the header)."""
+    monkeypatch.setattr("tomesd_ext.core.options.MIN_TOKENS_DEFAULT", 0)
+    out = tmp_path / "r.json"
+    argv = ["bench", "--model", model, *extra, "--resolution", "64", *RUN, "--ratios", "0.5", "--clock", "cpu",
+            "--methods", "tome-ops,tome-block", "--json", str(out)]
+    if model == "tiny":
+        argv += ["--inputs", "noise"]
+    assert cli.main(argv) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert doc["header"]["clock"] == "cpu"
+    assert [r["method"] for r in rows] == ["baseline", "tome-ops", "tome-block"]
+    assert all(r["seconds_median"] > 0 for r in rows)
+    assert 0 < rows[1]["rel_error"] != rows[2]["rel_error"] > 0  # another mode, another output

@@ -17,6 +17,7 @@ from tomesd_ext import cli
         (["--repeats", "-1"], "--repeats -1"),
         (["--inputs", "photo,cats"], "--inputs cats"),
         (["--timestep", "1000"], "--timestep 1000"),
+        (["--device", "cuda", "--clock", "cpu"], "--clock cpu times the CPU work of this process"),
     ],
 )
 def test_bad_input_fails_before_work(argv, message, capsys, monkeypatch):

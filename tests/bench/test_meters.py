@@ -34,6 +34,15 @@ def test_timed_returns_result_and_seconds():
     assert summary([3.0, 1.0, 2.0]) == {"seconds_median": 2.0, "seconds_min": 1.0, "seconds_max": 3.0}
 
 
+def test_cpu_clock_does_not_count_waiting():
+    """clock="cpu" counts this process's CPU work: a sleep (waiting, as for a core on a loaded
+    machine) adds next to nothing, while the wall clock counts it."""
+    import time
+
+    assert timed(lambda: time.sleep(0.3), clock="cpu")[1] < 0.15
+    assert timed(lambda: time.sleep(0.3))[1] >= 0.3
+
+
 def test_peak_memory_sees_a_transient_cpu_allocation():
     with PeakMemory("cpu", interval=0.001, collect=True) as mem:
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident

@@ -153,3 +153,34 @@ def test_unsupported_model_passes_through_with_one_warning(comfy, caplog):
         assert tome_node(model, ratio=0.5) is model
     warnings = [r for r in caplog.records if r.name == "tomesd_ext"]
     assert len(warnings) == 1 and "FakeDiT" in warnings[0].getMessage()
+
+
+def test_block_mode_exact_at_zero_matches_diffusers_and_replaces(tiny):
+    """unet_mode="block": every BasicTransformerBlock is stood in for (an object patch, undone on
+    unload); ratio 0 is exact, the merged output matches the diffusers adapter's block mode on the
+    same weights, and an ops-mode node on top replaces it."""
+    from tomesd_ext import apply_tome, remove_tome
+    from tomesd_ext.comfy.tome import MergedBlock
+
+    unet, base = tiny
+    x, ctx = _inputs(hw=16, batch=2)
+    ref = run_unet(base, x, 500, ctx)
+    assert torch.equal(run_unet(tome_node(base, ratio=0.0, unet_mode="block"), x, 500, ctx), ref)
+    patched = tome_node(base, ratio=0.5, seed=5, unet_mode="block", max_downsample="2")
+    assert patched.object_patches and all(isinstance(p, MergedBlock) for p in patched.object_patches.values())
+    assert _ours(patched) == {}
+    comfy_out = run_unet(patched, x, 500, ctx)
+    assert torch.equal(run_unet(base, x, 500, ctx), ref)  # object patches undone, input clean
+    with torch.no_grad():
+        diff_ref = unet(x, 500, encoder_hidden_states=ctx).sample
+        apply_tome(unet, 0.5, seed=5, min_tokens=0, max_downsample=2, unet_mode="block")
+        try:
+            diff_out = unet(x, 500, encoder_hidden_states=ctx).sample
+        finally:
+            remove_tome(unet)
+    torch.testing.assert_close(comfy_out, diff_out, rtol=1e-4, atol=1e-4)
+    delta_c, delta_d = comfy_out - ref, diff_out - diff_ref
+    assert delta_d.norm() > 1e-3
+    assert (delta_c - delta_d).norm() / delta_d.norm() < 1e-3
+    ops = tome_node(patched, ratio=0.5, seed=5, unet_mode="ops")
+    assert not ops.object_patches and _ours(ops) == {"attn1_patch": 1, "attn1_output_patch": 1}

@@ -33,6 +33,7 @@ def test_schema_inputs_have_tooltips_defaults_and_limits():
         "st", "keep_first_frame",  # video transformers, added after the transformer inputs
         "frame_reach",  # added after them
         "max_error",  # ratio="auto" (0 = off), added last
+        "unet_mode",  # UNets, added last
     ]
     for name, (kind, spec) in required.items():
         assert spec.get("tooltip"), name

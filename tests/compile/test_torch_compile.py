@@ -56,9 +56,13 @@ def run_unet(model, x, t, ctx):
         return model(x, torch.tensor(t), ctx).sample
 
 
-def test_unet_merged_blocks_have_no_graph_break(unet):
+UNET_MODES = ["ops", "block"]
+
+
+@pytest.mark.parametrize("mode", UNET_MODES)
+def test_unet_merged_blocks_have_no_graph_break(unet, mode):
     x, ctx = unet_inputs(unet)
-    apply_tome(unet, 0.5, min_tokens=0, merge_mlp=True)
+    apply_tome(unet, 0.5, min_tokens=0, merge_mlp=True, unet_mode=mode)
     try:
         with torch.no_grad():
             explained = torch._dynamo.explain(unet)(x, torch.tensor(500), ctx)
@@ -68,10 +72,11 @@ def test_unet_merged_blocks_have_no_graph_break(unet):
     assert explained.graph_count == 1
 
 
-def test_unet_one_graph_per_size_and_ratio_and_eager_output(unet):
+@pytest.mark.parametrize("mode", UNET_MODES)
+def test_unet_one_graph_per_size_and_ratio_and_eager_output(unet, mode):
     x, ctx = unet_inputs(unet)
     plain = run_unet(unet, x, 500, ctx)
-    apply_tome(unet, 0.5, min_tokens=0)
+    apply_tome(unet, 0.5, min_tokens=0, unet_mode=mode)
     compiled = torch.compile(unet, backend="eager")
     try:
         for t in STEPS:  # every step draws another partition: same graph
@@ -86,7 +91,7 @@ def test_unet_one_graph_per_size_and_ratio_and_eager_output(unet):
             assert torch.equal(run_unet(compiled, x48, t, ctx48), run_unet(unet, x48, t, ctx48))
         assert graphs() == 2
 
-        apply_tome(unet, 0.3, min_tokens=0)  # another ratio: one more graph
+        apply_tome(unet, 0.3, min_tokens=0, unet_mode=mode)  # another ratio: one more graph
         for t in STEPS[:2]:
             assert torch.equal(run_unet(compiled, x, t, ctx), run_unet(unet, x, t, ctx))
         assert graphs() == 3
@@ -95,9 +100,10 @@ def test_unet_one_graph_per_size_and_ratio_and_eager_output(unet):
     assert torch.equal(run_unet(compiled, x, 500, ctx), plain)  # removal is seen by the compiled model
 
 
-def test_unet_aot_graph_matches_eager(unet):
+@pytest.mark.parametrize("mode", UNET_MODES)
+def test_unet_aot_graph_matches_eager(unet, mode):
     x, ctx = unet_inputs(unet, seed=1)
-    apply_tome(unet, 0.5, min_tokens=0)
+    apply_tome(unet, 0.5, min_tokens=0, unet_mode=mode)
     try:
         compiled = torch.compile(unet, backend="aot_eager")
         for t in STEPS[:2]:

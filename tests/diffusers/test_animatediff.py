@@ -228,3 +228,33 @@ def test_pipelines_are_patched_through_their_unet(kind, plans):
     assert {n for _f, n, _p in plans} == {2 * FRAMES}  # CFG: uncond and cond clips
     remove_tome(pipe)
     assert tome_options(pipe) is None and processors(pipe.unet) == before
+
+
+def test_block_mode_keeps_clip_plans_and_temporal_attention(motion_unet, plans):
+    """unet_mode="block" on a UNetMotionModel: exact at ratio 0 and after removal; the spatial
+    blocks run on merged tokens with one plan per clip; the motion modules see every frame."""
+    frames, clips = 8, 2
+    inputs = clip_inputs(motion_unet, clips, frames, cfg=True)
+    ref = run(motion_unet, inputs)
+    temporal = [m for name, m in motion_unet.named_modules() if "motion_modules" in name and hasattr(m, "processor")]
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0].shape if args else kw["hidden_states"].shape),
+                                           with_kwargs=True) for m in temporal]
+    try:
+        apply_tome(motion_unet, 0.0, seed=3, unet_mode="block")
+        assert torch.equal(run(motion_unet, inputs), ref)
+        apply_tome(motion_unet, 0.5, seed=3, unet_mode="block")
+        seen.clear()
+        out = run(motion_unet, inputs)
+    finally:
+        remove_tome(motion_unet)
+        for h in handles:
+            h.remove()
+    assert not torch.allclose(out, ref, atol=1e-4)
+    assert seen and all(shape[1] == frames for shape in seen)
+    rows = 2 * clips * frames
+    assert merged(plans)
+    for _f, _n, plan in merged(plans):
+        per_clip = plan.group.view(rows // frames, frames, -1)
+        assert torch.equal(per_clip, per_clip[:, :1].expand_as(per_clip))
+    assert torch.equal(run(motion_unet, inputs), ref)

@@ -115,7 +115,7 @@ def unet_grads(unet, inputs):
     return out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("options", [{}, {"merge_crossattn": True, "merge_mlp": True}])
+@pytest.mark.parametrize("options", [{}, {"merge_crossattn": True, "merge_mlp": True}, {"unet_mode": "block"}])
 def test_unet_gradient_checkpointing(options):
     unet = build_unet("tiny", seed=0).train()
     g = torch.Generator().manual_seed(0)

@@ -174,6 +174,15 @@ def _dit_mode_method(mode: str, **options) -> Callable:
     return apply
 
 
+def _unet_mode_method(mode: str) -> Callable:
+    def apply(model, ratio, ctx):
+        from ..diffusers import apply_tome
+
+        apply_tome(model, ratio, seed=ctx.seed, unet_mode=mode)
+
+    return apply
+
+
 def _cuda_missing():
     import torch
 
@@ -247,8 +256,23 @@ _DIT_MODES = {
     "kv": "keys/values of image tokens merged, queries kept (no unmerge)",
 }
 for _mode, _what in _DIT_MODES.items():
+    if _mode == "block":
+        continue
     register(Method(f"tome-{_mode}", _dit_mode_method(_mode), _tome_remove, f"ours on a DiT, dit_mode='{_mode}': {_what}",
                     models=("dit", "video")))
+
+
+def _block_apply(model, ratio, ctx):
+    from ..diffusers import apply_tome
+
+    apply_tome(model, ratio, seed=ctx.seed, dit_mode="block", unet_mode="block")
+
+
+register(Method("tome-block", _block_apply, _tome_remove, "ours in block mode: a transformer block's (image) tokens "
+                "merged once, the whole block run on them, its update unmerged (DiTs: dit_mode='block'; UNets and "
+                "AnimateDiff: unet_mode='block')", models=("unet", "dit", "video", "animatediff")))
+register(Method("tome-ops", _unet_mode_method("ops"), _tome_remove, "ours on a UNet with unet_mode='ops' (ToMe-SD: "
+                "merged around self-attention, copied back after it)", models=("unet", "animatediff")))
 register(Method("tome-spatial", _dit_mode_method("auto", st=1, frame_reach=0), _tome_remove,
                 "ours on a video transformer, spatial-only: st=1, frame_reach=0 (per-frame windows, every token "
                 "merges within its own frame: image ToMe on each frame)", models=("video",)))

@@ -63,6 +63,7 @@ class BenchSettings:
     compile_backend: str = "inductor"  # torch.compile backend of compile / tome+compile
     cache_threshold: float = 0.05  # FirstBlockCache threshold of fbcache / tome+fbcache
     min_tokens: Optional[int] = None  # ours' auto-skip threshold (None: the library's default)
+    clock: str = "wall"  # timing.CLOCKS: wall-clock or process CPU seconds
 
     def configs(self):
         """(method, ratio) pairs: baseline first, ratio None for methods without a ratio."""
@@ -80,7 +81,7 @@ class BenchSettings:
             "warmup": self.warmup, "seed": self.seed, "inputs": list(self.inputs), "micro": self.micro,
             "equal_error": None if self.equal_error is None else f"{self.equal_error[0]}:{self.equal_error[1]:g}",
             "compile_backend": self.compile_backend, "cache_threshold": self.cache_threshold,
-            "min_tokens": self.min_tokens,
+            "min_tokens": self.min_tokens, "clock": self.clock,
             "cfg": self.batch % 2 == 0, "images_per_batch": self.batch // 2 if self.batch % 2 == 0 else self.batch,
             "peak_memory": "extra memory of one call above what was held before it (CUDA: max_memory_allocated; CPU: peak RSS sampled every 1 ms)",
             "input_latents": "VAE encoder (real weights) or the fixed linear map of tomesd_ext/bench/latent_map.py",
@@ -216,7 +217,7 @@ def run_bench(
                 for method, ratio in configs:
                     with configured(subject, method, ratio, ctx, own) as who, probed(who, method) as fields, \
                             PeakMemory(subject.device) as mem:
-                        output, s = timed(lambda: call(method, ratio, inp, cond, who), subject.device)
+                        output, s = timed(lambda: call(method, ratio, inp, cond, who), subject.device, settings.clock)
                         ran[(method, ratio)] = None if ratio is None else get_method(method).effective_ratio(who.denoiser, ratio)
                     first_pass[(method, ratio)].append(s)
                     bar.update()
@@ -229,7 +230,7 @@ def run_bench(
                 inp = inputs[rep % len(inputs)]
                 for method, ratio in round_order(configs, rep, "rotate"):
                     with configured(subject, method, ratio, ctx, own) as who, block_timer(model) as block_times:  # built copies: not timed per block
-                        _, s = timed(lambda: call(method, ratio, inp, cond, who), subject.device)
+                        _, s = timed(lambda: call(method, ratio, inp, cond, who), subject.device, settings.clock)
                     seconds[(method, ratio)].append(s)
                     for name, times in block_times.items():
                         blocks[(method, ratio)].setdefault(name, []).extend(times)

@@ -1,4 +1,7 @@
-"""The one timing meter of the benches: wall-clock seconds with the device synchronised.
+"""The one timing meter of the benches: wall-clock seconds with the device synchronised, or
+(``clock="cpu"``, CPU only) the CPU seconds of this process, which waiting for a core on a loaded
+machine does not add to (run it with one thread: OMP_NUM_THREADS=1, so no thread spins waiting for
+a descheduled sibling).
 
 `timed` times one call; `interleaved` times several callables round by round (A/B/C, A/B/C or
 rotated / reversed orders) so noise on a shared machine hits all alike; `summary` reduces
@@ -15,6 +18,7 @@ import torch
 
 T = TypeVar("T")
 ORDERS = ("fixed", "rotate", "reverse")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def synchronize(device="cpu") -> None:
@@ -24,13 +28,15 @@ def synchronize(device="cpu") -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], T], device="cpu"):
-    """Run fn() once; returns (result, seconds) with the device synchronised around it."""
+def timed(fn: Callable[[], T], device="cpu", clock: str = "wall"):
+    """Run fn() once; returns (result, seconds) with the device synchronised around it.
+    clock: "wall" (perf_counter) or "cpu" (this process's CPU time, all threads)."""
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     result = fn()
     synchronize(device)
-    return result, time.perf_counter() - start
+    return result, now() - start
 
 
 def round_order(items: Sequence[T], round_index: int, order: str = "fixed") -> List[T]:

@@ -55,5 +55,7 @@ def transformer_blocks(unet):
     for name, module in unet.named_modules():
         if isinstance(module, SpatialTransformer) and type(module) is SpatialTransformer:
             for i, block in enumerate(module.transformer_blocks):
+                while hasattr(block, "inner") and not isinstance(block, BasicTransformerBlock):
+                    block = block.inner  # a stand-in of ours (block mode), installed while the model is patched
                 if isinstance(block, BasicTransformerBlock):
                     yield f"diffusion_model.{name}.transformer_blocks.{i}", block

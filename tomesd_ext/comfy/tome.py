@@ -13,6 +13,8 @@ adapter, and reused by the other operators of that block.
 - ``MergedFeedForward``: ComfyUI has no feed-forward patch point, so ``merge_mlp`` replaces each
   block's ``ff`` through ``ModelPatcher.add_object_patch`` (applied when the model loads, undone
   on unload) with this stand-in, which shares the original's parameters under the same names.
+- ``MergedBlock``: block mode (``unet_mode="block"``, core/block.py) stands in for each whole
+  BasicTransformerBlock the same way: the block runs on merged tokens, its update is unmerged.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..core import MergeRuntime, OptionError, TomePolicy, ToMeOptions, merge, unmerge
+from ..core.block import merge_block, unet_mode, unmerge_block
 from .discovery import auto_max_downsample, transformer_blocks, unet_of
 from .dit import apply_dit_patch
 from .dit_families import family_of
@@ -96,6 +99,22 @@ class MergedFeedForward(StandIn):
         return unmerge(self.inner(merge(x, plan), *args, **kwargs), plan)
 
 
+class MergedBlock(StandIn):
+    """Stands in for a BasicTransformerBlock in block mode (``unet_mode="block"``): its tokens
+    merged once (``core.block.merge_block``), the original block run on them (its attention
+    patches and the other nodes' patches see the merged tokens), its update unmerged."""
+
+    def forward(self, x, context=None, transformer_options={}):  # noqa: B006 (ComfyUI's signature)
+        slot = self.state.slot
+        slot.reset(scope=(transformer_options.get("block"), transformer_options.get("block_index")))  # a block call starts
+        found = merge_block(slot, x)
+        if found is None:
+            return self.inner(x, context=context, transformer_options=transformer_options)
+        merged, plan = found
+        y = self.inner(merged, context=context, transformer_options=transformer_options)
+        return unmerge_block(x, merged, y, plan)
+
+
 def tome_state(opts: ToMeOptions, max_downsample: int, sigma_start: float = float("inf"), sigma_end: float = 0.0) -> PatchState:
     """The shared state of a ToMe patch: a MergeRuntime with the ToMe policy."""
     return PatchState(MergeRuntime(TomePolicy(opts), max_downsample, sigma_start, sigma_end))
@@ -122,6 +141,10 @@ def install_merge_patch(model, opts: ToMeOptions, start_percent: float, end_perc
     state = make_state(opts, max_ds, sigma_start, sigma_end)
 
     m = patched_clone(model, state)
+    if unet_mode(opts) == "block":
+        for path, _block in transformer_blocks(unet):
+            m.add_object_patch(path, MergedBlock(StandIn.unwrap(m.get_model_object(path)), state))
+        return m, state, None
     m.set_model_attn1_patch(Attn1Patch(state))  # always: it marks the start of every block call
     if opts.merge_attn:
         m.set_model_attn1_output_patch(Attn1OutputPatch(state))

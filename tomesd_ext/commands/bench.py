@@ -78,6 +78,7 @@ def add_parser(subparsers):
     p.add_argument("--equal-error", metavar="METHOD:RATIO", help="also print, for every method run at two or more ratios, the ratio at which it reaches the error of METHOD at RATIO (interpolated; e.g. tome-spatial:0.5)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile methods (default: inductor; 'eager' or 'aot_eager' trace with dynamo only, for quick checks of graph breaks and recompiles)")
     p.add_argument("--cache-threshold", type=float, default=0.05, help="FirstBlockCache threshold of fbcache / tome+fbcache (default: 0.05, diffusers' default; the seeded random-weight models change their first block's residual far more per step: docs/bench.md)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall: wall-clock seconds; cpu: CPU seconds of the bench process (a machine loaded by other jobs does not add its waiting; run with OMP_NUM_THREADS=1; CPU device only) (default: wall)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
@@ -184,6 +185,8 @@ def validate(args) -> None:
     if args.images:
         check_output_folder("--images", args.images)
     if args.device == "cuda":
+        if args.clock == "cpu":
+            raise ValueError("--clock cpu times the CPU work of this process: use it with --device cpu")
         import torch
 
         if not torch.cuda.is_available():
@@ -234,6 +237,7 @@ def run(args) -> int:
         repeats=args.repeats, warmup=args.warmup, steps=args.steps, timestep=args.timestep,
         seed=args.seed, inputs=args.inputs, micro=args.micro, equal_error=args.equal_error,
         compile_backend=args.compile_backend, cache_threshold=args.cache_threshold, min_tokens=args.min_tokens,
+        clock=args.clock,
     )
     print(f"building {args.model} ({args.dtype}, {args.device}) ...", file=sys.stderr, flush=True)
     subject = load_subject(args.model, args.device, args.dtype, args.seed, args.sharpen, args.frames)

@@ -81,6 +81,8 @@ def anchors(plan: MergePlan) -> torch.Tensor:
 def merge_span(x: torch.Tensor, plan: MergePlan, start: int) -> torch.Tensor:
     """x: (B, L, C) with the plan's n tokens at [start, start + n) -> (B, L - r, C)."""
     n = plan.n_tokens
+    if start == 0 and x.shape[1] == n:  # the whole sequence is the span (a UNet block, PixArt)
+        return merge(x, plan)
     span = merge(x[:, start : start + n], plan)
     return torch.cat([x[:, :start], span, x[:, start + n :]], dim=1)
 
@@ -93,6 +95,8 @@ def unmerge_update(x: torch.Tensor, x_merged: torch.Tensor, y_merged: torch.Tens
     image token gets its own input plus its group's update: x + unmerge(y - x_merged).
     """
     n, m = plan.n_tokens, plan.n_groups
+    if start == 0 and x.shape[1] == n:  # nothing around the span: no concatenation
+        return x + unmerge(y_merged - x_merged, plan).to(x.dtype)
     update = y_merged[:, start : start + m] - x_merged[:, start : start + m]
     span = x[:, start : start + n] + unmerge(update, plan).to(x.dtype)
     return torch.cat([y_merged[:, :start], span, y_merged[:, start + m :]], dim=1)

@@ -107,6 +107,7 @@ MODES = ("tome", "importance")
 CFG_LAYOUTS = ("auto", "halves", "interleaved", "off")
 REUSE_CHOICES = ("block", "level")
 DIT_MODES = ("auto", "block", "attn", "kv")
+UNET_MODES = ("auto", "ops", "block")
 FRAME_PLANS = ("shared", "per-frame")
 
 # Smallest token grid worth merging on CPU (docs/benchmarks.md, "Auto-skip rule").
@@ -190,6 +191,12 @@ TOME_OPTIONS = _table(
            "Transformers (Flux, SD3, PixArt, Wan...): block = image tokens merged through the whole block (attention "
            "and MLP) and its update unmerged; attn = merged around attention only; kv = keys and values only, "
            "queries kept; auto = the family's measured default. UNets ignore it.", choices=DIT_MODES),
+    Option("unet_mode", "choice", "auto", "`\"auto\"`, `\"ops\"`, `\"block\"`",
+           "UNets (SD 1.x/2.x, SDXL, AnimateDiff): ops = ToMe-SD, merged around the operators merge_attn, "
+           "merge_crossattn and merge_mlp name, each output copied back; block = a transformer block's tokens merged "
+           "once, self-attention, cross-attention and feed-forward run on them, the block's update copied back "
+           "(faster at a higher error, merge_* ignored); auto = the measured default, ops (docs/benchmarks.md). "
+           "Transformers ignore it.", choices=UNET_MODES),
     Option("st", "int", 2, "int in [1, 16]",
            "Video transformers: window depth in latent frames, one destination per st x sy x sx window, so "
            "tokens merge across neighbouring frames; 1 = per-frame windows. Images ignore it.", lo=1, hi=16),
@@ -240,6 +247,9 @@ class ToMeOptions:
     reuse: "block" (every block matches on its own metric, ToMe-SD) or "level" (the first block
         of a level to run in a step computes the plan, the level's other blocks reuse it).
     reuse_steps: keep plans for this many consecutive steps (1 = recompute every step).
+    unet_mode: UNets only (core/block.py): "ops" (ToMe-SD: merged around the operators merge_*
+        name) or "block" (the whole transformer block runs on merged tokens, its update unmerged);
+        "auto" takes the measured default.
     dit_mode, skip_ends: transformers only (core/dit.py): "block" or "kv" merging, and the blocks
         left unmerged at each end; "auto" / None take the family's measured defaults.
     st, keep_first_frame, frame_reach: video transformers only: the window depth in latent frames,
@@ -272,6 +282,7 @@ class ToMeOptions:
     reuse_steps: int = 1
     min_tokens: Optional[int] = None
     dit_mode: str = "auto"
+    unet_mode: str = "auto"
     skip_ends: Optional[int] = None
     st: int = 2
     keep_first_frame: bool = False
@@ -321,6 +332,7 @@ class ToMeOptions:
         check_option(table["reuse"], o.reuse)
         check_option(table["reuse_steps"], o.reuse_steps)
         check_option(table["dit_mode"], o.dit_mode)
+        check_option(table["unet_mode"], o.unet_mode)
         check_option(table["st"], o.st)
         check_option(table["keep_first_frame"], o.keep_first_frame)
         if o.frame_reach is not None:

@@ -10,13 +10,14 @@ from typing import Union
 
 from ..core import ImportancePolicy, MergeRuntime, OptionError, TomePolicy, ToMeOptions, merge, unmerge
 from ..core.schedule import Schedule, model_fingerprint
+from ..core.block import merge_block, unet_mode, unmerge_block
 from .auto import AutoRatio, load_schedule
 from .discovery import blocks_in_order, denoiser_of, resolve_max_downsample, second_denoisers
 from .dit import attach_dit
 from .dit_families import family_of
 from .importance import track_importance
 from .patching import LeaveSlot, ModelPatch, building, install_patch, installed_patch, uninstall_patch
-from .processors import MergedAttnProcessor
+from .processors import MergedAttnProcessor, WrappedProcessor
 
 PATCH_ATTR = "_tomesd_ext_patch"
 
@@ -29,9 +30,23 @@ def _attach(patch: ModelPatch) -> None:
         patch.importance = track_importance(patch)
     else:
         patch.track_calls()
-    runtime.cost_kind = "attn+mlp" if opts.merge_mlp else "attn"  # the budget search's cost model
+    patch.unet_mode = "ops" if queries_only else unet_mode(opts)
+    if patch.unet_mode == "block":  # the budget search's cost model
+        runtime.cost_kind = "block"
+    else:
+        runtime.cost_kind = "attn+mlp" if opts.merge_mlp else "attn"
     for downsample, block in blocks_in_order(patch.model):
         slot = runtime.new_slot(downsample=downsample)
+        if patch.unet_mode == "block":
+            merge_hook = BlockMerge(slot)
+            patch.hook(block.register_forward_pre_hook(merge_hook, with_kwargs=True))
+            patch.hook(block.register_forward_hook(BlockUnmerge(merge_hook), always_call=True))
+            for attn in (getattr(block, "attn1", None), getattr(block, "attn2", None)):
+                if attn is not None:
+                    # a pass-through wrapper: torch.compile guards the processors a compiled forward
+                    # calls (not module hooks), so code compiled before the patch is recompiled
+                    patch.wrap(attn, WrappedProcessor)
+            continue
         patch.hook(block.register_forward_pre_hook(EnterSlot(slot), with_kwargs=True))
         patch.hook(block.register_forward_hook(LeaveSlot(slot), always_call=True))
         if opts.merge_attn and getattr(block, "attn1", None) is not None:
@@ -53,6 +68,51 @@ class EnterSlot:
 
     def __call__(self, module, args, kwargs):
         self.slot.enter(args[0] if args else kwargs.get("hidden_states"))
+
+
+class BlockMerge:
+    """Forward pre-hook of a BasicTransformerBlock in block mode: a new plan (``slot.enter``), the
+    block's hidden_states merged (``core.block.merge_block``); ``BlockUnmerge`` unmerges its update.
+    A call with a self-attention mask runs unmerged (the mask does not follow merged tokens)."""
+
+    def __init__(self, slot):
+        self.slot = slot
+        self.pending = None  # (x, merged, plan) between the pre-hook and the forward hook
+
+    def __call__(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        self.slot.enter(x)
+        self.pending = None
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        if mask is not None:
+            return None
+        chunk = getattr(module, "_chunk_size", None) if getattr(module, "_chunk_dim", 0) == 1 else None
+        found = merge_block(self.slot, x, chunk)
+        if found is None:
+            return None
+        merged, plan = found
+        self.pending = (x, merged, plan)
+        if args:
+            return (merged,) + tuple(args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=merged)
+
+
+class BlockUnmerge:
+    """Forward hook of a block-mode block (also when the call raised): its output back to N
+    tokens, each token's input plus its group's update; then ``slot.leave``."""
+
+    def __init__(self, merge_hook: BlockMerge):
+        self.merge = merge_hook
+
+    def __call__(self, module, args, output):
+        pending, self.merge.pending = self.merge.pending, None
+        self.merge.slot.leave()
+        if pending is None or output is None:
+            return None
+        x, merged, plan = pending
+        if isinstance(output, tuple):
+            return (unmerge_block(x, merged, output[0], plan),) + output[1:]
+        return unmerge_block(x, merged, output, plan)
 
 
 class MergeInput:
@@ -118,6 +178,7 @@ def apply_tome(
     reuse_steps: int = 1,
     min_tokens=None,
     dit_mode: str = "auto",
+    unet_mode: str = "auto",
     skip_ends=None,
     st: int = 2,
     keep_first_frame: bool = False,
@@ -141,6 +202,8 @@ def apply_tome(
     AnimateDiff's UNetMotionModel (and the AnimateDiff pipelines holding one): the spatial
     self-attention of every frame is merged, the motion modules' temporal attention is not;
     frame_plan "shared" gives all frames of a clip one plan, "per-frame" plans each frame.
+    UNets: unet_mode "block" runs each spatial transformer block whole on merged tokens and
+    unmerges its update (core/block.py); "ops" merges around the operators merge_* name.
 
     mode="importance" draws destinations from the tokens with the largest CFG difference of the
     previous step (docs/importance.md; pool_factor, cfg_layout, prune_steps apply to it only).
@@ -160,7 +223,7 @@ def apply_tome(
         ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, seed=seed,
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, mode=mode,
         pool_factor=pool_factor, cfg_layout=cfg_layout, prune_steps=prune_steps, reuse=reuse,
-        reuse_steps=reuse_steps, min_tokens=min_tokens, dit_mode=dit_mode, skip_ends=skip_ends,
+        reuse_steps=reuse_steps, min_tokens=min_tokens, dit_mode=dit_mode, unet_mode=unet_mode, skip_ends=skip_ends,
         st=st, keep_first_frame=keep_first_frame, frame_reach=frame_reach, frame_plan=frame_plan,
         block_ratios=block_ratios, max_error=max_error,
     )
