@@ -2,8 +2,8 @@
 classifier-free-guidance difference of the previous step (Wu et al., arXiv 2411.16720).
 
 The same core as the diffusers adapter's ``apply_tome(..., mode="importance")``
-(``core.ImportancePolicy``); the map comes from ComfyUI's post-CFG hook
-(tomesd_ext/comfy/importance.py). A definition like nodes/tome.py, whose inputs it shares.
+(``core.ImportancePolicy``), on UNets and on the ToMe node's transformers; the map comes from
+ComfyUI's post-CFG hook (tomesd_ext/comfy/importance.py). A definition like nodes/tome.py, whose inputs it shares.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ class TomesdExtImportanceMerging(TomesdExtTokenMerging):
     """Importance-based Token Merging: destinations drawn from the most CFG-sensitive tokens."""
 
     DESCRIPTION = (
-        "Importance-based Token Merging for UNet models (SD 1.x, SD 2.x, SDXL): ToMe whose kept "
-        "(destination) tokens are drawn from the tokens where the conditional and unconditional "
+        "Importance-based Token Merging for UNet models (SD 1.x, SD 2.x, SDXL) and the transformers "
+        "of the ToMe node (Flux, SD3, Qwen-Image, PixArt, Lumina2 / Z-Image, Wan, HunyuanVideo, "
+        "LTX-Video; at the family's default dit_mode, max_downsample and merge_* ignored): ToMe whose "
+        "kept (destination) tokens are drawn from the tokens where the conditional and unconditional "
         "predictions of the previous step differ most, so the prompt-relevant parts keep their "
-        "detail. Needs cfg > 1 (the map comes from classifier-free guidance); at cfg = 1 it merges "
-        "exactly like the ToMe node and says so once in the console. Put it between the model "
-        "loader (and LoRA) and the sampler. A second merge node (ToMe or importance) on the same "
-        "model replaces this one; another model type passes through unchanged with a warning."
+        "detail. Needs cfg > 1 (the map comes from classifier-free guidance); at cfg = 1 (as "
+        "guidance-distilled Flux runs) it merges exactly like the ToMe node and says so once in the "
+        "console. Put it between the model loader (and LoRA) and the sampler. A second merge node "
+        "(ToMe or importance) on the same model replaces this one; another model type passes "
+        "through unchanged with a warning."
     )
 
     @classmethod

@@ -7,7 +7,7 @@ reaches the attention and a named error where it does not."""
 import pytest
 import torch
 
-from comfy_env import import_comfy, importance_node, tome_node
+from comfy_env import import_comfy, tome_node
 from dit_models import comfy_random, run_dit
 
 pytestmark = pytest.mark.comfyui
@@ -125,12 +125,3 @@ def test_pixart_kv_is_refused_by_name(models):
     with pytest.raises(OptionError, match="dit_mode='kv'.*PixArt.*'block'"):
         tome_node(models["pixart"], ratio=0.5, dit_mode="kv")
 
-
-@pytest.mark.parametrize("family", ("pixart", "lumina2"))
-def test_importance_node_passes_through_pointing_to_tome(models, family, caplog):
-    import logging
-
-    with caplog.at_level(logging.WARNING, logger="tomesd_ext"):
-        assert importance_node(models[family], ratio=0.5) is models[family]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "tomesd_ext"]
-    assert len(warnings) == 1 and "ToMe node" in warnings[0], warnings

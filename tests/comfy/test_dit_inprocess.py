@@ -3,12 +3,10 @@ diffusers' models through ComfyUI's key conversion: exactness at ratio 0, the in
 alone, text tokens never merged, odd/non-square grids and batches, replacement instead of
 stacking, and parity with the diffusers adapter on the same weights and input."""
 
-import logging
-
 import pytest
 import torch
 
-from comfy_env import import_comfy, importance_node, tome_node
+from comfy_env import import_comfy, tome_node
 from dit_models import (assert_same_merge, comfy_from_diffusers, inputs, recorded_plans, run_diffusers, run_dit, tiny_comfy_qwen,
                         tiny_diffusers)
 
@@ -127,14 +125,6 @@ def test_foreign_attention_override_is_kept(models):
     assert calls and calls[0][-2] < ctx.shape[1] + 64  # the foreign override saw merged keys
     restored = tome_node(patched, ratio=0.5)
     assert restored.model_options["transformer_options"]["optimized_attention_override"] is foreign
-
-
-def test_importance_node_passes_dit_through_with_one_warning(models, caplog):
-    _d, base = models["sd3"]
-    with caplog.at_level(logging.WARNING, logger="tomesd_ext"):
-        assert importance_node(base, ratio=0.5) is base
-    warnings = [r.getMessage() for r in caplog.records if r.name == "tomesd_ext"]
-    assert len(warnings) == 1 and "ToMe node" in warnings[0], warnings
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -15,7 +15,6 @@ UNETLoader's second fp8 type (e5m2) and kv mode run on the small families only.
 """
 
 import json
-import logging
 import os
 
 import pytest
@@ -104,14 +103,31 @@ def test_kv_mode_on_gguf_model(qf, family, quant):
 
 
 @pytest.mark.parametrize("family,loader", CELLS)
-def test_importance_node_passes_transformer_through(qf, family, loader, caplog):
-    """The importance node merges UNets (SD 1.5 / SDXL) only: a transformer passes through
-    unchanged, however it was loaded, with one warning that points to the ToMe node."""
+def test_importance_node_on_loaded_model(qf, family, loader):
+    """The importance node on the loaded transformer: exact at ratio 0 (small families); its first
+    call (no map yet) is the ToMe node's merge bit for bit; after a CFG step hands ComfyUI's post-CFG hook its
+    x0 predictions, the next call merges from the map, every attention call on half the image
+    tokens."""
     model = qf.load(family, loader)
-    with caplog.at_level(logging.WARNING, logger="tomesd_ext"):
-        assert importance_node(model, ratio=0.5) is model
-    warnings = [r.getMessage() for r in caplog.records if r.name == "tomesd_ext"]
-    assert len(warnings) == 1 and "ToMe node" in warnings[0], warnings
+    x, ctx, conds = qf.inputs(family)
+    if (family, loader) not in _outputs:
+        _outputs[(family, loader)] = (run_dit(model, x, SIGMA, ctx, **conds),
+                                      run_dit(tome_node(model, ratio=0.5), x, SIGMA, ctx, **conds))
+    plain, tome = _outputs[(family, loader)]
+    if family in SMALL:  # (the big ones: seconds a forward; ratio 0 is exact in-process for every family)
+        assert torch.equal(run_dit(importance_node(model, ratio=0.0), x, SIGMA, ctx, **conds), plain)
+    with qf.attention_lengths(model) as (recorded, seen):
+        patched = importance_node(recorded, ratio=0.5)
+        first = run_dit(patched, x, SIGMA, ctx, **conds)
+        uncond, cond = (x - first * SIGMA).chunk(2)
+        hook = patched.model_options["sampler_post_cfg_function"][0]
+        hook({"denoised": cond, "cond_denoised": cond, "uncond_denoised": uncond, "cond_scale": 4.0,
+              "sigma": torch.full((1,), SIGMA), "uncond": [{}], "cond": [{}], "input": x[:1]})
+        second = run_dit(patched, x, SIGMA / 2, ctx, **conds)
+    assert torch.equal(first, tome)
+    assert hook.state.policy.counts["importance"] > 0 and hook.state.policy.hmap.shape[0] == 1
+    _check_lengths(family, seen, qf.image_tokens(family, x), ctx.shape[1])
+    assert torch.isfinite(second).all()
 
 
 def _with_lora(model, lora):

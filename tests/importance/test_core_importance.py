@@ -14,7 +14,9 @@ from tomesd_ext.core.importance import (
     importance_plan,
     max_importance_ratio,
     partition_counts,
+    importance_map_from_x0,
     pool_to_grid,
+    shared_token_map,
     with_prune_weights,
 )
 
@@ -61,6 +63,31 @@ def test_pool_matches_loop_reference(H, W, d):
         for j in range(w):
             ref[:, i, j] = hmap[:, i * d : (i + 1) * d, j * d : (j + 1) * d].mean(dim=(1, 2))
     torch.testing.assert_close(pooled, ref.reshape(2, -1))
+
+
+def test_map_from_x0_of_a_video_divides_each_image_by_its_sigma():
+    g = torch.Generator().manual_seed(0)
+    x, v_c, v_u = (torch.randn(2, 3, 4, 5, 6, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.5, 0.25])
+    s = sigma.view(2, 1, 1, 1, 1)
+    got = importance_map_from_x0(x - s * v_c, x - s * v_u, sigma)
+    assert got.shape == (2, 4, 5, 6)
+    torch.testing.assert_close(got, (v_c - v_u).abs().mean(1), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_token_map_of_images_and_videos():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 7, 10, generator=g)  # an odd latent: ceil-padded 4 x 5 token grid
+    mean = img.mean(0, keepdim=True)
+    assert torch.equal(shared_token_map(img), mean)  # no grid: the latent size
+    assert torch.equal(shared_token_map(img, (4, 5)), pool_to_grid(mean, 4, 5).view(1, 4, 5))
+    vid = torch.rand(2, 3, 4, 6, generator=g)
+    full = vid.mean(0, keepdim=True).reshape(1, 3, 2, 2, 3, 2).mean(dim=(3, 5))  # 2x2 patches
+    torch.testing.assert_close(shared_token_map(vid, (3, 2, 3)), full)
+    torch.testing.assert_close(shared_token_map(vid, (3, 2, 3), keep_first_frame=True), full[:, 1:])
+    torch.testing.assert_close(shared_token_map(vid[:, :2], (2, 2, 3), keep_first_frame=True), full[:, 1])  # one frame left
+    with pytest.raises(ValueError, match="token grid"):
+        shared_token_map(vid, (2, 3))
 
 
 def test_pool_rejects_a_grid_that_is_no_level():

@@ -26,11 +26,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import MergeRuntime, OptionError, TomePolicy, ToMeOptions, timestep_key
+from ..core import MergeRuntime, OptionError, ToMeOptions, shared_token_map, timestep_key
 from ..core.schedule import AutoChooser
 from ..core.dit import dit_settings, gather_span, merge_keys_values, merge_span, merged_blocks, span_plan, unmerge_update
 from .dit_families import SUPPORTED_DITS, Family, family_of, token_grid
-from .patching import ATTENTION_OVERRIDE, PatchState, SharedPatch, patched_clone, sigma_progress, sigma_range, unsupported_reason
+from .patching import (ATTENTION_OVERRIDE, PatchState, SharedPatch, merge_policy, patched_clone, sigma_progress, sigma_range,
+                       unsupported_reason)
 
 
 class DitState(PatchState):
@@ -50,6 +51,21 @@ class DitState(PatchState):
         self.runtime.begin_call(grid, timestep_key(timestep), sigma, device=getattr(latent, "device", None),
                                 progress=progress)
         self.n_txt, self.kv = 0, None
+        if self.on_call is not None:  # importance mode: the map of the previous step
+            self.on_call(latent, {})
+
+    def token_map(self, hmap: torch.Tensor, latent_shape) -> Optional[torch.Tensor]:
+        """The mean map of a step at the token grid of its latent (B0, C, [1,] H, W) (PatchState);
+        None for another latent or a patch size that is no power of 2."""
+        grid = token_grid(tuple(latent_shape), self.patch_size)
+        if hmap.ndim == 4 and hmap.shape[1] == 1:  # a latent of one frame (Qwen-Image)
+            hmap = hmap[:, 0]
+        if grid is None or hmap.ndim != 3:
+            return None
+        try:
+            return shared_token_map(hmap, grid)
+        except ValueError:
+            return None
 
     def end_call(self) -> None:
         super().end_call()
@@ -187,6 +203,13 @@ def apply_dit_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_pe
 
     opts: validated ToMeOptions (mode "tome"; ratio, seed, min_tokens, dit_mode, skip_ends apply).
     A previous tomesd-ext patch on ``model`` is replaced."""
+    m, _state, reason = dit_patch(model, opts, start_percent, end_percent)
+    return m, reason
+
+
+def dit_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_percent: float = 1.0):
+    """(patched clone, its DitState, None), or (``model``, None, reason); see apply_dit_patch. The
+    policy is ``merge_policy(opts)`` (importance mode: the caller feeds it the map)."""
     dm = getattr(getattr(model, "model", None), "diffusion_model", None)
     family = family_of(dm)
     if family is None:
@@ -194,16 +217,16 @@ def apply_dit_patch(model, opts: ToMeOptions, start_percent: float = 0.0, end_pe
 
         hooked = hooked_family_of(dm)
         if hooked is not None:
-            return apply_hooked_patch(model, dm, hooked, opts, start_percent, end_percent), None
-        return model, f"{unsupported_reason(model)}, and the transformers {SUPPORTED_DITS}"
+            return (*apply_hooked_patch(model, dm, hooked, opts, start_percent, end_percent), None)
+        return model, None, f"{unsupported_reason(model)}, and the transformers {SUPPORTED_DITS}"
     mode, skip = dit_settings(family.key(dm), opts.dit_mode, opts.skip_ends)
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
-    runtime = MergeRuntime(TomePolicy(opts), 1, sigma_start, sigma_end)
+    runtime = MergeRuntime(merge_policy(opts), 1, sigma_start, sigma_end)
     runtime.cost_kind = mode  # the budget search's cost model
     state = DitState(runtime, family, int(getattr(dm, "patch_size", 2)))
     if opts.auto:
         state.auto = AutoChooser(runtime, family.key(dm))
-    return install_blocks(model, state, mode, family.blocks(dm), skip, (BlockMerge, KeysValuesPlan)), None
+    return install_blocks(model, state, mode, family.blocks(dm), skip, (BlockMerge, KeysValuesPlan)), state, None
 
 
 def install_blocks(model, state, mode: str, order, skip: int, classes):

@@ -22,10 +22,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core import MergeRuntime, OptionError, TomePolicy, ToMeOptions
+from ..core import MergeRuntime, OptionError, ToMeOptions
 from ..core.dit import dit_settings, gather_span, merge_span, merged_blocks, span_plan, unmerge_update
 from .dit import ApplyModelWrapper, DitState, KeysValuesAttention
-from .patching import ATTENTION_OVERRIDE, SharedPatch, patched_clone, sigma_range
+from .patching import ATTENTION_OVERRIDE, SharedPatch, merge_policy, patched_clone, sigma_range
 
 
 @dataclass(frozen=True)
@@ -149,13 +149,13 @@ class HookedApplyModel(SharedPatch):
 
 
 def apply_hooked_patch(model, dm, family: HookedFamily, opts: ToMeOptions, start_percent: float, end_percent: float):
-    """The patched clone of ``model`` (diffusion model ``dm`` of ``family``); see apply_dit_patch."""
+    """(the patched clone of ``model`` (diffusion model ``dm`` of ``family``), its DitState); see dit_patch."""
     mode, skip = dit_settings(family.key, opts.dit_mode, opts.skip_ends)
     if mode not in ("block", "kv") or (mode == "kv" and not family.kv):
         usable = "'block' or 'kv'" if family.kv else "'block'"
         raise OptionError(f"dit_mode={mode!r} is not available for {family.label} in ComfyUI; use {usable}")
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
-    runtime = MergeRuntime(TomePolicy(opts), 1, sigma_start, sigma_end)
+    runtime = MergeRuntime(merge_policy(opts), 1, sigma_start, sigma_end)
     state = DitState(runtime, family, int(getattr(dm, "patch_size", 2)))
     blocks = family.blocks(dm)
     hooks = [BlockHooks(state, family, dm, blocks[i], runtime.new_slot(), mode) for i in merged_blocks(len(blocks), skip)]
@@ -163,4 +163,4 @@ def apply_hooked_patch(model, dm, family: HookedFamily, opts: ToMeOptions, start
     if mode == "kv":
         to = m.model_options.setdefault("transformer_options", {})
         to[ATTENTION_OVERRIDE] = KeysValuesAttention(state, to.get(ATTENTION_OVERRIDE))
-    return m
+    return m, state

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import MergeRuntime, timestep_key
+from ..core import ImportancePolicy, MergeRuntime, TomePolicy, timestep_key
 from ..kernels import check_kernel_setting
 from .animatediff import clip_call
 
@@ -63,6 +63,17 @@ class PatchState:
     def end_call(self) -> None:
         self.runtime.end_call()
         self.slot.reset()
+
+    def token_map(self, hmap: torch.Tensor, latent_shape) -> Optional[torch.Tensor]:
+        """An importance map (B0, H, W) of a step's latent (B0, C, H, W) as this patch's policy
+        stores it (a UNet's: as it is; the policy pools it per level); None when the latent is no
+        image. The transformer states store the mean map at their token grid."""
+        return hmap if len(latent_shape) == 4 else None
+
+
+def merge_policy(opts):
+    """The policy of a transformer patch: importance mode's or ToMe's (opts.mode)."""
+    return ImportancePolicy(opts) if opts.mode == "importance" else TomePolicy(opts)
 
 
 class SharedPatch:

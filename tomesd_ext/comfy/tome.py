@@ -26,9 +26,8 @@ import torch
 from ..core import MergeRuntime, OptionError, TomePolicy, ToMeOptions, merge, unmerge
 from ..core.block import merge_block, unet_mode, unmerge_block
 from .discovery import auto_max_downsample, transformer_blocks, unet_of
-from .dit import apply_dit_patch
+from .dit import dit_patch
 from .dit_families import family_of
-from .dit_hooks import hooked_family_of
 from .video_dit import SUPPORTED_VIDEO_DITS, apply_video_patch, video_family_of
 from .patching import PatchState, SharedPatch, StandIn, patched_clone, sigma_range, unsupported_reason
 
@@ -126,10 +125,6 @@ def install_merge_patch(model, opts: ToMeOptions, start_percent: float, end_perc
     PatchState with the method's policy."""
     unet = unet_of(model)
     if unet is None:
-        dm = getattr(getattr(model, "model", None), "diffusion_model", None)
-        if family_of(dm) is not None or hooked_family_of(dm) is not None or video_family_of(dm) is not None:
-            return model, None, (f"tomesd-ext: {opts.mode} merging skipped, this node does not support "
-                                 f"transformers ({type(dm).__name__}) yet: use the ToMe node")
         return model, None, unsupported_reason(model)
     if opts.max_downsample == "auto":
         max_ds = auto_max_downsample(unet)
@@ -170,20 +165,28 @@ def apply_tome_patch(
     """
     if opts.mode != "tome":
         raise ValueError(f"opts.mode={opts.mode!r}: use apply_importance_patch for mode='importance'")
-    per_block = opts.block_ratios is not None or opts.auto
     if unet_of(model) is None:
-        dm = getattr(getattr(model, "model", None), "diffusion_model", None)
-        video = video_family_of(dm)
-        if video is not None:
-            _refuse_per_block(per_block, "video transformers")
-            return apply_video_patch(model, dm, video, opts, start_percent, end_percent), None
-        if per_block and family_of(dm) is None:
-            _refuse_per_block(True, "PixArt and Lumina2 / Z-Image")
-        m, reason = apply_dit_patch(model, opts, start_percent, end_percent)
-        return m, reason and f"{reason}, and the video transformers {SUPPORTED_VIDEO_DITS}"
-    _refuse_per_block(per_block, "UNets")
+        m, _state, reason = install_transformer_patch(model, opts, start_percent, end_percent)
+        return m, reason
+    _refuse_per_block(opts.block_ratios is not None or opts.auto, "UNets")
     m, _state, reason = install_merge_patch(model, opts, start_percent, end_percent)
     return m, reason
+
+
+def install_transformer_patch(model, opts: ToMeOptions, start_percent: float, end_percent: float):
+    """(patched clone, its state, None) or (``model``, None, reason) for a model whose denoiser is
+    no UNet: the DiT patch (dit.py) of an image transformer, the video DiT patch (video_dit.py) of
+    a video transformer, with the policy of ``opts.mode`` (importance: importance.py feeds it)."""
+    per_block = opts.block_ratios is not None or opts.auto
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    video = video_family_of(dm)
+    if video is not None:
+        _refuse_per_block(per_block, "video transformers")
+        return (*apply_video_patch(model, dm, video, opts, start_percent, end_percent), None)
+    if per_block and family_of(dm) is None:
+        _refuse_per_block(True, "PixArt and Lumina2 / Z-Image")
+    m, state, reason = dit_patch(model, opts, start_percent, end_percent)
+    return m, state, reason and f"{reason}, and the video transformers {SUPPORTED_VIDEO_DITS}"
 
 
 def _refuse_per_block(per_block: bool, what: str) -> None:

@@ -35,10 +35,10 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..core import MergeRuntime, TomePolicy, ToMeOptions, timestep_key
+from ..core import MergeRuntime, ToMeOptions, shared_token_map, timestep_key
 from ..core.dit import dit_settings, gather_span, merge_span, span_plan, unmerge_update
 from .dit import KeysValuesAttention, install_blocks
-from .patching import PatchState, SharedPatch, sigma_range
+from .patching import PatchState, SharedPatch, merge_policy, sigma_range
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,27 @@ class VideoState(PatchState):
             grid = grid[1:] if grid[0] == 1 else (None if grid[0] < 1 else grid)
         self.runtime.begin_call(grid, timestep_key(timestep * self.time_scale), sigma, device=getattr(latent, "device", None),
                                 progress=progress)
+        if self.on_call is not None:  # importance mode: the map of the previous step
+            self.on_call(latent, {})
+
+    def token_map(self, hmap: torch.Tensor, latent_shape) -> Optional[torch.Tensor]:
+        """The mean map of a step (B0, [F,] H, W) at the token grid this patch merges (PatchState):
+        (1, frames, h, w) less a kept first frame, (1, h, w) for one frame; None when none is left.
+        A family that pads the latent up to its patch size gets the map padded alike (edge values)."""
+        grid = video_grid(tuple(latent_shape), self.patch, self.family.padded)
+        if grid is None or hmap.ndim != len(grid) + 1:
+            return None
+        try:
+            if len(grid) == 2:  # an image latent: partial edge cells average their real pixels
+                return shared_token_map(hmap, grid)
+            if grid[0] - int(self.keep_first) < 1:
+                return None
+            if self.family.padded:
+                pad = (0, (-hmap.shape[-1]) % self.patch[2], 0, (-hmap.shape[-2]) % self.patch[1])
+                hmap = torch.nn.functional.pad(hmap, pad, mode="replicate") if any(pad) else hmap
+            return shared_token_map(hmap, grid, self.keep_first)
+        except ValueError:
+            return None
 
     def end_call(self) -> None:
         super().end_call()
@@ -260,12 +281,14 @@ class FirstAttentionOnly(KeysValuesAttention):
 
 def apply_video_patch(model, dm, family: VideoFamily, opts: ToMeOptions, start_percent: float = 0.0,
                       end_percent: float = 1.0):
-    """The patched clone of ``model`` whose diffusion model ``dm`` is of ``family``.
+    """(the patched clone of ``model`` whose diffusion model ``dm`` is of ``family``, its VideoState).
 
     opts: validated ToMeOptions (ratio, seed, min_tokens, dit_mode, skip_ends, st,
-    keep_first_frame apply). A previous tomesd-ext patch on ``model`` is replaced."""
+    keep_first_frame apply; the policy is ``merge_policy(opts)``). A previous tomesd-ext patch on
+    ``model`` is replaced."""
     mode, skip = dit_settings(family.key, opts.dit_mode, opts.skip_ends)
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
-    runtime = MergeRuntime(TomePolicy(opts), 1, sigma_start, sigma_end)
+    runtime = MergeRuntime(merge_policy(opts), 1, sigma_start, sigma_end)
     state = VideoState(runtime, family, family.patch(dm), opts.keep_first_frame, family.time_scale(dm))
-    return install_blocks(model, state, mode, family.blocks(dm), skip, (VideoBlockMerge, VideoKeysValuesPlan, FirstAttentionOnly))
+    blocks = (VideoBlockMerge, VideoKeysValuesPlan, FirstAttentionOnly)
+    return install_blocks(model, state, mode, family.blocks(dm), skip, blocks), state

@@ -20,6 +20,7 @@ from .importance import (
     max_importance_ratio,
     pool_to_grid,
     pool_to_video_grid,
+    shared_token_map,
 )
 from .matching import bipartite_plan, normalize_metric, plan_from_matches
 from .merge import merge, unmerge
@@ -80,6 +81,7 @@ __all__ = [
     "plan_from_matches",
     "pool_to_grid",
     "pool_to_video_grid",
+    "shared_token_map",
     "step_schedule",
     "temporal_attention",
     "timestep_key",

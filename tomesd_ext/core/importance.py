@@ -312,7 +312,27 @@ def importance_map_from_x0(cond: torch.Tensor, uncond: torch.Tensor, sigma) -> t
     mean_c |cond - uncond| / sigma = mean_c |eps_cond - eps_uncond| (for v/flow models a per-step
     multiple of the prediction difference: the same ranking). Returns (B0, H, W) float32."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=cond.device).flatten()
-    return importance_map(torch.cat([uncond, cond]), "halves") / sigma.view(-1, 1, 1)
+    hmap = importance_map(torch.cat([uncond, cond]), "halves")
+    return hmap / sigma.view(-1, *(1,) * (hmap.ndim - 1))
+
+
+def shared_token_map(hmap: torch.Tensor, grid=None, keep_first_frame: bool = False) -> torch.Tensor:
+    """The map of a CFG step for a transformer, whose plans the call's batch shares: the mean over
+    the step's images of ``hmap``, (1, ...).
+
+    hmap (B0, H, W): an image; grid (h, w) area-pools it to that token grid (``pool_to_grid``, a
+    patch size 2**k), None keeps the latent size (the policy pools it per call).
+    hmap (B0, F, H, W): a video; grid (frames, h, w) its token grid (``pool_to_video_grid``), less
+    the first frame when keep_first_frame holds it back, (1, h, w) when one frame is left."""
+    mean = hmap.float().mean(0, keepdim=True)
+    if hmap.ndim == 3:
+        return mean if grid is None else pool_to_grid(mean, *grid).view(1, *grid)
+    if hmap.ndim != 4 or grid is None or len(grid) != 3:
+        raise ValueError(f"a video map (B0, F, H, W) needs its token grid (frames, h, w), got {tuple(hmap.shape)}, {grid}")
+    mean = pool_to_video_grid(mean, *grid)
+    if keep_first_frame:
+        mean = mean[:, 1:]
+    return mean[:, 0] if mean.shape[1] == 1 else mean
 
 
 class ImportancePolicy:
@@ -343,6 +363,7 @@ class ImportancePolicy:
         self.last_step: Optional[float] = None
         self.warned = False
         self._rows_cache = {}
+        self._one_row = [torch.zeros(1, dtype=torch.long)]
 
     def on_call(self, step_key: float) -> None:
         self.advance(step_key)
@@ -366,6 +387,11 @@ class ImportancePolicy:
         self.rows, self.batch = rows, batch
         if self._map_fits(len(rows), hw):
             self.active = self.hmap
+
+    def use_shared_map(self, hw) -> None:
+        """``use_map`` for a transformer call, whose plans its batch shares (one metric row, the
+        mean over its rows): the stored ``shared_token_map`` when it has size hw."""
+        self.use_map(self._one_row, 1, hw)
 
     def use_clip_map(self, layout: str, clips: int, frames: int, hw, device, images: Optional[int] = None,
                      frame_idx=None) -> None:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..core import importance_map, pool_to_video_grid, read_call
+from ..core import importance_map, read_call, shared_token_map
 from ..core.dit import merged_video_grid
 
 
@@ -73,7 +73,7 @@ class DitImportance:
         if x is not None:
             shape = self._merged_grid() if x.ndim == 5 else tuple(x.shape[-2:])
             if shape is not None:
-                policy.use_map([torch.zeros(1, dtype=torch.long)], 1, shape)
+                policy.use_shared_map(shape)
 
     def _merged_grid(self):
         """The token grid a video call merges: (frames, h, w), less a kept first frame; (h, w)
@@ -82,14 +82,8 @@ class DitImportance:
 
     def _store(self, pred: torch.Tensor, layout: str) -> None:
         """set_map of the mean map of a CFG prediction (a video's at its merged token grid)."""
-        hmap = importance_map(pred, layout).mean(0, keepdim=True)
-        if hmap.ndim == 4:
-            hmap = pool_to_video_grid(hmap, *self.grid)
-            if self.policy.opts.keep_first_frame:
-                hmap = hmap[:, 1:]
-            if hmap.shape[1] == 1:
-                hmap = hmap[:, 0]
-        self.policy.set_map(hmap)
+        grid = self.grid if pred.ndim == 5 else None  # an image's map stays at its latent size
+        self.policy.set_map(shared_token_map(importance_map(pred, layout), grid, self.policy.opts.keep_first_frame))
 
     def post_hook(self, module, args, output) -> None:
         policy, x = self.policy, self.sample
