@@ -106,6 +106,50 @@ def test_ratio_zero_exact_and_map_plans_the_next_step(models, family):
         assert torch.equal(a, b)
 
 
+def test_split_cond_and_uncond_calls_use_the_same_partition(models):
+    """ComfyUI short of memory runs a step's cond and uncond as separate calls: both plan from the
+    step's one mean map, so they draw the same destinations."""
+    _d, base = models["sd3"]
+    model = importance_node(base, ratio=0.5, seed=5)
+    cfg_steps(model, "sd3", sigmas=SIGMAS[:1])
+    policy = _policy(model)
+    x, ctx, conds = cfg_inputs("sd3")
+    parts = []
+    for i in (1, 0):  # cond first, then uncond
+        run_dit(model, x, SIGMAS[1], ctx[i : i + 1], **{k: v[i : i + 1] for k, v in conds.items()})
+        parts.append(policy.parts)
+    assert policy.counts["importance"] == 2 * policy.counts["tome"] > 0
+    (a,), (b,) = parts[0].values(), parts[1].values()
+    assert torch.equal(a[0].dst, b[0].dst) and torch.equal(a[0].priority, b[0].priority)
+
+
+@pytest.mark.parametrize("family, thw, keep_first", [("wan", (5, 7, 9), False), ("wan", (3, 7, 9), True),
+                                                     ("wan", (1, 7, 9), False), ("hunyuan", (3, 8, 10), False),
+                                                     ("ltxv", (2, 6, 10), False)])
+def test_video_map_fits_odd_sizes_one_frame_and_keep_first_frame(models, family, thw, keep_first):
+    """The map at the merged token grid: Wan pads a 7x9 latent up to 4x5 tokens; a kept first
+    frame is left out of it; one latent frame gives an image map."""
+    from tomesd_ext.comfy.importance import apply_importance_patch
+    from tomesd_ext.core import ToMeOptions
+
+    _d, base = models[family]
+    opts = ToMeOptions.create(ratio=0.5, seed=5, mode="importance", min_tokens=0, keep_first_frame=keep_first)
+    model, reason = apply_importance_patch(base, opts)
+    assert reason is None
+    x, ctx, conds = video_inputs(family, batch=1, thw=thw)
+    for s in SIGMAS:
+        v = run_dit(model, torch.cat([x, x]), s, torch.cat([ctx, ctx.flip(1)]), **conds)
+        uncond, cond = (torch.cat([x, x]) - v * s).chunk(2)
+        model.model_options["sampler_post_cfg_function"][0](
+            {"denoised": cond, "cond_denoised": cond, "uncond_denoised": uncond, "cond_scale": 4.0,
+             "sigma": torch.full((1,), s), "uncond": [{}], "cond": [{}], "input": x})
+    policy = _policy(model)
+    assert policy.counts["importance"] == policy.counts["tome"] > 0
+    pt = 2 if family != "ltxv" else 1
+    grid = (thw[0] - keep_first, -(-thw[1] // pt), -(-thw[2] // pt))
+    assert policy.hmap.shape == (1, *(grid[1:] if grid[0] == 1 else grid))
+
+
 def _token_counts(module, call):
     """The sequence lengths ``module`` (taking (B, L, C) first) saw during call()."""
     seen = []
