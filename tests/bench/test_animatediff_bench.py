@@ -66,3 +66,16 @@ def test_block_and_ops_methods_on_unets_with_the_cpu_clock(model, extra, tmp_pat
     assert [r["method"] for r in rows] == ["baseline", "tome-ops", "tome-block"]
     assert all(r["seconds_median"] > 0 for r in rows)
     assert 0 < rows[1]["rel_error"] != rows[2]["rel_error"] > 0  # another mode, another output
+
+
+def test_d2_method_on_an_animatediff_unet(tmp_path, monkeypatch):
+    """tome-d2 takes AnimateDiff UNets: the next level merges too, so the output moves further
+    from the unmerged one than the default's (which merges the top level only)."""
+    monkeypatch.setattr("tomesd_ext.core.options.MIN_TOKENS_DEFAULT", 0)
+    out = tmp_path / "r.json"
+    argv = ["bench", "--model", "tiny-animatediff", "--frames", "4", "--resolution", "64", *RUN, "--ratios", "0.5",
+            "--methods", "tome,tome-d2", "--json", str(out)]
+    assert cli.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["baseline", "tome", "tome-d2"]
+    assert 0 < rows[1]["rel_error"] < rows[2]["rel_error"]

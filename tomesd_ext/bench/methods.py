@@ -293,7 +293,9 @@ register(
         "tome-d2",
         _tome_d2_apply,
         _tome_remove,
-        "ours with the next level merged too (max_downsample 2 on SD1.x/2.x, 4 on SDXL)",
+        "ours with the next level merged too (max_downsample 2 on SD1.x/2.x and AnimateDiff SD 1.5, 4 on SDXL; "
+        "that level's grid is under the default min_tokens at 512 px: pass --min-tokens 0 to merge it)",
+        models=("unet", "animatediff"),
     )
 )
 register(Method("tome-level", _level_apply, _tome_remove, "ours with one merge plan per level and step (reuse='level')"))
