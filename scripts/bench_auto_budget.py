@@ -68,6 +68,8 @@ def main() -> int:
     _cpu_attention_flops()
 
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()  # at the start
     subject = load_subject(args.model, seed=args.seed)
     model = subject.denoiser
     cfg = args.batch % 2 == 0
@@ -139,8 +141,6 @@ def main() -> int:
             say(f"  {name}: {times[name][-1]:.2f} s ({args.clock})")
     remove_tome(model)
     med = {k: statistics.median(v) for k, v in times.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     result = {
         "model": args.model, "resolution": args.resolution, "batch": args.batch, "timestep": args.timestep,
         "seed": args.seed, "min_tokens": args.min_tokens, "sharpened": subject.sharpened, "commit": commit,
