@@ -175,3 +175,10 @@ def test_search_backs_off_when_the_model_under_predicts():
     assert over and r.error <= budget and r.correction > 1.0
     assert r.cost == min(c for s, e, c in r.points if e <= budget)
     assert r.forwards <= 1 + 4 + 1 + AUTO_VERIFY
+
+
+def test_search_refuses_a_grid_too_large_to_enumerate():
+    measure, calls = rss_model((0.1,) * 8, 1.0)
+    with pytest.raises(ValueError, match="at most 5 groups"):
+        search(measure, attn_cost, 8, 0.75, 0.1)
+    assert calls == []

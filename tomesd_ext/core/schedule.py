@@ -205,6 +205,9 @@ def search(measure: Callable[[Tuple[float, ...]], float], cost: Callable[[Tuple[
     with those group ratios (against the reference the caller measured: 1 forward); cost(ratios):
     a sum over the groups (cost(a) - cost(zero) adds over groups, as ``runtime_cost``); known:
     errors the caller measured already (not measured again, not counted as forwards)."""
+    if (steps + 1) ** groups > 4_000_000:  # the grid is enumerated whole
+        raise ValueError(f"search over {groups} groups with {steps + 1} ratios each is too large a grid: "
+                         f"use at most {AUTO_GROUPS} groups (search_groups) or fewer steps")
     zero = (0.0,) * groups
     known = {tuple(float(r) for r in s): float(e) for s, e in (known or {}).items()}
     points = {zero: 0.0, **known}
