@@ -14,12 +14,16 @@ def test_calibrate_writes_a_schedule_table_and_plot_that_apply_tome_loads(tmp_pa
     argv = ["calibrate", "tiny", "--resolution", "64", "--batch", "1", "--min-tokens", "0", "--out", str(out)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| setting | block ratios |" in printed and "**chosen**" in printed and "uniform 0.5" in printed
+    assert "| setting | group ratios |" in printed and "**chosen**" in printed and "uniform 0.5" in printed
     assert (tmp_path / "tiny.png").stat().st_size > 1000
     schedule = Schedule.load(str(out))
     info = schedule.info
     assert info["error"] <= info["budget"] == pytest.approx(info["uniform_error"])
-    assert len(schedule.settings) == 3 and json.loads(out.read_text())["fingerprint"] == schedule.fingerprint
+    # one setting per block; the search groups cover the merging blocks once each, in order
+    blocks = [b for g in info["groups"] for b in g]
+    assert blocks == sorted(set(blocks)) and len(schedule.settings) == blocks[-1] + 1
+    assert [schedule.settings[g[0]].ratio for g in info["groups"]] == info["group_ratios"]
+    assert json.loads(out.read_text())["fingerprint"] == schedule.fingerprint
 
     from tomesd_ext.bench.subject import load_subject
 
@@ -36,6 +40,7 @@ def test_calibrate_writes_a_schedule_table_and_plot_that_apply_tome_loads(tmp_pa
     (["tiny", "--resolution", "60"], "multiple of 8"),
     (["tiny", "--max-error", "0"], "--max-error 0.0"),
     (["tiny", "--out", "/no/such/folder/s.json"], "cannot write"),
+    (["tiny", "--clock", "cpu", "--device", "cuda"], "--clock cpu"),
 ])
 def test_bad_input_fails_before_work(argv, message, capsys):
     assert cli.main(["calibrate", *argv]) == 2

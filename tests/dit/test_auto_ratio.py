@@ -51,6 +51,12 @@ def test_auto_keeps_the_budget_on_the_call_it_measured_and_reproduces_its_choice
         assert rel(out, ref) == pytest.approx(s.info["error"], rel=1e-4, abs=1e-6)
         assert 0 < patch.auto.extra_forwards <= 12 and s.info["extra_forwards"] == patch.auto.extra_forwards
         assert any(x.ratio > 0 for x in s.settings)  # it merges something
+        # one setting per block; each search group's blocks share their group's ratio
+        assert len(s.settings) == patch.runtime.n_blocks
+        assert sorted(b for g in s.info["groups"] for b in g) == list(range(patch.runtime.n_blocks))
+        for g, r in zip(s.info["groups"], s.info["group_ratios"]):
+            assert all(s.settings[b].ratio == r for b in g)
+        assert patch.auto.extra_forwards <= 1 + len(s.info["groups"]) + 1 + 5
         chosen.append(([x.ratio for x in s.settings], out))
     assert chosen[0][0] == chosen[1][0] and torch.equal(chosen[0][1], chosen[1][1])
     remove_tome(m)

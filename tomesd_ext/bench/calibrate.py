@@ -1,9 +1,9 @@
 """`tomesd-ext calibrate`: per-block ratios for one model under an error budget, measured on
 short sampling runs, written as a schedule file that ``apply_tome(schedule=PATH)`` loads.
 
-The search is the one ``ratio="auto"`` runs at a call (core.schedule.search: a reference, two
-probes per block group, at most five verifications; the uniform setting measured first is a
-candidate too), with one measurement = one sampling run of
+The search is the one ``ratio="auto"`` runs at a call (core.schedule.search: a reference, one
+probe per search group, at most five verifications; the uniform setting measured first is a
+candidate and fixes the error model's exponent, so no shape forward is spent), with one measurement = one sampling run of
 ``steps`` steps (0: one denoiser forward) and the error = the relative L2 error of its output
 (the final latents; one forward: the noise prediction) against the unmerged run on the same
 input and seed. The budget is a number, or the error of a uniform ratio measured first
@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 from ..core.options import ToMeOptions
-from ..core.schedule import AUTO_GROUPS, AUTO_VERIFY, Schedule, model_fingerprint, runtime_cost, search, settings_of
+from ..core.schedule import (
+    AUTO_GROUPS, AUTO_VERIFY, Schedule, group_spans, model_fingerprint, per_block, runtime_cost, search, search_groups,
+    settings_of,
+)
 from .denoise import denoise
 from .metrics import rel_error
 from .timing import round_order, timed
@@ -37,14 +40,17 @@ class Calibration:
     uniform: Optional[dict] = None
     baseline_seconds: float = 0.0
     forwards: int = 0
+    groups: tuple = ()  # the blocks of each search group; "ratios" of the rows are per group
 
 
 def calibrate(subject, resolution, steps: int = 0, budget: Optional[float] = None, uniform_ratio: float = 0.5,
               batch: int = 2, seed: int = 0, timestep: int = 500, input_kind: str = "photo", repeats: int = 1,
-              groups: int = AUTO_GROUPS, min_tokens=None, out: Callable[[str], None] = print) -> Calibration:
+              groups: int = AUTO_GROUPS, min_tokens=None, clock: str = "wall",
+              out: Callable[[str], None] = print) -> Calibration:
     """Search per-group ratios for ``subject`` (bench.subject.Subject) within ``budget`` (None:
     the error of uniform ``uniform_ratio``); returns the Calibration (module docstring).
-    min_tokens: apply_tome's (None: its default)."""
+    min_tokens: apply_tome's (None: its default); clock: bench.timing's "wall" or "cpu"; groups: the
+    most search groups (core.schedule.search_groups)."""
     from ..diffusers import apply_tome, remove_tome
     from ..diffusers.tome import PATCH_ATTR, installed_patch
 
@@ -56,7 +62,7 @@ def calibrate(subject, resolution, steps: int = 0, budget: Optional[float] = Non
     cond = subject.conditioning(n_images, cfg, resolution, seed)
 
     def run():
-        result, seconds = timed(lambda: denoise(subject, inp, cond, cfg, steps, timestep), subject.device)
+        result, seconds = timed(lambda: denoise(subject, inp, cond, cfg, steps, timestep), subject.device, clock)
         return (result.final if result.final is not None else result.noise_pred), seconds
 
     remove_tome(model)
@@ -76,12 +82,21 @@ def calibrate(subject, resolution, steps: int = 0, budget: Optional[float] = Non
         remove_tome(model)
         raise ValueError(f"no block of {subject.name} merges at {resolution} px (its token grids are below "
                          f"min_tokens={runtime.opts.min_tokens}): use a larger --resolution or --min-tokens 0")
-    groups = min(groups, runtime.n_blocks)
-    full = runtime_cost(runtime, (0.0,) * groups)
-    uniform_ratios = (float(installed_patch(model, PATCH_ATTR).opts.ratio),) * groups
+    merging, n = sorted(runtime.block_shapes), runtime.n_blocks
+    parts = tuple(tuple(merging[i] for i in part) for part in search_groups(len(merging), groups))
+    cal.groups = parts
+
+    def blocks(ratios):  # the ratio of every block
+        return per_block(ratios, parts, n)
+
+    def model_cost(ratios):
+        return runtime_cost(runtime, blocks(ratios))
+
+    full = model_cost((0.0,) * len(parts))
+    uniform_ratios = (float(installed_patch(model, PATCH_ATTR).opts.ratio),) * len(parts)
     cal.uniform = {"setting": f"uniform {uniform_ratio:g}", "ratios": uniform_ratios,
                    "error": rel_error(uniform_out, reference), "seconds": uniform_s,
-                   "cost": runtime_cost(runtime, uniform_ratios) / full}
+                   "cost": model_cost(uniform_ratios) / full}
     cal.rows.append(cal.uniform)
     cal.budget = cal.uniform["error"] if budget is None else budget
     out(f"uniform {uniform_ratio:g}: error {cal.uniform['error']:.4g}, {uniform_s:.2f} s; budget {cal.budget:.4g}")
@@ -90,17 +105,18 @@ def calibrate(subject, resolution, steps: int = 0, budget: Optional[float] = Non
 
     def measure(ratios):
         nonlocal forwards
-        apply_tome(model, block_ratios=list(ratios), **common)
+        apply_tome(model, block_ratios=list(blocks(ratios)), **common)
         output, s = run()
         forwards += 1
         seconds[ratios] = s
         error = rel_error(output, reference)
-        out(f"  block ratios {_fmt(ratios)}: error {error:.4g}, {s:.2f} s")
+        out(f"  group ratios {_fmt(ratios)}: error {error:.4g}, {s:.2f} s")
         return error
 
     maximum = ToMeOptions.create(ratio="auto", max_error=1.0, seed=seed).ratio  # what ratio="auto" searches up to
-    result = search(measure, lambda r: runtime_cost(runtime, r), groups, maximum, cal.budget, AUTO_VERIFY,
+    result = search(measure, model_cost, len(parts), maximum, cal.budget, AUTO_VERIFY,
                     known={uniform_ratios: cal.uniform["error"]})
+    out(f"search groups (blocks) {group_spans(parts)}; fitted exponent {result.exponent:.3g}")
     for ratios, error, cost in result.points:
         if any(ratios):
             cal.rows.append({"setting": f"blocks {_fmt(ratios)}", "ratios": ratios, "error": error,
@@ -110,7 +126,7 @@ def calibrate(subject, resolution, steps: int = 0, budget: Optional[float] = Non
         cal.chosen = {"setting": "nothing merged", "ratios": result.ratios, "error": 0.0, "seconds": base_s, "cost": 1.0}
 
     # side by side: baseline, uniform, chosen (rotated order; medians)
-    runs = {"baseline": None, "uniform": list(cal.uniform["ratios"]), "chosen": list(result.ratios)}
+    runs = {"baseline": None, "uniform": list(blocks(cal.uniform["ratios"])), "chosen": list(blocks(result.ratios))}
     times = {k: [] for k in runs}
     for rep in range(repeats):
         for name in round_order(list(runs), rep, "rotate"):
@@ -130,9 +146,11 @@ def calibrate(subject, resolution, steps: int = 0, budget: Optional[float] = Non
         "budget": cal.budget, "uniform_ratio": uniform_ratio, "error": cal.chosen["error"],
         "speedup": cal.baseline_seconds / cal.chosen["timed"], "uniform_speedup": cal.baseline_seconds / cal.uniform["timed"],
         "uniform_error": cal.uniform["error"], "model": subject.name, "sharpened": subject.sharpened,
+        "groups": [list(g) for g in parts], "group_ratios": list(result.ratios), "exponent": result.exponent,
+        "uniform_cost": cal.uniform["cost"], "cost": cal.chosen["cost"],
         "rows": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in cal.rows],
     }
-    cal.schedule = Schedule(settings_of(result.ratios), model_fingerprint(model), info)
+    cal.schedule = Schedule(settings_of(blocks(result.ratios)), model_fingerprint(model), info)
     return cal
 
 
@@ -142,7 +160,7 @@ def _fmt(ratios) -> str:
 
 def table(cal: Calibration) -> str:
     """The calibration as a markdown table: setting, cost model, speed-up, error (chosen marked)."""
-    lines = ["| setting | block ratios | merged-op cost | speed-up (one run) | speed-up (side by side) | error |",
+    lines = ["| setting | group ratios | merged-op cost | speed-up (one run) | speed-up (side by side) | error |",
              "|---|---|---|---|---|---|"]
     base = cal.baseline_seconds
     for r in cal.rows:

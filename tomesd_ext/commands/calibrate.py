@@ -37,6 +37,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="side-by-side timing rounds of baseline, uniform and chosen")
     p.add_argument("--min-tokens", type=int, default=None, help="apply_tome's min_tokens (default: its default)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="wall: wall-clock seconds; cpu: CPU seconds of this process (waiting for a core on a loaded "
+                   "machine does not count; CPU only, best with OMP_NUM_THREADS=1) (default wall)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--out", default="schedule.json", help="schedule JSON to write (default schedule.json)")
@@ -68,6 +71,8 @@ def run(args) -> int:
         return _fail(f"--max-error {args.max_error}: allowed (0, 1]")
     if not 0.0 < args.match_ratio < 1.0:
         return _fail(f"--match-ratio {args.match_ratio}: allowed (0, 1)")
+    if args.clock == "cpu" and args.device != "cpu":
+        return _fail("--clock cpu measures CPU seconds: use it with --device cpu")
     if args.steps < 0 or args.batch < 1 or args.repeats < 1 or not 0 <= args.timestep <= 999:
         return _fail("--steps >= 0, --batch >= 1, --repeats >= 1 and --timestep in [0, 999] are required")
     plot_path = args.plot or os.path.splitext(args.out)[0] + ".png"
@@ -80,20 +85,21 @@ def run(args) -> int:
         return _fail('the plot needs matplotlib: pip install "tomesd-ext[bench]"')
 
     from ..bench.calibrate import calibrate, plot, table
+    from ..core.schedule import group_spans
     from ..bench.subject import load_subject
 
     subject = load_subject(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     try:
         cal = calibrate(subject, res, steps=args.steps, budget=args.max_error, uniform_ratio=args.match_ratio,
                         batch=args.batch, seed=args.seed, timestep=args.timestep, repeats=args.repeats,
-                        min_tokens=args.min_tokens)
+                        min_tokens=args.min_tokens, clock=args.clock)
     except ValueError as e:  # nothing merges at this size: said after the baseline run
         print(f"tomesd-ext calibrate: error: {e}", file=sys.stderr)
         return 1
     print()
     print(table(cal))
     info = cal.schedule.info
-    print(f"\nchosen block ratios {[s.ratio for s in cal.schedule.settings]}: error {info['error']:.4g} "
+    print(f"\nchosen ratios {info['group_ratios']} for the blocks {group_spans(cal.groups)}: error {info['error']:.4g} "
           f"(budget {cal.budget:.4g}), {info['speedup']:.2f}x vs uniform {args.match_ratio:g} "
           f"{info['uniform_speedup']:.2f}x (side by side, {args.repeats} round(s)); {cal.forwards} runs")
     cal.schedule.save(args.out)

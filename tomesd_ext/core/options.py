@@ -149,7 +149,7 @@ TOME_OPTIONS = _table(
     Option("ratio", "float", 0.5, "[0, 1) or `\"auto\"`",
            "Fraction of a merged level's tokens merged away; 0 = bit-identical to the unpatched model. At most "
            "1 - 1/(sx*sy) (0.75 for 2x2 windows; importance mode: also 1 - 1/(sx*sy*pool_factor)); larger values "
-           "are clamped with a warning. \"auto\" (diffusers, with max_error): chosen per block group on the "
+           "are clamped with a warning. \"auto\" (diffusers, with max_error): chosen per block on the "
            "first call (docs/schedules.md).",
            lo=0.0, hi=1.0, hi_open=True, step=0.01, simple=True),
     Option("max_downsample", "choice", "auto", f"`\"auto\"`, {_MD}",
@@ -220,8 +220,8 @@ TOME_OPTIONS = _table(
            "(fractions done). Replaces ratio (docs/schedules.md)."),
     Option("max_error", "float", None, "None or (0, 1]",
            "With ratio=\"auto\": the largest relative error of the denoiser output allowed; the first merged call "
-           "measures the output unmerged and for candidate block ratios, and keeps the cheapest within it "
-           "(docs/schedules.md).", lo=0.0, hi=1.0, step=0.001),
+           "measures the output unmerged, each group of blocks' sensitivity and candidate ratios per group (at most 12 "
+           "extra forwards, once per input shape), and keeps the cheapest measured within it (docs/schedules.md).", lo=0.0, hi=1.0, step=0.001),
 )
 
 

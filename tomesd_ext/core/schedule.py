@@ -7,32 +7,36 @@ split into G = len(settings) consecutive groups of near-equal size: block i of n
 (fractions of the sampling run done, as ComfyUI's start/end percent): outside its window the
 group merges nothing. ``MergeRuntime`` reads the ratio of each block call (``block_ratio``).
 
-The error budget (``ratio="auto"``, ``max_error``). ``search`` chooses one ratio per group:
+The error budget (``ratio="auto"``, ``max_error``). ``search`` chooses one ratio per search
+group (``search_groups``: every block alone when there are at most G = 5, else the first block,
+three consecutive groups of the others and the last block), from measured sensitivities:
 
 1. the reference: one forward with nothing merged (the caller's);
-2. probes: for each group g alone, a forward at ratio maximum / 2 and one at the maximum
-   (2G forwards); each group's error is fitted as a_g * r ** p_g through its two points;
-3. verification: the predicted error of a setting is the root of the sum of its groups' squared
-   errors (independent errors; a plain sum over-predicts uniform settings about twofold on the
-   sharpened PixArt-Σ and SD 1.5 architectures) times a correction k (1 at first, or measured /
-   predicted of a point the caller measured already); the cheapest setting on the grid of ratios {0, 1/6, ..., 1} x
-   maximum whose prediction is within the budget is measured, k becomes measured / predicted,
-   and this repeats (at most ``verify`` forwards) until the next pick is no cheaper than the
-   best setting measured within the budget.
+2. sensitivity: each group g alone at the maximum ratio (G forwards): e_g;
+3. shape: one setting with ratios below the maximum (a point the caller measured already, else
+   every group at maximum / 2: 1 forward) fixes the exponent p of the model: group g at ratio r
+   adds e_g * (r / maximum) ** p, and the groups' errors add like independent noise (the root of
+   the sum of their squares; a plain sum over-predicts uniform settings about twofold on the
+   sharpened PixArt-Σ and SD 1.5 architectures), so the model is exact at the shape point;
+4. allocation and verification: of the grid {0, 1/12, ..., 1} x maximum per group, the setting
+   of least cost whose predicted error times a correction k (1 at first) is within the budget is
+   measured, k becomes measured / predicted (a pick over the budget makes the next one more
+   careful, one under it bolder), and this repeats (at most ``verify`` forwards) until the next
+   pick would be no cheaper than the best setting measured within the budget.
 
 The choice is the cheapest *measured* setting whose error is within the budget (the probes
 count; the reference, nothing merged, error 0, is the fallback), so the budget is never exceeded
-on the input that was measured. Forwards: at most 1 + 2G + verify (G = 3, verify = 5: 12).
+on the input that was measured. Forwards: at most 1 + G + 1 + verify (G = 5, verify = 5: 12).
 Points measured already (``known``: e.g. a uniform ratio the caller ran) join the candidates.
-Deterministic: the grid, the fits and the ties (cheaper, then lower error, then the ratios in
-order) depend on the measured errors only. "Cheapest" is ``block_cost``: the multiply-adds of a
-block's merged operators at its merged token count (measured time is not deterministic).
+Deterministic: the grid, the fit and the ties (cheaper, then lower predicted error, then the
+ratios in order) depend on the measured errors only. "Cheapest" is ``block_cost``: the
+multiply-adds of a block's merged operators at its merged token count, summed over the blocks
+(measured time is not deterministic); the chosen schedule has one setting per block.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -48,9 +52,11 @@ from .options import OptionError
 log = logging.getLogger("tomesd_ext")
 
 SCHEDULE_FORMAT = "tomesd-ext-schedule/1"
-AUTO_GROUPS = 3  # block groups the budget search sets independently
+AUTO_GROUPS = 5  # block groups the budget search sets independently (at most)
 AUTO_VERIFY = 5  # verification forwards of the search, after the probes
-GRID_STEPS = 6  # ratios searched: maximum * k / GRID_STEPS, k = 0..GRID_STEPS
+GRID_STEPS = 12  # ratios searched: maximum * k / GRID_STEPS, k = 0..GRID_STEPS
+MAX_GROUPS = 256  # per-group settings a schedule may hold (the search writes one per block)
+
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,8 @@ def block_settings(value, maximum: float, name: str = "block_ratios") -> Tuple[B
     dicts or BlockSettings. Ratios in [0, maximum]; 0 <= start <= end <= 1."""
     if isinstance(value, (str, bytes, dict)) or not isinstance(value, Sequence) or not value:
         raise OptionError(f"{name} must be a non-empty list of ratios or {{'ratio', 'start', 'end'}} dicts, got {value!r}")
-    if len(value) > 64:
-        raise OptionError(f"{name} has {len(value)} groups: allowed 1 to 64")
+    if len(value) > MAX_GROUPS:
+        raise OptionError(f"{name} has {len(value)} groups: allowed 1 to {MAX_GROUPS}")
     out = []
     for i, item in enumerate(value):
         where = f"{name}[{i}]"
@@ -105,6 +111,41 @@ def group_of(block: int, n_blocks: int, groups: int) -> int:
     return min(block * groups // max(n_blocks, 1), groups - 1)
 
 
+def search_groups(n_blocks: int, groups: int = AUTO_GROUPS) -> Tuple[Tuple[int, ...], ...]:
+    """The blocks (numbers 0..n_blocks-1, execution order) the budget search sets together: every
+    block alone when there are at most ``groups``; otherwise the first and the last block alone
+    and the others in ``groups - 2`` consecutive groups of near-equal size (``group_of``). The
+    first and last blocks of a denoiser are the ones most likely to differ (they touch the
+    embeddings and the output projection)."""
+    if n_blocks <= 0:
+        return ()
+    if n_blocks <= groups or groups < 3:
+        per = min(groups, n_blocks)
+        out = [[] for _ in range(per)]
+        for b in range(n_blocks):
+            out[group_of(b, n_blocks, per)].append(b)
+        return tuple(tuple(g) for g in out)
+    inner = n_blocks - 2
+    middle = [[] for _ in range(groups - 2)]
+    for i in range(inner):
+        middle[group_of(i, inner, groups - 2)].append(i + 1)
+    return ((0,),) + tuple(tuple(g) for g in middle) + ((n_blocks - 1,),)
+
+
+def per_block(group_ratios: Sequence[float], groups: Sequence[Sequence[int]], n_blocks: int) -> Tuple[float, ...]:
+    """The ratio of every block given one ratio per search group (``search_groups``)."""
+    out = [0.0] * n_blocks
+    for r, blocks in zip(group_ratios, groups):
+        for b in blocks:
+            out[b] = float(r)
+    return tuple(out)
+
+
+def group_spans(groups: Sequence[Sequence[int]]) -> str:
+    """Search groups for people: "0 | 1-9 | 10-18 | 19-26 | 27"."""
+    return " | ".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else f"{g[0]}" for g in groups if g)
+
+
 def block_cost(n_tokens: int, channels: int, ratio: float, kind: str) -> float:
     """Multiply-adds of a block's merged operators with ratio of its n_tokens merged away.
 
@@ -122,7 +163,8 @@ def block_cost(n_tokens: int, channels: int, ratio: float, kind: str) -> float:
 @dataclass
 class SearchResult:
     """The outcome of ``search``: the chosen ratios, their measured error and cost, every measured
-    point (ratios, error, cost), and the forwards spent (the reference included)."""
+    point (ratios, error, cost), the forwards spent (the reference included), and the fitted error
+    model (``exponent`` p of the groups' errors, ``correction`` k at the end)."""
 
     ratios: Tuple[float, ...]
     error: float
@@ -130,16 +172,45 @@ class SearchResult:
     full_cost: float  # cost with nothing merged
     points: List[Tuple[Tuple[float, ...], float, float]]
     forwards: int
+    exponent: float = 1.0
+    correction: float = 1.0
+    groups: Optional[Tuple[Tuple[int, ...], ...]] = None  # blocks of each group (search_runtime)
+
+
+def _fit_exponent(singles: Sequence[float], maximum: float, ratios: Sequence[float], error: float) -> float:
+    """The p with sqrt(sum_g (singles[g] * (ratios[g] / maximum) ** p) ** 2) == error, in [0.25, 4]
+    (bisection; the left side falls as p grows, since every ratio is at most the maximum)."""
+
+    def model(p):
+        return math.sqrt(sum((e * (r / maximum) ** p) ** 2 for e, r in zip(singles, ratios) if r > 0))
+
+    lo, hi = 0.25, 4.0
+    if error >= model(lo):
+        return lo
+    if error <= model(hi):
+        return hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if model(mid) > error:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 def search(measure: Callable[[Tuple[float, ...]], float], cost: Callable[[Tuple[float, ...]], float],
            groups: int, maximum: float, max_error: float, verify: int = AUTO_VERIFY,
-           known: Optional[Dict[Tuple[float, ...], float]] = None) -> SearchResult:
+           known: Optional[Dict[Tuple[float, ...], float]] = None, steps: int = GRID_STEPS) -> SearchResult:
     """The budget search of the module docstring. measure(ratios) -> relative error of the output
-    with those group ratios (against the reference the caller measured: 1 forward); cost(ratios);
-    known: errors the caller measured already (not measured again, not counted as forwards)."""
+    with those group ratios (against the reference the caller measured: 1 forward); cost(ratios):
+    a sum over the groups (cost(a) - cost(zero) adds over groups, as ``runtime_cost``); known:
+    errors the caller measured already (not measured again, not counted as forwards)."""
+    if (steps + 1) ** groups > 4_000_000:  # the grid is enumerated whole
+        raise ValueError(f"search over {groups} groups with {steps + 1} ratios each is too large a grid: "
+                         f"use at most {AUTO_GROUPS} groups (search_groups) or fewer steps")
     zero = (0.0,) * groups
-    points = {zero: 0.0, **(known or {})}
+    known = {tuple(float(r) for r in s): float(e) for s, e in (known or {}).items()}
+    points = {zero: 0.0, **known}
     order = [zero]
 
     def run(ratios):
@@ -148,39 +219,83 @@ def search(measure: Callable[[Tuple[float, ...]], float], cost: Callable[[Tuple[
             order.append(ratios)
         return points[ratios]
 
-    half = maximum / 2
-    fits = []
+    # 1. sensitivity: each group alone at the maximum
+    singles = [run(tuple(maximum if i == g else 0.0 for i in range(groups))) for g in range(groups)]
+
+    # 2. the shape of the error curve: one point with ratios below the maximum (a known one, or
+    #    every group at maximum / 2) fixes the exponent p of e_g(r) = singles[g] * (r / maximum) ** p
+    def informative(s):
+        return any(0 < r < maximum for r in s) and points[s] > 0 and any(
+            e > 0 and r > 0 for e, r in zip(singles, s))
+
+    shaped = sorted(s for s in known if informative(s))
+    shape = shaped[0] if shaped else tuple(maximum / 2 for _ in range(groups))
+    run(shape)
+    p = _fit_exponent(singles, maximum, shape, points[shape]) if informative(shape) else 1.0
+
+    # 3. allocation: the cheapest grid setting whose predicted error (the root of the sum of the
+    #    groups' squared errors, times a correction k that each verification updates) is within the
+    #    budget; measured, then the next, until a pick would be no cheaper than the best setting
+    #    measured within the budget
+    levels = [maximum * k / steps for k in range(steps + 1)]
+    base = cost(zero)
+    dims = [len(levels)] * groups
+    costs = torch.zeros((), dtype=torch.float64)
+    errs2 = torch.zeros((), dtype=torch.float64)
     for g in range(groups):
-        lo = run(tuple(half if i == g else 0.0 for i in range(groups)))
-        hi = run(tuple(maximum if i == g else 0.0 for i in range(groups)))
-        p = math.log(hi / lo) / math.log(2.0) if lo > 0 and hi > 0 else 2.0
-        p = min(max(p, 0.5), 4.0)
-        fits.append((hi / maximum**p if maximum > 0 else 0.0, p))
+        view = [1] * groups
+        view[g] = len(levels)
+        alone = [tuple(r if i == g else 0.0 for i in range(groups)) for r in levels]
+        costs = costs + torch.tensor([cost(s) - base for s in alone], dtype=torch.float64).view(view)
+        errs2 = errs2 + torch.tensor([(singles[g] * (r / maximum) ** p) ** 2 for r in levels],
+                                     dtype=torch.float64).view(view)
+    costs, errs2 = costs.reshape(-1) + base, errs2.reshape(-1)
 
-    def predicted(ratios):  # groups' errors add like independent noise (root of the sum of squares)
-        return math.sqrt(sum((a * r**p) ** 2 for (a, p), r in zip(fits, ratios) if r > 0))
+    def index_of(s):
+        idx = 0
+        for r in s:
+            k = round(r / maximum * steps) if maximum > 0 else 0
+            if not math.isclose(levels[k], r, rel_tol=0, abs_tol=1e-12):
+                return None
+            idx = idx * len(levels) + k
+        return idx
 
-    levels = [maximum * k / GRID_STEPS for k in range(GRID_STEPS + 1)]
-    grid = sorted(itertools.product(levels, repeat=groups), key=lambda s: (cost(s), predicted(s), s))
+    def ratios_at(idx):
+        out = []
+        for d in reversed(dims):
+            out.append(levels[idx % d])
+            idx //= d
+        return tuple(reversed(out))
+
+    def predicted(s):
+        return math.sqrt(sum((e * (r / maximum) ** p) ** 2 for e, r in zip(singles, s) if r > 0))
 
     def best_measured():
-        ok = [(cost(s), e, s) for s, e in points.items() if e <= max_error]
-        return min(ok)
+        return min((cost(s), e, s) for s, e in points.items() if e <= max_error)
 
-    known_ratios = [known[s] / predicted(s) for s in (known or {}) if predicted(s) > 0 and known[s] > 0]
-    k = known_ratios[-1] if known_ratios else 1.0
+    measured_idx = [i for i in (index_of(s) for s in points) if i is not None]
+    k = 1.0
     for _ in range(verify):
-        best_cost = best_measured()[0]
-        pick = next((s for s in grid if s not in points and k * predicted(s) <= max_error), None)
-        if pick is None or cost(pick) >= best_cost:
+        allowed = errs2 * k * k <= max_error * max_error
+        if measured_idx:
+            allowed[torch.tensor(measured_idx)] = False
+        if not bool(allowed.any()):
+            break
+        c = torch.where(allowed, costs, torch.full_like(costs, math.inf))
+        cheapest = c.min()
+        ties = torch.nonzero((c == cheapest) & allowed).reshape(-1)
+        pick_idx = int(ties[torch.argmin(errs2[ties])])  # argmin: the first of equal errors (ratios in order)
+        pick = ratios_at(pick_idx)
+        if cost(pick) >= best_measured()[0]:
             break
         error = run(pick)
+        measured_idx.append(pick_idx)
         guess = predicted(pick)
         if guess > 0 and error > 0:
             k = error / guess
     c, e, s = best_measured()
     listed = [(r, points[r], cost(r)) for r in order]
-    return SearchResult(s, e, c, cost(zero), listed, len(order))  # forwards: the reference and `order`
+    return SearchResult(s, e, c, cost(zero), listed, len(order), p, k)  # forwards: the reference and `order`
 
 
 @dataclass(frozen=True)
@@ -309,24 +424,30 @@ def search_runtime(runtime, forward: Callable[[], torch.Tensor], max_error: floa
                    groups: int = AUTO_GROUPS, verify: int = AUTO_VERIFY) -> Optional[SearchResult]:
     """The budget search on one denoiser call: ``forward()`` runs the call again (the adapter
     calls the model on the call's own input) and returns its output; the runtime's settings are
-    set before each forward. Leaves the chosen settings on the runtime; None (and nothing merged)
-    when the model has no block to merge."""
-    runtime.settings = settings_of((0.0,) * max(groups, 1))
+    set before each forward. The search groups are ``search_groups`` of the blocks that merged in
+    the reference forward; the chosen settings are left on the runtime, one per block (the
+    result's ``ratios`` are per group, ``result.groups`` the blocks of each). None (and nothing
+    merged) when the model has no block to merge."""
+    runtime.settings = settings_of((0.0,))
     runtime.record_shapes = True
     try:
         reference = forward()  # nothing merged; fills block_shapes
     finally:
         runtime.record_shapes = False
-    groups = min(groups, runtime.n_blocks)
-    if groups == 0 or not runtime.block_shapes:
+    merging = sorted(runtime.block_shapes)
+    if not merging or runtime.n_blocks == 0:
         return None
+    parts = tuple(tuple(merging[i] for i in part) for part in search_groups(len(merging), groups))
+    n = runtime.n_blocks
 
     def measure(ratios):
-        runtime.settings = settings_of(ratios)
+        runtime.settings = settings_of(per_block(ratios, parts, n))
         return relative_error(forward(), reference)
 
-    result = search(measure, lambda r: runtime_cost(runtime, r), groups, runtime.opts.ratio, max_error, verify)
-    runtime.settings = settings_of(result.ratios)
+    result = search(measure, lambda r: runtime_cost(runtime, per_block(r, parts, n)), len(parts),
+                    runtime.opts.ratio, max_error, verify)
+    result.groups = parts
+    runtime.settings = settings_of(per_block(result.ratios, parts, n))
     return result
 
 
@@ -400,6 +521,8 @@ class AutoChooser:
         info = {
             "max_error": opts.max_error, "error": result.error, "cost": result.cost / full, "extra_forwards": spent,
             "search_seconds": round(seconds, 3), "family": self.family, "input": repr(shape),
+            "groups": [list(g) for g in result.groups], "group_ratios": list(result.ratios),
+            "exponent": round(result.exponent, 4),
             "points": [[list(r), e, c / full] for r, e, c in result.points],
         }
         if not any(result.ratios):
@@ -408,7 +531,8 @@ class AutoChooser:
                         opts.max_error, min(e for r, e, _c in result.points if any(r)))
         log.warning(
             "tomesd-ext: ratio='auto' (max_error=%.4g) measured %d forwards in %.1f s on this call's input %s and "
-            "chose block ratios %s: error %.4g, merged-operator cost %.3f of unmerged (said once per model and input)",
-            opts.max_error, spent, seconds, shape, tuple(round(r, 4) for r in result.ratios), result.error, result.cost / full,
+            "chose ratios %s for the blocks %s: error %.4g, merged-operator cost %.3f of unmerged (said once per model "
+            "and input)", opts.max_error, spent, seconds, shape, tuple(round(r, 4) for r in result.ratios),
+            group_spans(result.groups), result.error, result.cost / full,
         )
         return Schedule(rt.settings, self.fingerprint, info)

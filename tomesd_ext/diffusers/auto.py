@@ -5,7 +5,7 @@ first call of each input shape, and schedules loaded from files.
 At a call whose key (model fingerprint, family, input shape and dtype, options but the seed) has
 no choice yet, it calls the denoiser again on the call's own arguments, without gradients: once
 with nothing merged (the reference) and for the search's candidates (core.schedule.search: at
-most 1 + 2G + 3 forwards, G = 3 block groups), leaves the chosen block ratios on the runtime and
+most 1 + G + 1 + 5 = 12 forwards, G = 5 search groups), leaves the chosen block ratios on the runtime and
 returns; the call itself then runs merged with them. The choice is kept per key in memory (and
 as JSON in ``schedule_cache`` when given), so a later call or run with the same key costs no
 extra forward. One log line per search or cache hit gives the choice, its error and cost.
