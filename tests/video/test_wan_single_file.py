@@ -155,5 +155,12 @@ def test_pipeline_field_errors_name_it(tmp_path):
     refused({"model": str(f), "pipeline": "ltx-tiny"}, r"^job 1: pipeline 'ltx-tiny' is neither a local Wan diffusers folder")
     refused({"model": str(f), "pipeline": str(tmp_path)}, r"^job 1: pipeline .* is neither a local Wan diffusers folder")
     refused({"model": str(f), "pipeline": 3}, r"^job 1: pipeline must be a string")
+    pair = tmp_path / "a14b"  # a Wan 2.2 A14B folder's index: refused before anything loads
+    pair.mkdir()
+    (pair / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "transformer": ["diffusers", "x"],
+                                                       "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    refused({"model": str(f), "pipeline": str(pair)}, r"^job 1: pipeline .* holds two transformers \(Wan 2.2 A14B\)")
+    (pair / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "transformer_2": [None, None]}))
+    assert parse_job(0, {**BASE, "model": str(f), "pipeline": str(pair)}, tmp_path).spec["pipeline"] == str(pair)
     job = parse_job(0, {**BASE, "model": str(f), "pipeline": "wan-tiny"}, tmp_path)
     assert job.settings.mode == "sdedit" and job.spec["pipeline"] == "wan-tiny"

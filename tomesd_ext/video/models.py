@@ -31,14 +31,20 @@ FLOW_PIPELINES = ("WanPipeline", "WanVideoToVideoPipeline", "LTXPipeline", "LTXV
                   "LTXConditionPipeline")
 
 
-def _pipeline_class(path: Path) -> Optional[str]:
-    """The _class_name of a diffusers folder's model_index.json, or None."""
+def _model_index(path: Path) -> dict:
+    """A diffusers folder's model_index.json, or {} when there is none (or it is unreadable)."""
     import json
 
     try:
-        return json.loads((path / "model_index.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _pipeline_class(path: Path) -> Optional[str]:
+    """The _class_name of a diffusers folder's model_index.json, or None."""
+    return _model_index(path).get("_class_name")
 
 
 # a key only the original (Wan / ComfyUI) layout of a Wan transformer has, bare or with ComfyUI's prefix
@@ -96,6 +102,10 @@ def check_pipeline_field(model: str, pipeline) -> None:
     if not wan:
         raise OptionError(f"pipeline {pipeline!r} is neither a local Wan diffusers folder (model_index.json of "
                           f"{' / '.join(WAN_PIPELINES)}) nor a built-in Wan pipeline {wan_names}")
+    second = _model_index(p).get("transformer_2") if p.is_dir() else None
+    if isinstance(second, list) and second and second[0] is not None:
+        raise OptionError(f"pipeline {pipeline!r} holds two transformers (Wan 2.2 A14B); a single file "
+                          f"({model!r}) replaces one: use a diffusers folder of the pair as model instead")
 
 
 def is_builtin(model: str) -> bool:
@@ -221,8 +231,6 @@ def _load_wan_single_file(path: Path, pipeline: str, seed: int, dtype):
         pipe.set_progress_bar_config(disable=True)
     else:
         pipe.register_modules(transformer=transformer)
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise ValueError(f"{what}: it holds two transformers (Wan 2.2 A14B); a single file replaces one")
     return pipe
 
 
