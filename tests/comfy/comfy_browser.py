@@ -60,6 +60,10 @@ NOTES = {
                       "models/diffusion_models, umt5_xxl_fp8_e4m3fn_scaled.safetensors in models/text_encoders "
                       "(Load CLIP, type wan) and wan_2.1_vae.safetensors in models/vae. 832x480, 33 frames "
                       "(9 latent frames); ToMe merges video tokens across st=2 latent frames, never the text.",
+    "wan21_vid2vid_tome": "Wan 2.1 1.3B video-to-video (SDEdit: denoise 0.6). Needs wan2.1_t2v_1.3B_fp16.safetensors "
+                          "in models/diffusion_models, umt5_xxl_fp8_e4m3fn_scaled.safetensors in models/text_encoders "
+                          "(Load CLIP, type wan), wan_2.1_vae.safetensors in models/vae and a short clip "
+                          "tomesd_ext_input.mp4 in ComfyUI/input: 4k+1 frames (e.g. 33), sampled in one batch.",
 }
 
 

@@ -26,7 +26,7 @@ from ..core.options import OptionError, check_int
 from .editor import EditSettings, VideoEditor
 from .flow_editor import DEFAULT_TOME, FlowEditSettings, FlowVideoEditor
 from .io import fit_size, read_frames, write_frames, write_mp4
-from .models import backend_of, model_id, resolve_sharpen
+from .models import backend_of, check_pipeline_field, model_id, resolve_sharpen
 from .warp import warp_error
 
 REQUIRED = ("input", "output", "edit_prompt")
@@ -50,6 +50,7 @@ FIELDS = {
     "negative_prompt": "negative prompt",
     "seed": "seed of merging and noise",
     "model": "built-in name (tiny, sd15, sd21; wan-tiny, ltx-tiny, wan-1.3b-depth4) or local checkpoint / diffusers folder",
+    "pipeline": "with a single-file Wan 2.1 transformer as model: the Wan pipeline around it (local diffusers folder or wan-tiny, wan-1.3b-depth4)",
     "sharpen": "self-attention sharpening of the model: auto (2.0 for built-in random weights, off for checkpoints) or a scale (0 = off)",
     "control": "none or canny",
     "controlnet": "local ControlNet folder (default: built-in random one for built-in models)",
@@ -124,7 +125,7 @@ def _check_fields(raw: dict) -> None:
         value = raw.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
             raise OptionError(f"{key} must be a string, got {value!r} ({type(value).__name__})")
-    for key in ("edit_prompt", "source_prompt", "negative_prompt", "model", "controlnet", "cache_dir"):
+    for key in ("edit_prompt", "source_prompt", "negative_prompt", "model", "pipeline", "controlnet", "cache_dir"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise OptionError(f"{key} must be a string, got {raw[key]!r} ({type(raw[key]).__name__})")
     frames = raw.get("frames") or {}
@@ -260,6 +261,7 @@ def parse_job(index: int, raw, base: Path, jobs_file: Optional[Path] = None) -> 
     negative = raw.get("negative_prompt", "ugly, blurry, low res")
     try:
         _check_fields(raw)
+        check_pipeline_field(str(raw.get("model", "tiny")), raw.get("pipeline"))
         s = _flow_settings(raw, mode, negative) if flow else _sd_settings(raw, mode, negative)
     except (OptionError, TypeError) as e:
         raise JobError(f"{label}: {e}") from e
@@ -359,13 +361,14 @@ class PipelineCache:
         self.value = None
         self.device = device
 
-    def get(self, model: str, controlnet: Optional[str], control: bool, sharpen: float = 0.0):
+    def get(self, model: str, controlnet: Optional[str], control: bool, sharpen: float = 0.0,
+            pipeline: Optional[str] = None):
         from .models import is_builtin, load_controlnet, load_pipeline
 
-        key = (model, controlnet if control else None, control, sharpen)
+        key = (model, controlnet if control else None, control, sharpen, pipeline)
         if key != self.key:
             self.key = self.value = None
-            pipe = load_pipeline(model, sharpen=sharpen)
+            pipe = load_pipeline(model, sharpen=sharpen, pipeline=pipeline)
             builtin = is_builtin(model)
             cn = load_controlnet(controlnet, pipe, builtin) if control else None
             if self.device is not None:
@@ -450,7 +453,8 @@ def run_job(job: Job, pipes: PipelineCache, progress_factory=None) -> JobResult:
         res.frames, res.size = len(frames), f"{frames[0].shape[1]}x{frames[0].shape[0]}"
         model = str(job.spec.get("model", "tiny"))
         sharpen = job.spec.get("sharpen", 0.0)
-        pipe, cn = pipes.get(model, job.spec.get("controlnet"), getattr(job.settings, "control", None) is not None, sharpen)
+        pipe, cn = pipes.get(model, job.spec.get("controlnet"), getattr(job.settings, "control", None) is not None, sharpen,
+                             job.spec.get("pipeline"))
         s = job.settings
         fps = float(job.spec.get("fps") or clip.fps)
         notes = [note]
