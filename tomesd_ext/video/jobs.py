@@ -50,7 +50,7 @@ FIELDS = {
     "negative_prompt": "negative prompt",
     "seed": "seed of merging and noise",
     "model": "built-in name (tiny, sd15, sd21; wan-tiny, ltx-tiny, wan-1.3b-depth4) or local checkpoint / diffusers folder",
-    "pipeline": "with a single-file Wan 2.1 transformer as model: the Wan pipeline around it (local diffusers folder or wan-tiny, wan-1.3b-depth4)",
+    "pipeline": "with a single-file Wan / LTX-Video transformer as model: the pipeline of that family around it (local diffusers folder or wan-tiny, wan-1.3b-depth4, ltx-tiny)",
     "sharpen": "self-attention sharpening of the model: auto (2.0 for built-in random weights, off for checkpoints) or a scale (0 = off)",
     "control": "none or canny",
     "controlnet": "local ControlNet folder (default: built-in random one for built-in models)",

@@ -4,10 +4,11 @@ model: a built-in random-weight name ("tiny", "sd15", "sd21"; tomesd_ext.models;
 transformers "wan-tiny", "ltx-tiny", "wan-1.3b-depth4": models.video_pipeline) or a path to a
 local diffusers folder (Stable Diffusion 1.x/2.x, or a Wan 2.1 / 2.2 or LTX-Video pipeline, told
 apart by its model_index.json) / SD single-file checkpoint (.safetensors, .ckpt) / single-file Wan
-2.1 transformer (.safetensors in the original Wan key layout, as ComfyUI's model files; loaded with
-diffusers' from_single_file into the Wan pipeline named by ``pipeline``: a Wan diffusers folder or
-a built-in Wan pipeline, which gives the VAE, text encoder, tokenizer, scheduler and the
-transformer's config). The backend of
+2.1 / 2.2 TI2V-5B or LTX-Video transformer (.safetensors in the family's original key layout, as
+shipped and as ComfyUI's model files; SINGLE_FILE_FAMILIES; loaded with diffusers'
+from_single_file into the pipeline of that family named by ``pipeline``: a diffusers folder or a
+built-in pipeline, which gives the VAE, text encoder, tokenizer, scheduler and the transformer's
+config). The backend of
 a model ("sd": VidToMe editing with DDIM; "flow": the flow methods of video.flow_editor) is
 known before anything loads (``backend_of``). ControlNet: a local ControlNetModel folder, or for
 built-in SD models a random-weight one shaped like the UNet.
@@ -47,61 +48,82 @@ def _pipeline_class(path: Path) -> Optional[str]:
     return _model_index(path).get("_class_name")
 
 
-# a key only the original (Wan / ComfyUI) layout of a Wan transformer has, bare or with ComfyUI's prefix
-WAN_FILE_KEYS = ("head.modulation", "model.diffusion_model.head.modulation")
-WAN_PIPELINES = ("WanPipeline", "WanVideoToVideoPipeline")
+# Single-file video transformers (by the family names of models.dit_configs): a family's key that only its original layout has (bare or with
+# ComfyUI's prefix), the diffusers class that converts and loads it (from_single_file), the
+# model_index.json classes of the pipelines that can hold it, and how errors name it.
+SINGLE_FILE_FAMILIES = {
+    "wan": {"keys": ("head.modulation",), "cls": "WanTransformer3DModel",
+            "pipelines": ("WanPipeline", "WanVideoToVideoPipeline"), "label": "Wan"},
+    "ltx-video": {"keys": ("patchify_proj.weight",), "cls": "LTXVideoTransformer3DModel",
+            "pipelines": ("LTXPipeline", "LTXVideoToVideoPipeline", "LTXConditionPipeline"), "label": "LTX-Video"},
+}
+COMFY_PREFIX = "model.diffusion_model."
 
 
-def is_wan_single_file(model: str) -> bool:
-    """True for a .safetensors file holding a Wan transformer in the original key layout."""
+def single_file_family(model: str) -> Optional[str]:
+    """"wan" / "ltx-video" for a .safetensors file holding a video transformer in that family's
+    original key layout (SINGLE_FILE_FAMILIES), else None."""
     p = Path(str(model)).expanduser()
     if not (p.is_file() and p.suffix == ".safetensors"):
-        return False
+        return None
     from safetensors import safe_open
 
     try:
         with safe_open(str(p), framework="pt") as f:
             keys = set(f.keys())
     except Exception:  # not a readable safetensors file: the SD loader reports it
-        return False
-    return any(k in keys for k in WAN_FILE_KEYS)
+        return None
+    for family, entry in SINGLE_FILE_FAMILIES.items():
+        if any(k in keys or COMFY_PREFIX + k in keys for k in entry["keys"]):
+            return family
+    return None
 
 
 def backend_of(model: str) -> str:
     """"flow" for a built-in video transformer, a local Wan / LTX-Video diffusers folder or a
-    single-file Wan transformer, else "sd"."""
+    single-file Wan / LTX-Video transformer, else "sd"."""
     from ..models.video_pipeline import VIDEO_PIPELINE_NAMES
 
     p = Path(str(model)).expanduser()
     if not p.exists():
         return "flow" if model in VIDEO_PIPELINE_NAMES else "sd"
     if p.is_file():
-        return "flow" if is_wan_single_file(model) else "sd"
+        return "flow" if single_file_family(model) else "sd"
     return "flow" if _pipeline_class(p) in FLOW_PIPELINES else "sd"
 
 
-def check_pipeline_field(model: str, pipeline) -> None:
-    """The `pipeline` a job pairs with its model: required for a single-file Wan transformer (a
-    Wan diffusers folder or a built-in Wan pipeline), refused otherwise (OptionError naming it)."""
-    from ..core.options import OptionError
-    from ..models.video_pipeline import VIDEO_PIPELINE_NAMES
+def _builtin_names(family: str) -> list:
+    """The built-in video pipelines whose transformer is of ``family``."""
+    from ..models.dit_configs import get_dit_config
+    from ..models.video_pipeline import VIDEO_PIPELINES
 
-    wan_names = [n for n in VIDEO_PIPELINE_NAMES if n.startswith("wan")]
-    single = is_wan_single_file(model)
+    return [n for n, spec in VIDEO_PIPELINES.items() if get_dit_config(spec["transformer"])["family"] == family]
+
+
+def check_pipeline_field(model: str, pipeline) -> None:
+    """The `pipeline` a job pairs with its model: required for a single-file Wan / LTX-Video
+    transformer (a diffusers folder or a built-in pipeline of the same family), refused otherwise
+    (OptionError naming it)."""
+    from ..core.options import OptionError
+
+    family = single_file_family(model)
     if pipeline is None:
-        if single:
-            raise OptionError(f"model {model!r} is a single-file Wan transformer: set `pipeline` to the Wan 2.1 "
-                              f"pipeline around it (a local Wan diffusers folder, or a built-in: {wan_names})")
+        if family:
+            entry = SINGLE_FILE_FAMILIES[family]
+            raise OptionError(f"model {model!r} is a single-file {entry['label']} transformer: set `pipeline` to "
+                              f"the {entry['label']} pipeline around it (a local {entry['label']} diffusers folder, "
+                              f"or a built-in: {_builtin_names(family)})")
         return
-    if not single:
-        raise OptionError(f"pipeline {pipeline!r} applies only when model is a single-file Wan transformer "
-                          f"(.safetensors in the original Wan key layout); model {model!r} is not")
+    if not family:
+        raise OptionError(f"pipeline {pipeline!r} applies only when model is a single-file Wan or LTX-Video "
+                          f"transformer (.safetensors in the original key layout); model {model!r} is not")
+    entry, names = SINGLE_FILE_FAMILIES[family], _builtin_names(family)
     p = Path(str(pipeline)).expanduser()
-    wan = (p.is_dir() and _pipeline_class(p) in WAN_PIPELINES) or (
-        not p.exists() and pipeline in wan_names)
-    if not wan:
-        raise OptionError(f"pipeline {pipeline!r} is neither a local Wan diffusers folder (model_index.json of "
-                          f"{' / '.join(WAN_PIPELINES)}) nor a built-in Wan pipeline {wan_names}")
+    fits = (p.is_dir() and _pipeline_class(p) in entry["pipelines"]) or (not p.exists() and pipeline in names)
+    if not fits:
+        raise OptionError(f"pipeline {pipeline!r} is neither a local {entry['label']} diffusers folder "
+                          f"(model_index.json of {' / '.join(entry['pipelines'])}) nor a built-in "
+                          f"{entry['label']} pipeline {names} (model {model!r}: a {entry['label']} transformer)")
     second = _model_index(p).get("transformer_2") if p.is_dir() else None
     if isinstance(second, list) and second and second[0] is not None:
         raise OptionError(f"pipeline {pipeline!r} holds two transformers (Wan 2.2 A14B); a single file "
@@ -141,8 +163,8 @@ def model_id(model: str, sharpen: float = 0.0) -> str:
 
 def load_pipeline(model: str, seed: int = 0, dtype=None, sharpen: float = 0.0, pipeline: Optional[str] = None):
     """A StableDiffusionPipeline with a DDIM scheduler (progress bar off), or for a video
-    transformer (backend "flow") its WanPipeline / LTXPipeline; a single-file Wan transformer
-    goes into the Wan pipeline ``pipeline`` (check_pipeline_field). sharpen > 0 applies
+    transformer (backend "flow") its WanPipeline / LTXPipeline; a single-file Wan / LTX-Video
+    transformer goes into the pipeline ``pipeline`` (check_pipeline_field). sharpen > 0 applies
     `sharpen_self_attention(pipe.unet, sharpen)` (see resolve_sharpen for the "auto" rule)."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -151,7 +173,7 @@ def load_pipeline(model: str, seed: int = 0, dtype=None, sharpen: float = 0.0, p
     p = Path(model).expanduser()
     check_pipeline_field(model, pipeline)
     if pipeline is not None:
-        return _load_wan_single_file(p, pipeline, seed, dtype)
+        return _load_single_file(p, pipeline, seed, dtype)
     if backend_of(model) == "flow":
         return _load_flow_pipeline(model, p, seed, dtype)
     if p.exists():
@@ -164,8 +186,8 @@ def load_pipeline(model: str, seed: int = 0, dtype=None, sharpen: float = 0.0, p
                 pipe = load_single_file(str(p), dtype)
             except ValueError as e:  # e.g. a Wan / LTX-Video transformer file
                 raise ValueError(f"{e}; single files are read as SD 1.x/2.x checkpoints: give a Wan or LTX-Video "
-                                 "model as a diffusers folder (with model_index.json), or a Wan transformer file "
-                                 "in the original Wan key layout with `pipeline`") from e
+                                 "model as a diffusers folder (with model_index.json), or a Wan / LTX-Video transformer "
+                                 "file in the original key layout with `pipeline`") from e
             if not isinstance(pipe, StableDiffusionPipeline):
                 raise ValueError(f"model {model!r} is an SDXL checkpoint; video editing supports SD1.x/2.x")
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -202,14 +224,16 @@ def _load_flow_pipeline(model: str, p: Path, seed: int, dtype):
     return pipe
 
 
-def _load_wan_single_file(path: Path, pipeline: str, seed: int, dtype):
-    """The Wan pipeline ``pipeline`` with its transformer loaded from the single file ``path``
-    (diffusers' from_single_file, converting the original key layout; the transformer's config
-    is the pipeline's: a file of another shape is an error naming both)."""
+def _load_single_file(path: Path, pipeline: str, seed: int, dtype):
+    """The pipeline ``pipeline`` with its transformer loaded from the single file ``path`` (of a
+    family of SINGLE_FILE_FAMILIES; diffusers' from_single_file, converting the original key
+    layout; the transformer's config is the pipeline's: a file of another shape is an error naming
+    both)."""
     import tempfile
 
-    from diffusers import WanTransformer3DModel
+    import diffusers
 
+    cls = getattr(diffusers, SINGLE_FILE_FAMILIES[single_file_family(str(path))]["cls"])
     p = Path(str(pipeline)).expanduser()
     what = f"model {str(path)!r} does not fit pipeline {pipeline!r}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,13 +244,11 @@ def _load_wan_single_file(path: Path, pipeline: str, seed: int, dtype):
             pipe.transformer.save_config(tmp)
             config, sub = tmp, None
         try:
-            transformer = WanTransformer3DModel.from_single_file(str(path), config=config, subfolder=sub,
-                                                                 torch_dtype=dtype, local_files_only=True)
+            transformer = cls.from_single_file(str(path), config=config, subfolder=sub, torch_dtype=dtype,
+                                               local_files_only=True)
         except (ValueError, RuntimeError, KeyError) as e:
             raise ValueError(f"{what}: {e}") from e
     if pipe is None:
-        import diffusers
-
         pipe = getattr(diffusers, _pipeline_class(p)).from_pretrained(str(p), transformer=transformer, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
     else:
