@@ -141,6 +141,23 @@ def test_the_file_weights_replace_the_pipeline_transformer(tmp_path, name, prefi
     assert not torch.equal(loaded[first], builtin[first])
 
 
+@pytest.mark.parametrize("name", ["ltx-tiny", "ti2v"])
+def test_the_file_weights_replace_a_folder_transformer(tmp_path, name):
+    """In a saved folder (LTX-Video; Wan 2.2 TI2V-5B-shaped: 48 channels) the file's weights are
+    loaded, not the folder's, with the folder's VAE and config."""
+    make = ti2v_tiny if name == "ti2v" else (lambda seed=0: _tiny(seed, name))
+    folder, other = tmp_path / "folder", make(seed=5).transformer
+    make().save_pretrained(folder)
+    write_file(other, tmp_path / "model.safetensors")
+    pipe = load_pipeline(str(tmp_path / "model.safetensors"), pipeline=str(folder))
+    assert pipe.transformer.config.in_channels == other.config.in_channels
+    loaded = pipe.transformer.state_dict()
+    assert set(loaded) == set(other.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in other.state_dict().items())
+    if name == "ti2v":
+        assert pipe.vae.config.z_dim == 48 and pipe.config.expand_timesteps
+
+
 def test_a_file_of_another_width_is_an_error_naming_both(tmp_path):
     from diffusers import WanTransformer3DModel
 
