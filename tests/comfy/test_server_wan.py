@@ -1,6 +1,6 @@
 """The shipped Wan 2.1 text-to-video workflow (example_workflows/wan21_t2v_tome.json, API copy
 tests/comfy/workflows/wan21_t2v_tome.api.json) in the real ComfyUI, on seeded random-weight files
-under the names it expects (wan_files.py: umT5-XXL at full size in fp8, the Wan model at the 1.3B
+under the names it expects (wan_files.py: umT5-XXL at full size in fp8, zero blocks, the Wan model at the 1.3B
 width with 2 blocks, a narrow Wan VAE), at a test size: 96x64, 9 frames (3 latent frames of 6x4
 tokens), 2 steps. The text encoding dominates (ComfyUI pads every prompt to 512 umT5 tokens): the
 server peaks at about 12 GB, and the test took 7.4 min on a shared 2-core machine."""
@@ -20,7 +20,7 @@ WIDTH, HEIGHT, LENGTH, STEPS = 96, 64, 9, 2
 @pytest.fixture(scope="module")
 def wan_server(tmp_path_factory):
     cache = os.environ.get("TOMESD_EXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tomesd_ext")
-    files = wan_files(os.path.join(cache, "wan_random"), comfyui_path())
+    files = wan_files(os.path.join(cache, "wan_random-v2"), comfyui_path())  # v2: sparse umT5 (zero blocks)
     base = str(tmp_path_factory.mktemp("comfyui_wan"))
     for sub, path in files.items():
         os.makedirs(os.path.join(base, "models", sub), exist_ok=True)
