@@ -3,7 +3,8 @@ tests/comfy/workflows/wan21_t2v_tome.api.json) in the real ComfyUI, on seeded ra
 under the names it expects (wan_files.py: umT5-XXL at full size in fp8, zero blocks, the Wan model at the 1.3B
 width with 2 blocks, a narrow Wan VAE), at a test size: 96x64, 9 frames (3 latent frames of 6x4
 tokens), 2 steps. The text encoding dominates (ComfyUI pads every prompt to 512 umT5 tokens): the
-server peaks at about 12 GB, and the test took 7.4 min on a shared 2-core machine."""
+server peaks at about 12 GB, and the test took 7.4 min on a shared 2-core machine with three other
+heavy jobs, 2.0 min at load ~1-2 (2026-12-07)."""
 
 import os
 
