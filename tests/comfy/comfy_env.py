@@ -182,7 +182,11 @@ def import_comfy():
     from comfy.cli_args import args
 
     args.cpu = True
-    import comfy.model_management  # noqa: F401  (device chosen now, from args.cpu)
+    # torch's scaled_dot_product_attention, as the servers here run (--use-pytorch-cross-attention),
+    # not ComfyUI's CPU default, its sub-quadratic attention in Python: that one took ~80% of the
+    # in-process samplers' time (softmax and baddbmm over chunks) and pages in GBs per run
+    args.use_pytorch_cross_attention = True
+    import comfy.model_management  # noqa: F401  (device and attention chosen now, from args)
 
     return path
 

@@ -21,6 +21,7 @@ import os
 import torch
 
 from comfy_env import import_comfy
+from sparse_files import write_once
 
 VERSION = "v1"  # bump when the builders below change (the cache is keyed by it)
 SD3_DEPTH, SD3_POS_EMBED = 2, 32
@@ -35,12 +36,13 @@ def _cache_dir() -> str:
 
 def _random_like(shapes, seed: int, dtype=torch.float16, matrices="random"):
     """{name: meta tensor} -> {name: random tensor of dtype} (see the module docstring).
-    matrices="zeros": weight matrices are zeros (fast to write; for a model whose values do not matter)."""
+    matrices="zeros": weight matrices are zeros, as meta tensors that _write leaves as holes of a sparse
+    file (written in a moment; for a model whose values do not matter)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, t in sorted(shapes.items()):
         if t.ndim >= 2 and matrices == "zeros":
-            out[name] = torch.zeros(t.shape, dtype=dtype)
+            out[name] = torch.empty(t.shape, dtype=dtype, device="meta")
         elif t.ndim >= 2:
             fan_in = t[0].numel()
             out[name] = (torch.randn(t.shape, generator=g) / fan_in ** 0.5).to(dtype)
@@ -52,14 +54,7 @@ def _random_like(shapes, seed: int, dtype=torch.float16, matrices="random"):
 
 
 def _write(name: str, build) -> str:
-    from safetensors.torch import save_file
-
-    path = os.path.join(_cache_dir(), f"{name}-{VERSION}.safetensors")
-    if not os.path.exists(path):
-        tmp = path + f".{os.getpid()}.tmp"
-        save_file(build(), tmp)
-        os.replace(tmp, path)
-    return path
+    return write_once(os.path.join(_cache_dir(), f"{name}-{VERSION}.safetensors"), build)
 
 
 def _meta_state(module_fn):
@@ -160,7 +155,7 @@ def flux_files() -> list:
             config = json.load(f)
         state = _meta_state(lambda: comfy.text_encoders.t5.T5(config, torch.float16, None, comfy.ops.disable_weight_init))
         # The text encoder only has to produce a finite context for the Flux model under test: zero
-        # matrices give zeros and write in seconds instead of minutes.
+        # matrices give zeros and write in a moment (a sparse file) instead of minutes.
         return _random_like(state, seed=4, dtype=torch.float8_e4m3fn, matrices="zeros")
 
     return [

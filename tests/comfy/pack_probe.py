@@ -144,6 +144,7 @@ def main():
     from comfy.cli_args import args
 
     args.cpu = True
+    args.use_pytorch_cross_attention = True  # as import_comfy (comfy_env.py): not the slow CPU default
     nodes = load_pack()  # diffusers and transformers blocked for everyone here
     report = {"nodes": sorted(nodes), "loaded_without": sorted(LIBRARIES)}
     blocker.blocked.discard("transformers")  # ComfyUI's model code imports it; our files still may not

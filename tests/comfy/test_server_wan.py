@@ -1,5 +1,5 @@
 """The shipped Wan 2.1 workflows in the real ComfyUI, on seeded random-weight files under the
-names they expect (wan_files.py: umT5-XXL at full size in fp8, the Wan model at the 1.3B width
+names they expect (wan_files.py: umT5-XXL at full size in fp8 with zero blocks, written sparse, the Wan model at the 1.3B width
 with 2 blocks, a narrow Wan VAE), in one server (the text encoder loads once), at a test size:
 96x64, 9 frames (3 latent frames of 6x4 tokens), 2 steps.
 
@@ -30,7 +30,7 @@ CLIP_NAME, CLIP_FRAMES, CLIP_FPS = "tomesd_ext_wan_test_clip.mp4", 10, 16
 @pytest.fixture(scope="module")
 def wan_server(tmp_path_factory):
     cache = os.environ.get("TOMESD_EXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tomesd_ext")
-    files = wan_files(os.path.join(cache, "wan_random"), comfyui_path())
+    files = wan_files(os.path.join(cache, "wan_random-v2"), comfyui_path())  # v2: sparse umT5 (zero blocks)
     base = str(tmp_path_factory.mktemp("comfyui_wan"))
     for sub, path in files.items():
         os.makedirs(os.path.join(base, "models", sub), exist_ok=True)

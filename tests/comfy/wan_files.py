@@ -4,8 +4,13 @@ built from ComfyUI's own classes on the meta device (shapes only) and filled ten
 - ``wan2.1_t2v_1.3B_fp16.safetensors``: the 1.3B model's width (dim 1536, 12 heads, ffn 8960,
   umT5 text width 4096) with 2 blocks instead of 30 (ComfyUI reads the depth from the file);
 - ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``: umT5-XXL at its full configured size (ComfyUI
-  builds it from its own config, 5.7B parameters), stored in float8_e4m3fn (5.7 GB; ComfyUI then
-  keeps it in fp8), with the sentencepiece model of ComfyUI's t5_pile tokenizer as ``spiece_model``;
+  builds it from umt5_config_xxl.json whatever the file holds: a file with fewer blocks would leave
+  the missing ones uninitialised), stored in float8_e4m3fn (5.7 GB; ComfyUI then keeps it in fp8),
+  with the sentencepiece model of ComfyUI's t5_pile tokenizer as ``spiece_model``. Only the token
+  embedding is random; the blocks' matrices are zeros, left as holes of a sparse file
+  (sparse_files.py), so the file is written in seconds and takes ~1 GB of disk. Zero blocks pass
+  each token's embedding through to the final norm: the Wan model gets a finite context that
+  depends on the prompt;
 - ``wan_2.1_vae.safetensors``: the Wan 2.1 VAE layout at base width 16 instead of 96 (ComfyUI
   reads the width from the file).
 """
@@ -17,6 +22,8 @@ import os
 
 import torch
 
+from sparse_files import write_once
+
 FILES = {
     "diffusion_models": "wan2.1_t2v_1.3B_fp16.safetensors",
     "text_encoders": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
@@ -24,8 +31,9 @@ FILES = {
 }
 
 
-def _fill(meta: torch.nn.Module, dtype, seed: int) -> dict:
-    """Random tensors of a meta module's state dict: norms 1, biases 0, weights N(0, 1/fan_in)."""
+def _fill(meta: torch.nn.Module, dtype, seed: int, random=lambda name: True) -> dict:
+    """Random tensors of a meta module's state dict: norms 1, biases 0, weights N(0, 1/fan_in); the
+    weights whose name ``random`` rejects are zeros, as meta tensors (holes of the sparse file)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, p in meta.state_dict().items():
@@ -33,6 +41,8 @@ def _fill(meta: torch.nn.Module, dtype, seed: int) -> dict:
             out[name] = torch.ones(p.shape, dtype=dtype)
         elif name.endswith("bias") and p.ndim == 1:
             out[name] = torch.zeros(p.shape, dtype=dtype)
+        elif not random(name):
+            out[name] = torch.empty(p.shape, dtype=dtype, device="meta")
         else:
             fan_in = math.prod(p.shape[1:]) if p.ndim > 1 else p.shape[-1]
             t = torch.empty(p.shape, dtype=dtype)
@@ -74,8 +84,6 @@ def _vae():
 
 def wan_files(cache: str, comfy_path: str) -> dict:
     """{models subfolder: path} of the three files, written once into ``cache``."""
-    from safetensors.torch import save_file
-
     os.makedirs(cache, exist_ok=True)
     paths = {sub: os.path.join(cache, name) for sub, name in FILES.items()}
     builders = {
@@ -84,16 +92,12 @@ def wan_files(cache: str, comfy_path: str) -> dict:
         "vae": lambda: _fill(_vae(), torch.float16, 2),
     }
     for sub, path in paths.items():
-        if not os.path.exists(path):
-            sd = builders[sub]()
-            save_file(sd, path + ".part")
-            del sd
-            os.replace(path + ".part", path)
+        write_once(path, builders[sub])
     return paths
 
 
 def _umt5_state(comfy_path) -> dict:
-    sd = _fill(_umt5(comfy_path), torch.float8_e4m3fn, 1)
+    sd = _fill(_umt5(comfy_path), torch.float8_e4m3fn, 1, random=lambda name: name == "shared.weight")
     spiece = os.path.join(comfy_path, "comfy", "text_encoders", "t5_pile_tokenizer", "tokenizer.model")
     sd["spiece_model"] = torch.frombuffer(bytearray(open(spiece, "rb").read()), dtype=torch.uint8)
     return sd

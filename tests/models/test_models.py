@@ -277,3 +277,20 @@ def test_random_lora_on_a_pipeline():
     before = _run(pipe, "txt2img")
     random_lora(pipe)
     assert not np.allclose(_run(pipe, "txt2img"), before)
+
+
+def test_cached_checkpoint_is_keyed_by_its_own_config(tmp_path, monkeypatch):
+    """Written once per (config, builders): another model's config added or edited keeps the file
+    (SD1.5 ones are 2 GB), a change to this model's config writes a new one."""
+    from tomesd_ext.models import configs
+    from tomesd_ext.models.checkpoint import cached_checkpoint
+
+    first = cached_checkpoint(tmp_path, "tiny", seed=0)
+    assert cached_checkpoint(tmp_path, "tiny", seed=0) == first
+    monkeypatch.setitem(configs.CONFIGS, "sd15", {**configs.CONFIGS["sd15"], "note": "edited"})
+    assert cached_checkpoint(tmp_path, "tiny", seed=0) == first
+    tiny = configs.get_config("tiny")
+    tiny["unet"]["norm_eps"] = 1e-6
+    monkeypatch.setitem(configs.CONFIGS, "tiny", tiny)
+    changed = cached_checkpoint(tmp_path, "tiny", seed=0)
+    assert changed != first and len(list(tmp_path.glob("tiny-seed0-*.safetensors"))) == 2

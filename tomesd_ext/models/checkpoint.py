@@ -14,6 +14,7 @@ SD2.x and SDXL store their OpenCLIP text towers in another format that is not wr
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from typing import Dict
@@ -190,12 +191,16 @@ def write_checkpoint(path, name: str = "sd15", seed: int = 0, dtype=torch.float1
 def cached_checkpoint(cache_dir, name: str = "sd15", seed: int = 0, dtype=torch.float16) -> str:
     """Path of the checkpoint of (name, seed) in ``cache_dir``, written on first use.
 
-    The file name carries a fingerprint of the builder sources (configs, weights, build and this
-    module), so a change to how weights are drawn or named writes a new file.
+    The file name carries a fingerprint of what decides its content: the config of ``name`` and
+    the builder sources (weights, build and this module), so a change to how weights are drawn or
+    named writes a new file, while adding or editing another model's config keeps this one (each
+    such file is 0.5-2 GB).
     """
+    from .configs import get_config
+
     here = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha1()
-    for part in ("configs.py", "weights.py", "build.py", "checkpoint.py"):
+    digest = hashlib.sha1(json.dumps(get_config(name), sort_keys=True, default=repr).encode())
+    for part in ("weights.py", "build.py", "checkpoint.py"):
         with open(os.path.join(here, part), "rb") as f:
             digest.update(f.read())
     tag = str(dtype).replace("torch.", "")
