@@ -106,6 +106,14 @@ def test_kv_mode_on_gguf_model(qf, family, quant):
     assert torch.isfinite(merged).all() and 1e-4 < _rel(merged, plain) < 0.8
 
 
+def _plain_and_merged(model, family, loader, x, ctx, conds):
+    """The loaded model's output and the ToMe node's at ratio 0.5 (seed 0), computed once per cell."""
+    if (family, loader) not in _outputs:
+        _outputs[(family, loader)] = (run_dit(model, x, SIGMA, ctx, **conds),
+                                      run_dit(tome_node(model, ratio=0.5), x, SIGMA, ctx, **conds))
+    return _outputs[(family, loader)]
+
+
 @pytest.mark.parametrize("family,loader", IMPORTANCE_CELLS)
 def test_importance_node_on_loaded_model(qf, family, loader):
     """The importance node on the loaded transformer: exact at ratio 0 (small families); its first
@@ -114,10 +122,7 @@ def test_importance_node_on_loaded_model(qf, family, loader):
     tokens."""
     model = qf.load(family, loader)
     x, ctx, conds = qf.inputs(family)
-    if (family, loader) not in _outputs:
-        _outputs[(family, loader)] = (run_dit(model, x, SIGMA, ctx, **conds),
-                                      run_dit(tome_node(model, ratio=0.5), x, SIGMA, ctx, **conds))
-    plain, tome = _outputs[(family, loader)]
+    plain, tome = _plain_and_merged(model, family, loader, x, ctx, conds)
     if family in SMALL:  # (the big ones: seconds a forward; ratio 0 is exact in-process for every family)
         assert torch.equal(run_dit(importance_node(model, ratio=0.0), x, SIGMA, ctx, **conds), plain)
     with qf.attention_lengths(model) as (recorded, seen):
@@ -148,10 +153,7 @@ def test_lora_on_gguf_model_before_or_after_node(qf, family, loader):
     not; the loaded model is left as it was."""
     model = qf.load(family, loader)
     x, ctx, conds = qf.inputs(family)
-    if (family, loader) not in _outputs:
-        _outputs[(family, loader)] = (run_dit(model, x, SIGMA, ctx, **conds),
-                                      run_dit(tome_node(model, ratio=0.5), x, SIGMA, ctx, **conds))
-    plain, merged = _outputs[(family, loader)]
+    plain, merged = _plain_and_merged(model, family, loader, x, ctx, conds)
     lora = qf.lora_state(model)
     lora_only = run_dit(_with_lora(model, lora), x, SIGMA, ctx, **conds)
     assert _rel(lora_only, plain) > 1e-2  # the LoRA applies to the quantized weights
